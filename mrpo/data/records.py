@@ -1,0 +1,137 @@
+"""Read and validate the project's JSONL records (format: mrpo/data/__init__.py) and load images.
+
+Bad rows (invalid JSON, missing problem/solution/image, empty answer, missing or unreadable image)
+are skipped and counted in a RecordReport, which keeps the first few row ids and line numbers for
+the log; strict=True raises instead, naming the file, the line and the key.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+REQUIRED_KEYS = ("problem", "solution", "image")
+MAX_EXAMPLES = 5
+
+
+@dataclass
+class RecordReport:
+    """What load_records kept and skipped. `examples`: (line, row id, reason) of the first bad rows."""
+    path: str
+    total: int = 0
+    kept: int = 0
+    skipped: int = 0
+    reasons: Counter = field(default_factory=Counter)
+    examples: list[tuple[int, str, str]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        s = f"{self.path}: {self.kept}/{self.total} rows kept"
+        if self.skipped:
+            why = ", ".join(f"{k}: {v}" for k, v in self.reasons.most_common())
+            first = "; ".join(f"line {ln} ({rid}): {msg}" for ln, rid, msg in self.examples)
+            s += f", {self.skipped} skipped ({why}); first: {first}"
+        return s
+
+
+def fit_max_pixels(image: Image.Image, max_pixels: int | None) -> Image.Image:
+    """Downscale (keeping aspect) so that width * height <= max_pixels; never upscales."""
+    w, h = image.size
+    if max_pixels is None or w * h <= max_pixels:
+        return image
+    scale = math.sqrt(max_pixels / (w * h))
+    nw, nh = max(1, int(w * scale)), max(1, int(h * scale))
+    while nw * nh > max_pixels:  # int() rounding can still overshoot by a row or column
+        nw, nh = (nw - 1, nh) if nw >= nh else (nw, nh - 1)
+    return image.resize((nw, nh), Image.Resampling.BICUBIC)
+
+
+def load_image(path: str | Path, max_pixels: int | None = None) -> Image.Image:
+    """Open an image as RGB, downscaled to <= max_pixels pixels (aspect kept)."""
+    with Image.open(path) as im:
+        image = im.convert("RGB")
+    return fit_max_pixels(image, max_pixels)
+
+
+def _check_image(path: Path) -> str | None:
+    """None when the file is a readable image, else the reason."""
+    if not path.is_file():
+        return f"image file not found: {path}"
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        return f"unreadable image {path}: {e}"
+    return None
+
+
+def _validate(row, base: Path) -> tuple[str, str]:
+    """(reason key, message naming the key) for a bad row; ("", "") when the row is fine.
+    Resolves row["image"] to an absolute path in place."""
+    if not isinstance(row, dict):
+        return "not_an_object", f"expected a JSON object, got {type(row).__name__}"
+    for key in REQUIRED_KEYS:
+        if key not in row or row[key] is None:
+            return "missing_key", f"missing key '{key}'"
+    if isinstance(row["solution"], (int, float)) and not isinstance(row["solution"], bool):
+        row["solution"] = str(row["solution"])   # numeric answers ("How many ...?") as text
+    for key in REQUIRED_KEYS:
+        if not isinstance(row[key], str):
+            return "bad_type", f"key '{key}' must be a string, got {type(row[key]).__name__}"
+    if not row["solution"].strip():
+        return "empty_answer", "empty answer in key 'solution'"
+    if not row["problem"].strip():
+        return "empty_problem", "empty question in key 'problem'"
+    image = Path(row["image"]).expanduser()
+    image = image if image.is_absolute() else base / image
+    if (msg := _check_image(image)) is not None:
+        return "bad_image", f"key 'image': {msg}"
+    row["image"] = str(image)
+    return "", ""
+
+
+def load_records(path: str | Path, strict: bool = False) -> tuple[list[dict], RecordReport]:
+    """Read a JSONL record file; returns (valid records, report).
+
+    Image paths are resolved relative to the file's folder; a missing "id" becomes "<file stem>:<line>",
+    a missing "gold_reasoning" becomes "". strict=True raises ValueError("<file>:<line>: ...") on the
+    first bad row instead of skipping it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"record file not found: {path}")
+    base = path.resolve().parent
+    report = RecordReport(path=str(path))
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            report.total += 1
+            row_id = f"{path.stem}:{line_no}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                reason, msg = "invalid_json", f"invalid JSON ({e.msg} at column {e.colno})"
+            else:
+                if isinstance(row, dict) and row.get("id") is not None:
+                    row_id = str(row["id"])
+                reason, msg = _validate(row, base)
+            if reason:
+                if strict:
+                    raise ValueError(f"{path}:{line_no}: row {row_id!r}: {msg}")
+                report.skipped += 1
+                report.reasons[reason] += 1
+                if len(report.examples) < MAX_EXAMPLES:
+                    report.examples.append((line_no, row_id, msg))
+                continue
+            row["id"] = row_id
+            row.setdefault("gold_reasoning", "")
+            if row["gold_reasoning"] is None:
+                row["gold_reasoning"] = ""
+            records.append(row)
+            report.kept += 1
+    return records, report

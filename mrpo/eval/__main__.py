@@ -1,0 +1,168 @@
+"""CLI: python -m mrpo.eval answers|reasoning|compare ...  (see mrpo/eval/__init__.py)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+
+def read_predictions(path: str | Path) -> list[dict]:
+    """Prediction JSONL (mrpo.infer output). A truncated last line is skipped with a warning; any other
+    bad line is an error naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"error: prediction file not found: {path}")
+    lines = path.read_text(encoding="utf-8").split("\n")
+    last = max((i for i, ln in enumerate(lines) if ln.strip()), default=-1)
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+        except ValueError as e:
+            if i == last:
+                print(f"warning: {path}:{i + 1}: truncated last line skipped", file=sys.stderr)
+                continue
+            raise SystemExit(f"error: {path}:{i + 1}: {e}")
+        for key in ("id", "solution"):
+            if key not in row:
+                raise SystemExit(f"error: {path}:{i + 1}: missing key '{key}' (not an mrpo.infer prediction)")
+        rows.append(row)
+    return rows
+
+
+def _judge_cfg(args, kind: str):
+    """A JudgeConfig (mrpo.config) with the CLI's values; a plain namespace if config is unavailable."""
+    values = {"kind": kind}
+    for name in ("model", "base_url", "api_key_env", "max_concurrency", "timeout_s", "max_retries", "backoff_s",
+                 "cache_dir", "labels_path", "local_model_path"):
+        v = getattr(args, name, None)
+        if v is not None:
+            values[name] = v
+    try:
+        from mrpo.config import JudgeConfig
+    except ImportError:  # pragma: no cover
+        return SimpleNamespace(**values)
+    return JudgeConfig(**values)
+
+
+def _add_judge_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("judge endpoint (OpenAI-compatible; key read from the env var, never logged)")
+    g.add_argument("--judge-model", dest="model")
+    g.add_argument("--judge-url", dest="base_url", help="e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1")
+    g.add_argument("--api-key-env", help="name of the environment variable holding the API key")
+    g.add_argument("--max-concurrency", type=int)
+    g.add_argument("--timeout-s", type=float)
+    g.add_argument("--max-retries", type=int)
+    g.add_argument("--backoff-s", type=float)
+
+
+def cmd_answers(args) -> None:
+    from mrpo.eval.answers import AnswerJudge, evaluate_answers, format_answers
+
+    records = read_predictions(args.pred)
+    judge = AnswerJudge(_judge_cfg(args, "http"), include_image=not args.no_image) if args.llm_judge else None
+    out_dir = Path(args.out_dir) if args.out_dir else Path(args.pred).parent
+    summary = evaluate_answers(records, judge, out_dir=out_dir, predictions=str(args.pred))
+    print(format_answers(summary))
+    if judge is not None:
+        s = summary["llm_judge"]
+        print(f"LLM judge {s['model']}: {s['requests']} requests, {s['retries']} retries, "
+              f"{s['failures']} unjudged (not scored), {s['skipped_no_answer']} without an answer (wrong)")
+    print(f"wrote {out_dir / 'answers.json'}" + (f" and {out_dir / 'answers_judged.jsonl'}" if judge else ""))
+
+
+def cmd_reasoning(args) -> None:
+    from mrpo.eval.reasoning import evaluate_reasoning, format_reasoning
+    from mrpo.judges import build_judge
+
+    records = read_predictions(args.pred)
+    if args.correct_from:
+        verdicts = {str(r["id"]): r.get("llm_correct") for r in read_predictions_loose(args.correct_from)}
+        missing = [r["id"] for r in records if str(r["id"]) not in verdicts]
+        if missing:
+            raise SystemExit(f"error: {args.correct_from}: no verdict for {len(missing)} ids, e.g. {missing[:3]}")
+        records = [{**r, "correct": verdicts[str(r["id"])]} for r in records]
+    judge = build_judge(_judge_cfg(args, args.judge))
+    if judge is None:
+        raise SystemExit("error: --judge none gives no step verdicts; pick rule, http, local or labels")
+    out_dir = Path(args.out_dir) if args.out_dir else Path(args.pred).parent
+    summary = evaluate_reasoning(records, judge, out_dir=out_dir, judge_all=args.judge_all,
+                                 batch_size=args.batch_size)
+    print(format_reasoning(summary))
+    print(f"judge {summary['judge']}: {summary['sent_to_judge']} completions sent, {summary['unjudged']} unjudged")
+    print(f"wrote {out_dir / 'reasoning.json'} and {out_dir / 'reasoning_steps.jsonl'}")
+
+
+def read_predictions_loose(path: str | Path) -> list[dict]:
+    """JSONL rows with an 'id' (e.g. answers_judged.jsonl)."""
+    rows = []
+    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines()):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError as e:
+                raise SystemExit(f"error: {path}:{i + 1}: {e}")
+    return rows
+
+
+def cmd_compare(args) -> None:
+    from mrpo.eval.compare import compare_runs
+
+    labels = args.labels.split(",") if args.labels else None
+    try:
+        res = compare_runs(args.runs, args.out, labels=labels, paper=not args.no_paper, metric=args.metric,
+                           paper_backbone=args.paper_backbone)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    print(res["compare.md"].read_text())
+    print("wrote " + ", ".join(str(res[k]) for k in ("compare.md", "compare.csv", "accuracy.png",
+                                                     "ffp_stages.png", "far_vs_ffp.png")))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mrpo.eval", description="MRPO evaluation")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    a = sub.add_parser("answers", help="accuracy per data set and answer type (rule, optional LLM judge)")
+    a.add_argument("--pred", required=True, help="prediction JSONL from python -m mrpo.infer")
+    a.add_argument("--out-dir", help="where answers.json goes (default: the predictions' folder)")
+    a.add_argument("--llm-judge", action="store_true", help="also score with an LLM answer judge")
+    a.add_argument("--no-image", action="store_true", help="do not send the image to the LLM judge")
+    _add_judge_args(a)
+    a.set_defaults(func=cmd_answers)
+
+    r = sub.add_parser("reasoning", help="step verdicts, First Failure Point, Failure Accumulation Rate")
+    r.add_argument("--pred", required=True)
+    r.add_argument("--out-dir", help="where reasoning.json goes (default: the predictions' folder)")
+    r.add_argument("--judge", default="rule", choices=["http", "local", "rule", "labels"])
+    r.add_argument("--labels-path", help="precomputed step labels (--judge labels)")
+    r.add_argument("--local-model-path", help="local judge model folder (--judge local)")
+    r.add_argument("--cache-dir", help="judge cache folder")
+    r.add_argument("--judge-all", action="store_true", help="judge correct answers too (step validity)")
+    r.add_argument("--correct-from", help="answers_judged.jsonl: use the LLM answer verdicts for right/wrong")
+    r.add_argument("--batch-size", type=int, default=64, help="requests per judge call")
+    _add_judge_args(r)
+    r.set_defaults(func=cmd_reasoning)
+
+    c = sub.add_parser("compare", help="side-by-side table (markdown, CSV) and PNG plots of runs")
+    c.add_argument("runs", nargs="+", help="eval folders, run folders holding eval/, or summary JSON files")
+    c.add_argument("--out", required=True, help="output folder")
+    c.add_argument("--labels", help="comma-separated names, one per run (default: folder names)")
+    c.add_argument("--metric", default="rule", choices=["rule", "llm"])
+    c.add_argument("--no-paper", action="store_true", help="leave out the paper's published numbers")
+    c.add_argument("--paper-backbone", default="Qwen3-VL-8B", choices=["Qwen2.5-VL-7B", "Qwen3-VL-8B", "InternVL3-8B"])
+    c.set_defaults(func=cmd_compare)
+
+    args = p.parse_args(argv)
+    args.func(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

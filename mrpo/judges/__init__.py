@@ -1,0 +1,45 @@
+"""Step judges behind one interface (mrpo.judges.base.StepJudge), chosen by judge.kind.
+
+    http    OpenAI-compatible chat completions endpoint (mrpo.judges.http.HTTPJudge)
+    local   local Hugging Face model (mrpo.judges.local.LocalJudge)
+    rule    ground-truth facts of synthetic data (mrpo.judges.rule.RuleJudge)
+    labels  precomputed labels from a JSONL file (mrpo.judges.labels.LabelsJudge)
+    none    no judge (GRPO/GDPO without process reward)
+"""
+from __future__ import annotations
+
+from mrpo.judges.base import JudgeRequest, JudgeStats, StepJudge, StepVerdict
+
+
+def _http(cfg):
+    from mrpo.judges.http import HTTPJudge
+    return HTTPJudge(cfg)
+
+
+def _local(cfg):
+    from mrpo.judges.local import LocalJudge
+    return LocalJudge(cfg)
+
+
+def _rule(cfg):
+    from mrpo.judges.rule import RuleJudge
+    return RuleJudge(cfg)
+
+
+def _labels(cfg):
+    from mrpo.judges.labels import LabelsJudge
+    return LabelsJudge(cfg)
+
+
+JUDGES = {"http": _http, "local": _local, "rule": _rule, "labels": _labels, "none": lambda cfg: None}
+
+
+def build_judge(cfg) -> StepJudge | None:
+    """The judge for cfg.kind (a JudgeConfig or anything with the same attributes); None for "none"."""
+    kind = getattr(cfg, "kind", None)
+    if kind not in JUDGES:
+        raise ValueError(f"judge.kind={kind!r} is not one of {', '.join(repr(k) for k in JUDGES)}")
+    return JUDGES[kind](cfg)
+
+
+__all__ = ["JudgeRequest", "JudgeStats", "StepJudge", "StepVerdict", "build_judge", "JUDGES"]

@@ -1,0 +1,129 @@
+"""Rewards of a batch of completions: answer, process (step judge), length, format.
+
+    total = sum over enabled rewards of weight * reward      (enabled: weight > 0)
+The process reward is left out of the total (not counted as 0) when the judge failed on the sample
+("unjudged"); reward_matrix keeps the weighted components, NaN where disabled or unjudged, for GDPO.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mrpo.judges.base import JudgeRequest, StepVerdict
+from mrpo.rewards.answer import AnswerScorer, extract_answer
+from mrpo.rewards.format import format_reward
+from mrpo.rewards.length import length_reward
+from mrpo.rewards.process import process_reward
+from mrpo.rewards.steps import Step, segment_steps
+
+REWARD_COLUMNS = ("answer", "process", "length", "format")
+
+
+@dataclass
+class ScoredCompletion:
+    steps: list[Step]              # K reasoning steps, char spans in the completion text
+    answer: str | None             # extracted answer (None when absent)
+    r_answer: float                # [0, 1]
+    r_process: float | None        # [0, 1]; None when unjudged or no judge
+    r_length: float                # <= 0
+    r_format: float                # 0 or 1
+    total: float                   # weighted sum of the enabled rewards
+    answer_correct: bool           # r_answer > tau (MRPO shaping: plain advantage when correct)
+    step_valid: list[bool] | None  # [K] per-step validity; None when unjudged or no judge
+    judged: bool                   # the judge returned a verdict (K = 0 counts as judged)
+
+
+class RewardModel:
+    """Scores completions against their data records.
+
+    reward_cfg: answer_weight, process_weight, length_weight, format_weight, k_min, k_max,
+    bert_model_path (RewardConfig). judge: a StepJudge, or None (then no process reward and no step
+    validity). reasoning_tag: "think" ("thinking" for Qwen3-VL). tau: answer counts as correct above it.
+    """
+
+    def __init__(self, reward_cfg, judge=None, reasoning_tag: str = "think", tau: float = 0.6):
+        if reward_cfg.process_weight > 0 and judge is None:
+            raise ValueError("RewardModel: reward.process_weight > 0 needs a step judge (judge.kind is 'none')")
+        self.cfg, self.judge, self.tag, self.tau = reward_cfg, judge, reasoning_tag, tau
+        self.weights = {"answer": reward_cfg.answer_weight, "process": reward_cfg.process_weight,
+                        "length": reward_cfg.length_weight, "format": reward_cfg.format_weight}
+        device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"  # BERTScore
+        self.answer_scorer = AnswerScorer(getattr(reward_cfg, "bert_model_path", None), device=device)
+
+    def _requests(self, steps: list[list[Step]], records: list[dict]) -> list[JudgeRequest]:
+        reqs = []
+        for i, (st, rec) in enumerate(zip(steps, records)):
+            missing = [k for k in ("id", "problem", "solution") if k not in rec]
+            if missing:
+                raise KeyError(f"RewardModel: record {i} (id={rec.get('id')!r}) lacks key(s) {missing}")
+            reqs.append(JudgeRequest(sample_id=str(rec["id"]), problem=rec["problem"], image=rec.get("image"),
+                                     gold_answer=str(rec["solution"]), gold_reasoning=rec.get("gold_reasoning") or "",
+                                     steps=[s.text for s in st], facts=rec.get("facts")))
+        return reqs
+
+    def score(self, completions: list[str], records: list[dict]) -> tuple[list[ScoredCompletion], dict]:
+        """Score completions[i] against records[i] (keys id, image, problem, solution, gold_reasoning, facts).
+
+        The judge is called once with every completion that has K > 0 steps (K = 0 is judged locally:
+        process reward 0). Returns the scores and per-call counts: n, unjudged, zero_steps,
+        answer_correct, and the judge's stats for this call (judge_requests, judge_cache_hits,
+        judge_retries, judge_failures).
+        """
+        if len(completions) != len(records):
+            raise ValueError(f"RewardModel.score: {len(completions)} completions but {len(records)} records")
+        steps = [segment_steps(c, self.tag) for c in completions]
+        requests = self._requests(steps, records)
+        answers = [extract_answer(c) for c in completions]
+        r_answer = self.answer_scorer.score_many(answers, [r.gold_answer for r in requests])
+
+        verdicts: list[StepVerdict | None] = [None] * len(completions)
+        stats = {"n": len(completions)}
+        if self.judge is not None:
+            before = self.judge.stats.as_dict()
+            ask = [i for i, st in enumerate(steps) if st]
+            got = self.judge.judge([requests[i] for i in ask]) if ask else []
+            if len(got) != len(ask):
+                raise RuntimeError(f"RewardModel: judge {self.judge!r} returned {len(got)} verdicts for "
+                                   f"{len(ask)} requests")
+            for i, v in zip(ask, got):
+                if v is not None and len(v.alignment) != len(steps[i]):
+                    raise RuntimeError(f"RewardModel: judge {self.judge!r} returned {len(v.alignment)} labels for "
+                                       f"{len(steps[i])} steps (sample {requests[i].sample_id!r})")
+                verdicts[i] = v
+            for i, st in enumerate(steps):
+                if not st:
+                    verdicts[i] = StepVerdict(alignment=[], contribution=[])
+            after = self.judge.stats.as_dict()
+            stats.update({f"judge_{k}": after[k] - before.get(k, 0) for k in after})
+
+        w = self.weights
+        scored = []
+        for i, c in enumerate(completions):
+            judged = verdicts[i] is not None
+            r_proc = process_reward(verdicts[i])
+            r_len = length_reward(len(steps[i]), self.cfg.k_min, self.cfg.k_max)
+            r_fmt = format_reward(c, self.tag)
+            parts = {"answer": r_answer[i], "process": r_proc, "length": r_len, "format": r_fmt}
+            total = sum(w[k] * v for k, v in parts.items() if w[k] > 0 and v is not None)
+            scored.append(ScoredCompletion(
+                steps=steps[i], answer=answers[i], r_answer=r_answer[i], r_process=r_proc, r_length=r_len,
+                r_format=r_fmt, total=float(total), answer_correct=r_answer[i] > self.tau,
+                step_valid=verdicts[i].valid if judged else None, judged=judged))
+        stats["unjudged"] = sum(1 for s in scored if self.judge is not None and not s.judged)
+        stats["zero_steps"] = sum(1 for st in steps if not st)
+        stats["answer_correct"] = sum(s.answer_correct for s in scored)
+        return scored, stats
+
+    def reward_matrix(self, scored: list[ScoredCompletion]) -> torch.Tensor:
+        """[n, 4] float32 weighted rewards, columns REWARD_COLUMNS (answer, process, length, format);
+        NaN where a reward is disabled or unjudged. nansum over a row equals ScoredCompletion.total."""
+        out = torch.full((len(scored), len(REWARD_COLUMNS)), float("nan"), dtype=torch.float32)
+        for i, s in enumerate(scored):
+            for j, (name, v) in enumerate(zip(REWARD_COLUMNS, (s.r_answer, s.r_process, s.r_length, s.r_format))):
+                if self.weights[name] > 0 and v is not None:
+                    out[i, j] = self.weights[name] * v
+        return out
+
+
+__all__ = ["REWARD_COLUMNS", "RewardModel", "ScoredCompletion", "Step"]

@@ -1,0 +1,187 @@
+"""Reasoning steps: extract the reasoning block, split it into sentences, map steps to generated tokens.
+
+All spans are character offsets [start, end) into the completion text, and the token <-> step map is
+built from the character span of every *generated* token in the decoded text (never by re-tokenising
+sentences and searching, which breaks on BPE merges such as ".\\nThe" being a single token).
+
+Sentence rule (the paper's default): split after `.`, `!` or `?` (optionally followed by closing
+quotes/brackets) when whitespace follows; a piece that is only a numbering fragment ("1.", "b.",
+"(2).", "iv.", "Step 3.") merges into the next sentence; a line break before a list item ("2. ",
+"3) ", "- ", "Step 4:") also ends a piece (lists whose items lack a final period); a few common
+abbreviations ("e.g.", "i.e.", "vs.", "Dr.", "Fig.", "approx.", ...) do not end a sentence.
+Whitespace is stripped from every span and empty pieces are skipped.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# Do not end a sentence after these (lower-cased, with their final dot).
+ABBREVIATIONS = frozenset({
+    "e.g.", "i.e.", "vs.", "cf.", "dr.", "mr.", "mrs.", "ms.", "prof.", "fig.", "figs.", "approx.",
+    "al.", "st.", "resp.",
+})
+
+# end of a sentence: . ! ? (plus closing quotes/brackets) followed by whitespace
+_BOUNDARY = re.compile(r"[.!?][\"'\u201d\u2019)\]]*(?=\s)")
+# a line break before a list item ("2. ", "3) ", "- ", "* ", "Step 4:") also ends the previous piece
+_LIST_BREAK = re.compile(r"\n(?=[ \t]*(?:\d{1,3}[.)]|[-*\u2022]|(?:step|Step|STEP)[ \t]*\d{1,3}[.:)]?)\s)")
+# a piece that is only a numbering fragment merges into the next sentence
+_NUMBERING = re.compile(r"\(?(?:\d{1,3}|[A-Za-z]|[ivxlcIVXLC]{1,5})\)?\.|(?:step|Step|STEP)[ \t]*\d{1,3}\.")
+
+
+@dataclass
+class Step:
+    text: str
+    start: int  # char offset in the completion text (inclusive)
+    end: int    # char offset (exclusive); text == completion[start:end]
+
+
+def extract_reasoning(text: str, tag: str = "think") -> tuple[str, int] | None:
+    """The reasoning inside <tag>...</tag> and its char offset in `text`, or None when there is none.
+
+    Cut at "<answer>" if it appears inside. A missing closing tag is tolerated (the reasoning runs to
+    "<answer>" or the end); so is a missing *opening* tag when the closing tag is present (chat
+    templates that put "<think>" in the prompt), in which case the reasoning starts at offset 0.
+    """
+    open_tag, close_tag = f"<{tag}>", f"</{tag}>"
+    i = text.find(open_tag)
+    if i >= 0:
+        start = i + len(open_tag)
+    elif close_tag in text:
+        start = 0
+    else:
+        return None
+    end = text.find(close_tag, start)
+    end = len(text) if end < 0 else end
+    a = text.find("<answer>", start, end)
+    end = a if a >= 0 else end
+    return text[start:end], start
+
+
+def _strip_span(text: str, s: int, e: int) -> tuple[int, int]:
+    while s < e and text[s].isspace():
+        s += 1
+    while e > s and text[e - 1].isspace():
+        e -= 1
+    return s, e
+
+
+def _ends_with_abbreviation(text: str, end: int) -> bool:
+    words = text[:end].split()
+    return bool(words) and words[-1].lstrip("([{\"'").lower() in ABBREVIATIONS
+
+
+def split_steps(text: str, offset: int = 0) -> list[Step]:
+    """Split `text` into sentence steps; spans are shifted by `offset` (char units)."""
+    cuts = {m.end() for m in _BOUNDARY.finditer(text)
+            if not (m.group(0)[0] == "." and _ends_with_abbreviation(text, m.start() + 1))}
+    cuts |= {m.start() for m in _LIST_BREAK.finditer(text)}
+    bounds = [0, *sorted(cuts), len(text)]
+
+    steps: list[Step] = []
+    pending: int | None = None  # start of numbering fragments waiting for their sentence
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        s, e = _strip_span(text, s, e)
+        if s == e:
+            continue
+        if _NUMBERING.fullmatch(text[s:e]):
+            pending = s if pending is None else pending
+            continue
+        if pending is not None:
+            s, pending = pending, None
+        steps.append(Step(text[s:e], s + offset, e + offset))
+    if pending is not None:  # trailing numbering fragment with no sentence after it: keep it as a step
+        s, e = _strip_span(text, pending, len(text))
+        steps.append(Step(text[s:e], s + offset, e + offset))
+    return steps
+
+
+def segment_steps(completion: str, tag: str = "think") -> list[Step]:
+    """Steps of a completion's reasoning, spans in completion coordinates; [] when no reasoning."""
+    found = extract_reasoning(completion, tag)
+    if found is None:
+        return []
+    reasoning, offset = found
+    return split_steps(reasoning, offset)
+
+
+def _decode(tokenizer, ids: list[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def _token_chunks(tokenizer, ids: list[int], window: int | None) -> list[str]:
+    """The text each token adds to the decoded text (incremental decoding, as in vLLM/TGI detokenizers).
+
+    Decodes ids[lo:i+1] and emits what it adds over the text already emitted. lo trails the last
+    "clean" token boundary (no incomplete character before it) by `window` tokens of context, so the
+    cost is O(T * window); window=None decodes from the start every time (O(T^2)). Trailing U+FFFD
+    (bytes of a character not yet complete) are held back: each character goes to the token that
+    completes it, and a token that completes none gets an empty chunk.
+    """
+    chunks: list[str] = []
+    lo, base, since = 0, "", 0  # window start, decode(ids[lo:clean]), chars emitted after `clean`
+    for i in range(len(ids)):
+        new = _decode(tokenizer, ids[lo:i + 1])
+        complete = new.rstrip("\ufffd")
+        c = complete[len(base) + since:] if new.startswith(base) else ""
+        chunks.append(c)
+        since += len(c)
+        if window is not None and len(complete) == len(new):  # clean boundary after token i
+            lo = max(0, i + 1 - window)
+            base, since = _decode(tokenizer, ids[lo:i + 1]), 0
+    return chunks
+
+
+def token_offsets(tokenizer, ids) -> tuple[str, list[tuple[int, int]]]:
+    """Decoded text (skip_special_tokens=False) and each generated token's char span [s, e) in it.
+
+    tokenizer: any HF tokenizer (or processor) with .decode; ids: [T] generated token ids (list or 1-D
+    tensor). Spans are contiguous and cover the text exactly. With byte-level BPE a character whose
+    bytes span several tokens belongs to the token holding its last byte; the others may get an empty
+    span. Checked: the spans must rebuild the decoded text, else the O(T^2) prefix method is tried,
+    else ValueError.
+    """
+    ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+    text = _decode(tokenizer, ids)
+    for window in (8, None):
+        chunks = _token_chunks(tokenizer, ids, window)
+        joined = "".join(chunks)
+        if chunks and joined != text and text.startswith(joined):
+            chunks[-1] += text[len(joined):]  # generation stopped inside a character: last token
+            joined = text
+        if joined == text:
+            offsets, pos = [], 0
+            for c in chunks:
+                offsets.append((pos, pos + len(c)))
+                pos += len(c)
+            return text, offsets
+    raise ValueError(f"token_offsets: incremental decoding of {len(ids)} ids with "
+                     f"{type(tokenizer).__name__} does not reproduce the decoded text")
+
+
+def token_step_index(offsets: list[tuple[int, int]], steps: list[Step]) -> list[int]:
+    """Per token: index of the step its span overlaps most (ties -> earlier step), -1 if none.
+
+    offsets: [T] char spans from token_offsets; steps: sorted, non-overlapping spans in the same text.
+    An empty span at position p (a token ending inside a multi-byte character) takes the step that
+    contains the character starting at p.
+    """
+    out: list[int] = []
+    j = 0  # first step whose end is after the current token's start (tokens and steps are sorted)
+    for s, e in offsets:
+        while j < len(steps) and steps[j].end <= s:
+            j += 1
+        best, best_overlap = -1, 0
+        if s == e:
+            if j < len(steps) and steps[j].start <= s < steps[j].end:
+                best = j
+        else:
+            k = j
+            while k < len(steps) and steps[k].start < e:
+                overlap = min(e, steps[k].end) - max(s, steps[k].start)
+                if overlap > best_overlap:
+                    best, best_overlap = k, overlap
+                k += 1
+        out.append(best)
+    return out
