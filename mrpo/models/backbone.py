@@ -96,7 +96,11 @@ class Backbone:
                 raise ValueError(f"prompt {i} must hold exactly one image placeholder {placeholder!r}, "
                                  f"found {p.count(placeholder)}")
         if self.is_qwen:
-            out = self.image_processor(images=images, return_tensors="pt")
+            kwargs = {}
+            if self.max_pixels is not None:   # smart_resize rounds to the patch grid within this budget
+                lo = min(self.image_processor.size["shortest_edge"], self.max_pixels)
+                kwargs["size"] = {"shortest_edge": lo, "longest_edge": self.max_pixels}
+            out = self.image_processor(images=images, return_tensors="pt", **kwargs)
             merge = self.image_processor.merge_size ** 2
             counts = (out["image_grid_thw"].prod(-1) // merge).tolist()
             expanded = [p.replace(placeholder, placeholder * n) for p, n in zip(prompts, counts)]
