@@ -148,11 +148,11 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    log_every: int = 1
     tensorboard: bool = True
     wandb: bool = False
     progress: bool = True
     eval_every: int = 0                  # RL steps between held-out evaluations (0 = only at the end)
+    eval_at_start: bool = False          # evaluate once before RL (after the SFT warm-up): the baseline
     eval_at_end: bool = True
     eval_limit: Optional[int] = None     # evaluate on at most this many test records
 

@@ -10,6 +10,7 @@ One RL step on each rank:
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -123,8 +124,15 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.adam_betas),
                                            eps=cfg.optim.adam_eps, weight_decay=cfg.optim.weight_decay)
+        self.ds = None   # DeepSpeed ZeRO: wraps the model, the reference and the AdamW together
+        if self.world > 1 and cfg.distributed.engine == "deepspeed":
+            from mrpo.models.deepspeed_engine import ZeROEngine
+
+            self.ds = ZeROEngine(self.model, self.optimizer, cfg, self.device, ref_model=self.ref_model)
+            self.optimizer = self.ds.optimizer
         self.total_steps = self._total_steps()
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.ds.base_optimizer if self.ds is not None else self.optimizer, self._lr_lambda)
         self.sampler = PromptSampler(len(self.train_records), cfg.seed, cfg.data.shuffle, self.rank, self.world)
 
         from mrpo.judges import build_judge
@@ -134,9 +142,11 @@ class Trainer:
         self.reward_model = RewardModel(cfg.reward, self.judge, self.reasoning_tag, cfg.algo.tau)
         self.step = 0
         self.sft_done = cfg.sft.steps == 0
-        self.unjudged_total = 0
+        self.too_long: set[str] = set()     # ids of over-long prompts (skipped)
+        self.prompt_ok: set[str] = set()     # ids whose prompt length was checked
         self._metrics_file = None
         self._tb = None
+        self._wandb = None
 
     # ------------------------------------------------------------------ setup
     def _barrier(self) -> None:
@@ -215,7 +225,7 @@ class Trainer:
         if self.world == 1 or cfg.engine == "none":
             return
         if cfg.engine == "deepspeed":
-            raise NotImplementedError("distributed.engine=deepspeed is not available in this build; use fsdp2")
+            return   # ZeROEngine wraps the model together with its optimizer (__init__)
         param_dtype = DTYPES[cfg.param_dtype] if self.device.type == "cuda" else torch.float32
         reduce_dtype = DTYPES[cfg.reduce_dtype]
         apply_fsdp2(self.model, self.device, param_dtype, reduce_dtype)
@@ -247,6 +257,37 @@ class Trainer:
         batch = self.backbone.encode_prompts([r["problem"] for r in records], self._images(records),
                                              max_prompt_length=self.cfg.data.max_prompt_length)
         return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def _usable_prompts(self, indices: list[int]) -> list[dict]:
+        """The records at `indices`; an over-long prompt (text + image tokens > data.max_prompt_length) is
+        replaced by the next usable record of the data set, and counted (the first few named)."""
+        from mrpo.models.backbone import PromptTooLongError
+
+        n = len(self.train_records)
+        chosen: list[int] = []
+        for i in itertools.chain(indices, ((indices[-1] + k) % n for k in range(1, n))):
+            if len(chosen) == self.prompts_per_rank:
+                break
+            rec = self.train_records[i]
+            if i in chosen or rec["id"] in self.too_long:
+                continue
+            if rec["id"] not in self.prompt_ok:
+                try:
+                    self._encode([rec])
+                    self.prompt_ok.add(rec["id"])
+                except PromptTooLongError as err:
+                    if self.cfg.data.on_bad_row == "error":
+                        raise ValueError(f"training record {rec['id']}: {err}") from None
+                    self.too_long.add(rec["id"])
+                    if len(self.too_long) <= 5:
+                        log.warning("skipping over-long prompt %s (%s tokens > data.max_prompt_length=%d)",
+                                    rec["id"], err.lengths[0] if err.lengths else "?", self.cfg.data.max_prompt_length)
+                    continue
+            chosen.append(i)
+        if len(chosen) < self.prompts_per_rank:
+            raise ValueError(f"only {len(chosen)} training prompts fit data.max_prompt_length="
+                             f"{self.cfg.data.max_prompt_length}; {self.prompts_per_rank} are needed per step")
+        return [self.train_records[i] for i in chosen]
 
     @torch.no_grad()
     def rollout(self, prompt_records: list[dict]) -> tuple[list[dict], list[list[int]]]:
@@ -312,11 +353,13 @@ class Trainer:
 
     def _hidden(self, model, records: list[dict], completions: list[list[int]]):
         """Packed completion hidden states [N, D], targets [N], cu_seqlens [B+1] and the lm_head weight."""
+        runner = self.ds.runner(model) if self.ds is not None else model   # DeepSpeed: through the engine
         with hidden_states_mode(model):
             hidden, targets, cu = self.backbone.completion_hidden_states(self._encode(records), completions,
-                                                                         model=model)
-        # read after the forward: under FSDP2 the root's parameters are unsharded (full) only from then on
-        weight = model.get_output_embeddings().weight
+                                                                         model=runner)
+        # read after the forward: under FSDP2 the root's parameters are unsharded (full) only from then on;
+        # under ZeRO-3 the weight is gathered here (and kept so until backward when autograd is on)
+        weight = self.ds.lm_head_weight(model) if self.ds is not None else model.get_output_embeddings().weight
         return hidden, targets.to(self.device), cu.to(self.device), weight
 
     @torch.no_grad()
@@ -353,12 +396,24 @@ class Trainer:
             loss_agg=cfg.loss_agg, max_completion_length=self.cfg.rollout.max_new_tokens,
             shaping="mrpo" if self.cfg.algo.name == "mrpo" else "none",
             backend=cfg.backend, chunk_size=cfg.chunk_size)
-        (loss * loss_scale).backward()
+        self._backward(loss * loss_scale)
         return {"loss": loss.item(), "clip_fraction": float(metrics["clip_fraction"]),
                 "kl": float(metrics["kl"]), "tokens": int(targets.numel())}
 
+    def _backward(self, loss: torch.Tensor) -> None:
+        if self.ds is not None:
+            self.ds.backward(loss)   # engine.backward; releases the gathered lm_head weight
+        else:
+            loss.backward()
+
     def _optimizer_step(self) -> tuple[float, bool]:
         """Clip and step; a non-finite gradient norm skips the step and keeps the weights."""
+        if self.ds is not None:   # DeepSpeed clips (gradient_clipping) and skips non-finite steps itself
+            norm, ok = self.ds.step()
+            if not ok:
+                log.warning("step %d: non-finite gradient norm (%s), update skipped, weights untouched",
+                            self.step, norm)
+            return norm, ok
         params = [p for p in self.model.parameters() if p.requires_grad]
         norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.max_grad_norm)
         if hasattr(norm, "full_tensor"):
@@ -375,7 +430,7 @@ class Trainer:
     # ------------------------------------------------------------------ steps
     def train_step(self) -> dict:
         t0 = time.perf_counter()
-        prompts = [self.train_records[i] for i in self.sampler.next(self.prompts_per_rank)]
+        prompts = self._usable_prompts(self.sampler.next(self.prompts_per_rank))
         records, ids = self.rollout(prompts)
         t1 = time.perf_counter()
         rollout, metrics = self.score(records, ids)
@@ -415,7 +470,7 @@ class Trainer:
             "lr": self.scheduler.get_last_lr()[0], "skipped_updates": float(skipped),
             "time/generate": t1 - t0, "time/judge": t2 - t1, "time/logprobs": t3 - t2,
             "time/loss_backward": t4 - t3 - t_opt, "time/optimizer": t_opt, "time/step": t4 - t0,
-            "tokens_per_s": gen_tokens / (t4 - t0),
+            "tokens_per_s": gen_tokens / (t4 - t0), "skipped_long_prompts": float(len(self.too_long)),
         })
         return self._all_reduce_mean(metrics)
 
@@ -443,7 +498,10 @@ class Trainer:
         tag = self.reasoning_tag
         eos = self.backbone.eos_token_ids[0]
         sampler = PromptSampler(len(self.train_records), self.cfg.seed + 1, True, self.rank, self.world)
-        opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=cfg.lr)
+        if self.ds is None:
+            opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=cfg.lr)
+        else:   # ZeRO: the engine's optimizer, set up as a fresh AdamW(lr=sft.lr) clipped at 1.0
+            opt = self.ds.warmup_optimizer(lr=cfg.lr, max_grad_norm=1.0)
         per_rank = max(1, cfg.batch_size // self.world)
         bar = self._progress(cfg.steps, "sft")
         for step in range(cfg.steps):
@@ -457,8 +515,9 @@ class Trainer:
                 hidden, weight, tgt, torch.ones(n, device=self.device), zeros_i - 1, zeros_i,
                 torch.zeros(n, dtype=torch.bool, device=self.device), torch.ones(n, dtype=torch.bool, device=self.device),
                 cu, loss_agg="token-mean", shaping="none", backend=self.cfg.loss.backend)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], 1.0)
+            self._backward(loss)
+            if self.ds is None:
+                torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
             nll = -float(m["logprobs"].mean())
@@ -469,6 +528,8 @@ class Trainer:
                 self._write_metrics({"phase": "sft", "sft_step": step, "sft_nll": nll})
         if bar is not None:
             bar.close()
+        if self.ds is not None:
+            opt.close()
         del opt
         self.sft_done = True
 
@@ -479,6 +540,8 @@ class Trainer:
         if not self.sft_done:
             self.sft_warmup()
             self.save()
+        if self.cfg.logging.eval_at_start and self.step == 0:
+            self.evaluate("start")
         bar = self._progress(self.total_steps, "mrpo" if self.cfg.algo.name == "mrpo" else self.cfg.algo.name)
         if bar is not None:
             bar.update(self.step)
@@ -515,6 +578,8 @@ class Trainer:
     def save(self) -> Path:
         state = {"step": self.step, "sft_done": self.sft_done, "sampler": self.sampler.state_dict(),
                  "scheduler": self.scheduler.state_dict()}
+        if self.ds is not None:
+            return self.ds.save(self.out / "checkpoints", self.step, state, keep_last=self.cfg.checkpoint.keep_last)
         return ckpt.save_checkpoint(self.out / "checkpoints", self.step, self.model, self.optimizer, state,
                                     keep_last=self.cfg.checkpoint.keep_last)
 
@@ -522,7 +587,10 @@ class Trainer:
         path = ckpt.resolve_resume(self.cfg.checkpoint.resume, self.out / "checkpoints")
         if path is None:
             return
-        state = ckpt.load_checkpoint(path, self.model, self.optimizer)
+        if self.ds is not None:
+            state = self.ds.load(path)
+        else:
+            state = ckpt.load_checkpoint(path, self.model, self.optimizer)
         self.step, self.sft_done = state["step"], state["sft_done"]
         self.sampler.load_state_dict(state["sampler"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -531,7 +599,10 @@ class Trainer:
 
     def export(self, out_dir: Path) -> None:
         """Hugging Face folder (safetensors, config, tokenizer, image processor) of the current policy."""
-        state = ckpt.full_model_state_dict(self.model)
+        if self.ds is not None:   # consolidated on rank 0 (None elsewhere)
+            state = self.ds.full_state_dict()
+        else:
+            state = ckpt.full_model_state_dict(self.model)
         if self.is_main:
             self.backbone.save(out_dir, state_dict=state)
         self._barrier()
@@ -584,14 +655,26 @@ class Trainer:
             self._metrics_file = open(self.out / "metrics.jsonl", "a")
         self._metrics_file.write(json.dumps({"time": time.time(), **metrics}) + "\n")
         self._metrics_file.flush()
-        if self.cfg.logging.tensorboard and "step" in metrics and metrics.get("phase") is None:
+        if "step" not in metrics or metrics.get("phase") is not None:
+            return
+        scalars = {k: v for k, v in metrics.items()
+                   if isinstance(v, (int, float)) and k != "step" and math.isfinite(v)}
+        if self.cfg.logging.tensorboard:
             if self._tb is None:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self._tb = SummaryWriter(str(self.out / "tensorboard"))
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
-                    self._tb.add_scalar(k, v, metrics["step"])
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, metrics["step"])
+        if self.cfg.logging.wandb:
+            if self._wandb is None:
+                try:
+                    import wandb
+                except ImportError:
+                    raise RuntimeError("logging.wandb=true needs `pip install wandb`") from None
+                self._wandb = wandb.init(project="mrpo", name=self.out.name, dir=str(self.out),
+                                         config=self.cfg.to_dict())
+            self._wandb.log(scalars, step=metrics["step"])
 
     def _sync_stop_flag(self) -> None:
         """Every rank stops (and saves) at the same step if any rank got SIGTERM/SIGINT."""
@@ -613,6 +696,8 @@ class Trainer:
             self._metrics_file.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
         if dist.is_initialized():
             dist.destroy_process_group()
 

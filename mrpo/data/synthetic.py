@@ -37,7 +37,7 @@ SIZES = ("small", "large")
 QUESTION_TYPES = ("modality", "organ", "presence", "count", "laterality", "size")
 NUMBER_WORDS = ("zero", "one", "two", "three")
 MAX_LESIONS = 3
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2   # 2: closed count questions about zero lesions are phrased "free of lesions"
 
 _MODALITY_NOUN = {"ct": "a CT scan", "mri": "an MRI scan", "x-ray": "an X-ray", "histology": "a histology slide"}
 _MODALITY_SHORT = {"ct": "CT", "mri": "MRI", "x-ray": "X-ray", "histology": "histology"}
@@ -101,6 +101,8 @@ def _question(facts: dict, rng: np.random.Generator) -> str:
     if qtype == "presence":
         return pick((f"Is there a lesion in {_ORGAN_PHRASE[organ]}?", "Is there any lesion in this image?"))
     if qtype == "count":
+        if asked == 0:
+            return "Is the image free of lesions?"
         return f"Are there {NUMBER_WORDS[asked]} lesions?" if asked > 1 else "Is there exactly one lesion?"
     if qtype == "laterality":
         return "Are there lesions on both sides?" if asked == "both" else f"Is the lesion on the {asked} side?"

@@ -174,3 +174,22 @@ def test_corpus():
     for tag in ("<think>", "</think>", "<thinking>", "</thinking>", "<answer>", "</answer>"):
         assert tag in joined
     assert "Think step-by-step" in corpus[0]
+
+
+def test_closed_count_questions_match_their_answer():
+    """A closed count question's phrasing and its yes/no answer agree with the lesion count."""
+    from mrpo.data.synthetic import make_example
+
+    seen = 0
+    for i in range(400):
+        rec = make_example(0, "train", i, 56)[0]
+        f = rec["facts"]
+        if f["question_type"] != "count" or f["answer_type"] != "closed":
+            continue
+        seen += 1
+        q = rec["problem"]
+        if "exactly one" in q:
+            assert rec["solution"] == ("yes" if f["lesion_count"] == 1 else "no"), rec
+        elif "free of lesions" in q:
+            assert rec["solution"] == ("yes" if f["lesion_count"] == 0 else "no"), rec
+    assert seen > 10

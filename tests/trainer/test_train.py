@@ -144,3 +144,17 @@ def test_fsdp2_two_processes(shared_data, tmp_path):
 
     AutoModelForImageTextToText.from_pretrained(tmp_path / "final_model")
     assert json.loads((tmp_path / "eval" / "final" / "summary.json").read_text())["n_records"] == 4
+
+
+def test_overlong_prompts_are_skipped_and_counted(shared_data, tmp_path):
+    cfg = load_config(None, tiny_overrides(shared_data, tmp_path, **{"sft.steps": 0}))
+    trainer = Trainer(cfg)
+    trainer.train_records[0] = {**trainer.train_records[0], "problem": "lesion " * 400}
+    chosen = trainer._usable_prompts([0, 1])
+    assert [r["id"] for r in chosen] == [trainer.train_records[1]["id"], trainer.train_records[2]["id"]]
+    assert trainer.too_long == {trainer.train_records[0]["id"]}
+    trainer.cfg.data.on_bad_row = "error"
+    trainer.too_long.clear()
+    with pytest.raises(ValueError, match=trainer.train_records[0]["id"]):
+        trainer._usable_prompts([0, 1])
+    trainer.close()
