@@ -4,26 +4,26 @@ Rule: `mrpo.rewards.answer.answers_match(answer, solution)` on the extracted <an
 wrong). LLM judge (optional): the paper's protocol (dmis-lab/MRPO Eval_code/Answer_Evaluation.py) asks
 an OpenAI-compatible chat model, with the image when readable, whether the prediction matches the
 ground truth or is a good enough answer, and takes a single-character verdict ("1" correct / "0"
-wrong; the reference code's "O"/"X" are accepted too). Transport errors, HTTP errors and malformed
-replies are retried `max_retries` times with exponential backoff; a record still failing is
-"unjudged": counted, never scored (its data set's LLM accuracy is over judged records only).
+wrong; the reference code's "O"/"X" are accepted too). Requests go through
+mrpo.judges.openai_client.ChatCompletionClient: network errors, HTTP 429/5xx and malformed replies are
+retried `max_retries` times with exponential backoff and jitter, other 4xx are not, 401/403/404 raise
+RuntimeError; a record still failing is "unjudged": counted, never scored (its data set's LLM accuracy
+is over judged records only).
 Predictions without an extracted answer are wrong without asking the judge.
 
 Accuracies are fractions in [0, 1]; None when nothing was scored.
 """
 from __future__ import annotations
 
-import base64
 import json
-import mimetypes
 import os
 import threading
-import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
+
+from mrpo.judges.openai_client import ChatCompletionClient
+from mrpo.judges.prompt import image_data_url
 
 ANSWER_JUDGE_SYSTEM = (
     "Given a question about a medical image, there is a correct answer to the question and an answer "
@@ -53,12 +53,11 @@ def rule_correct(rec: dict) -> bool:
     return answer is not None and answers_match(answer, str(rec.get("solution", "")))
 
 
-def _image_data_url(path: str | None) -> str | None:
-    if not path or not os.path.isfile(path):
-        return None
-    mime = mimetypes.guess_type(path)[0] or "image/png"
-    with open(path, "rb") as f:
-        return f"data:{mime};base64,{base64.b64encode(f.read()).decode('ascii')}"
+def _strict_verdict(content: str) -> bool:
+    verdict = parse_verdict(content)
+    if verdict is None:
+        raise ValueError(f"reply is not a single '1'/'0': {str(content)[:50]!r}")
+    return verdict
 
 
 class AnswerJudge:
@@ -68,7 +67,7 @@ class AnswerJudge:
     backoff_s (e.g. mrpo.config.JudgeConfig); keyword arguments override it. The API key is read
     from the environment variable named by api_key_env (no Authorization header when unset) and is
     never logged. stats: requests, retries, errors (failed attempts), failures (= unjudged records),
-    skipped_no_answer.
+    skipped_no_answer. Images that do not exist are left out of the prompt.
     """
 
     def __init__(self, cfg=None, *, base_url: str | None = None, model: str | None = None,
@@ -86,6 +85,8 @@ class AnswerJudge:
         self.max_retries = max(0, int(pick(max_retries, "max_retries", 3)))
         self.backoff_s = float(pick(backoff_s, "backoff_s", 1.0))
         self.include_image = include_image
+        self.client = ChatCompletionClient(self.base_url, self.model, self.api_key_env, self.timeout_s,
+                                           self.max_retries, self.backoff_s, name="AnswerJudge")
         self.stats = {"requests": 0, "retries": 0, "errors": 0, "failures": 0, "skipped_no_answer": 0}
         self.last_errors: list[str] = []   # up to 5 messages (no secrets), for the report
         self._lock = threading.Lock()
@@ -100,46 +101,28 @@ class AnswerJudge:
         text = ANSWER_JUDGE_USER.format(problem=rec.get("problem", ""), solution=rec.get("solution", ""),
                                         answer=rec.get("answer"))
         content: list[dict] | str = text
-        url = _image_data_url(rec.get("image")) if self.include_image else None
-        if url:
-            content = [{"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": url}}]
+        image = rec.get("image")
+        if self.include_image and image and os.path.isfile(image):
+            content = [{"type": "text", "text": text},
+                       {"type": "image_url", "image_url": {"url": image_data_url(image)}}]
         return [{"role": "system", "content": ANSWER_JUDGE_SYSTEM}, {"role": "user", "content": content}]
-
-    def _post(self, payload: dict) -> str | None:
-        headers = {"Content-Type": "application/json"}
-        key = os.environ.get(self.api_key_env or "")
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        req = urllib.request.Request(f"{self.base_url}/chat/completions", data=json.dumps(payload).encode(),
-                                     headers=headers, method="POST")
-        with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-            body = json.loads(resp.read().decode("utf-8"))
-        return body["choices"][0]["message"]["content"]
 
     def judge_one(self, rec: dict) -> bool | None:
         """Verdict for one prediction record (problem, solution, answer, image); None = unjudged."""
         if rec.get("answer") is None or not str(rec.get("answer")).strip():
             self._count("skipped_no_answer")
             return False
-        payload = {"model": self.model, "messages": self._messages(rec)}
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                self._count("retries")
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+
+        def on_retry() -> None:
+            self._count("retries")
             self._count("requests")
-            try:
-                verdict = parse_verdict(self._post(payload))
-                if verdict is not None:
-                    return verdict
-                err = "reply is not a single '1'/'0'"
-            except urllib.error.HTTPError as e:
-                err = f"HTTP {e.code}"
-            except (urllib.error.URLError, TimeoutError, OSError, ValueError, KeyError, IndexError,
-                    TypeError) as e:
-                err = f"{type(e).__name__}: {e}"
-            self._count("errors", f"{rec.get('id')}: {err}")
-        self._count("failures")
-        return None
+
+        self._count("requests")
+        verdict = self.client.complete(self._messages(rec), _strict_verdict, on_retry=on_retry,
+                                       on_error=lambda msg: self._count("errors", f"{rec.get('id')}: {msg}"))
+        if verdict is None:
+            self._count("failures")
+        return verdict
 
     def judge(self, records: Sequence[dict]) -> list[bool | None]:
         """One verdict per record, in order (threads: max_concurrency)."""

@@ -58,6 +58,7 @@ class FakeOpenAI:
         self.calls = {}
         self.headers = []
         self.payloads = []
+        self.status = {}   # answer -> HTTP status to reply with
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -76,6 +77,8 @@ class FakeOpenAI:
                     return self._send(404, {"error": "not found"})
                 if answer == "two" and n == 1:
                     return self._send(500, {"error": "overloaded"})
+                if answer in outer.status:
+                    return self._send(outer.status[answer], {"error": "scripted"})
                 reply = {"Yes.": "1", "no": "0", "left lung": " 1\n", "two": "1"}.get(answer, "maybe")
                 self._send(200, {"choices": [{"message": {"role": "assistant", "content": reply}}]})
 
@@ -143,6 +146,25 @@ def test_llm_judge_unreachable_endpoint_gives_unjudged():
     assert judge.stats["failures"] == 3 and judge.stats["retries"] == 3 and judge.stats["requests"] == 6
     s = accuracy_summary(RECORDS[:3], verdicts)
     assert s["overall"]["llm_accuracy"] is None and s["overall"]["llm_unjudged"] == 3
+
+
+def test_llm_judge_400_not_retried_401_raises_without_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("MRPO_TEST_KEY", "sk-test-456")
+    recs = [_rec(0, "d", "open", "bad request", "x", image=str(tmp_path / "missing.png")),
+            _rec(1, "d", "open", "unauthorized", "x")]
+    with FakeOpenAI() as srv:
+        srv.status = {"bad request": 400, "unauthorized": 401}
+        judge = AnswerJudge(base_url=srv.url, model="judge-x", api_key_env="MRPO_TEST_KEY", max_concurrency=1,
+                            timeout_s=5, max_retries=2, backoff_s=0.0)
+        assert judge.judge(recs[:1]) == [None]
+        assert srv.calls == {"bad request": 1}
+        assert isinstance(srv.payloads[0]["messages"][1]["content"], str)   # missing image left out
+        assert (judge.stats["requests"], judge.stats["retries"], judge.stats["errors"],
+                judge.stats["failures"]) == (1, 0, 1, 1)
+        assert judge.last_errors[0].startswith("r0: rejected, not retried: HTTP 400")
+        with pytest.raises(RuntimeError, match=r"HTTP 401.*\$MRPO_TEST_KEY") as e:
+            judge.judge(recs[1:])
+        assert "sk-test-456" not in str(e.value) and srv.calls["unauthorized"] == 1
 
 
 def test_cli_answers(tmp_path, capsys):

@@ -1,0 +1,109 @@
+"""A minimal client for an OpenAI-compatible /chat/completions endpoint (OpenAI, vLLM, SGLang, ...) with
+the retry policy of the LLM judges (mrpo.judges.http.HTTPJudge, mrpo.eval.answers.AnswerJudge).
+
+Retried: network errors and timeouts, HTTP 429 and 5xx, malformed completion bodies (a null message
+content included), and replies the caller's parser rejects with ValueError. Retry n (n >= 1) first
+waits backoff_s * 2**(n-1) * U(0.5, 1.5) s.
+Not retried: other 4xx (the same request would fail again). 401/403/404 raise RuntimeError (a wrong key,
+model or URL is a configuration error). The API key is read from the environment variable *named*
+api_key_env at each request (no Authorization header when unset); it is never stored, logged or put in
+an error message.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import random
+import time
+import urllib.error
+import urllib.request
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
+
+
+class _Retryable(Exception):
+    pass
+
+
+class _NotRetried(Exception):
+    pass
+
+
+class ChatCompletionClient:
+    """Thread-safe (no mutable state). name prefixes the configuration errors it raises."""
+
+    def __init__(self, base_url: str, model: str, api_key_env: str | None, timeout_s: float, max_retries: int,
+                 backoff_s: float, sleep: Callable[[float], None] = time.sleep, name: str = "judge"):
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model = model
+        self.api_key_env = api_key_env
+        self.timeout_s = float(timeout_s)
+        self.max_retries = max(0, int(max_retries))   # extra attempts after the first
+        self.backoff_s = float(backoff_s)
+        self.name = name
+        self._sleep = sleep
+
+    def __repr__(self) -> str:
+        return f"ChatCompletionClient(model={self.model!r}, url={self.url!r}, api_key_env={self.api_key_env!r})"
+
+    def _post(self, body: bytes) -> str:
+        """One POST; the reply's message content. Raises _Retryable, _NotRetried or RuntimeError."""
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        key = os.environ.get(self.api_key_env) if self.api_key_env else None
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as e:
+            detail = e.read()[:200].decode("utf-8", "replace")
+            if e.code in (401, 403, 404):
+                raise RuntimeError(f"{self.name}: POST {self.url} -> HTTP {e.code} ({detail!r}); check "
+                                   f"judge.base_url, judge.model={self.model!r} and the key in "
+                                   f"${self.api_key_env}") from None
+            if e.code == 429 or e.code >= 500:
+                raise _Retryable(f"HTTP {e.code}: {detail!r}") from None
+            raise _NotRetried(f"HTTP {e.code}: {detail!r}") from None
+        except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as e:
+            raise _Retryable(f"{type(e).__name__}: {getattr(e, 'reason', e)}") from None
+        try:
+            content = json.loads(raw)["choices"][0]["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            content = None
+        if not isinstance(content, str):   # also a null content (e.g. a refusal)
+            raise _Retryable(f"malformed chat completion: {raw[:200]!r}")
+        return content
+
+    def complete(self, messages: list[dict], parse: Callable[[str], T], *,
+                 on_retry: Callable[[], None] | None = None, on_error: Callable[[str], None] | None = None,
+                 **params) -> T | None:
+        """parse(reply text) for POST {model, messages, **params} (params: temperature, response_format, ...).
+
+        parse raises ValueError for an invalid reply (retried) and must not return None.
+        on_retry(): called before each retry. on_error(message): called for each failed attempt, e.g.
+        "attempt 1/3 failed: HTTP 503: ...", "attempt 2/3 invalid reply: ...", "rejected, not retried: HTTP 400: ...".
+        Returns None when every attempt failed or the request was rejected; 401/403/404 raise RuntimeError.
+        """
+        body = json.dumps({"model": self.model, "messages": messages, **params}).encode("utf-8")
+        attempts = self.max_retries + 1
+        for attempt in range(attempts):
+            if attempt:
+                if on_retry is not None:
+                    on_retry()
+                self._sleep(self.backoff_s * 2 ** (attempt - 1) * random.uniform(0.5, 1.5))
+            try:
+                return parse(self._post(body))
+            except _Retryable as e:
+                error = f"attempt {attempt + 1}/{attempts} failed: {e}"
+            except _NotRetried as e:
+                if on_error is not None:
+                    on_error(f"rejected, not retried: {e}")
+                return None
+            except ValueError as e:
+                error = f"attempt {attempt + 1}/{attempts} invalid reply: {e}"
+            if on_error is not None:
+                on_error(error)
+        return None
