@@ -136,6 +136,7 @@ class DistributedConfig:
     param_dtype: Literal["float32", "bfloat16"] = "float32"   # FSDP2 mixed precision (bf16 on GPU)
     reduce_dtype: Literal["float32", "bfloat16"] = "float32"
     deepspeed_zero_stage: int = 3
+    gather_for_generation: bool = True   # DeepSpeed ZeRO-3: full weights on each device during generate
 
 
 @dataclass

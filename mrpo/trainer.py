@@ -10,6 +10,7 @@ One RL step on each rank:
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -289,15 +290,22 @@ class Trainer:
                              f"{self.cfg.data.max_prompt_length}; {self.prompts_per_rank} are needed per step")
         return [self.train_records[i] for i in chosen]
 
+    def _generation_context(self):
+        """DeepSpeed ZeRO-3: gather the policy once for generate instead of every layer at every token."""
+        if self.ds is not None and self.cfg.distributed.gather_for_generation:
+            return self.ds.gathered_for_generation()
+        return contextlib.nullcontext()
+
     @torch.no_grad()
     def rollout(self, prompt_records: list[dict]) -> tuple[list[dict], list[list[int]]]:
         """G completions per prompt (group-major): records repeated, completion token ids."""
         g = self.cfg.rollout.group_size
         records = [r for r in prompt_records for _ in range(g)]
         self.model.eval()
-        ids = self.backbone.generate(self._encode(records), max_new_tokens=self.cfg.rollout.max_new_tokens,
-                                     temperature=self.cfg.rollout.temperature, top_p=self.cfg.rollout.top_p,
-                                     do_sample=True, synced_gpus=self.world > 1)
+        with self._generation_context():
+            ids = self.backbone.generate(self._encode(records), max_new_tokens=self.cfg.rollout.max_new_tokens,
+                                         temperature=self.cfg.rollout.temperature, top_p=self.cfg.rollout.top_p,
+                                         do_sample=True, synced_gpus=self.world > 1)
         self.model.train()
         return records, ids
 
@@ -620,12 +628,13 @@ class Trainer:
         texts = []
         bs = max(1, self.cfg.optim.per_device_batch_size * 4)
         n_batches = math.ceil(len(records) / self.world / bs)
-        for b in range(n_batches):   # same number of generate calls on every rank (synced_gpus)
-            chunk = mine[b * bs:(b + 1) * bs] or records[:1]
-            ids = self.backbone.generate(self._encode(chunk), max_new_tokens=self.cfg.rollout.max_new_tokens,
-                                         temperature=1.0, do_sample=False, synced_gpus=self.world > 1)
-            if mine[b * bs:(b + 1) * bs]:
-                texts.extend(self.backbone.tokenizer.decode(i, skip_special_tokens=False) for i in ids)
+        with self._generation_context():
+            for b in range(n_batches):   # same number of generate calls on every rank (synced_gpus)
+                chunk = mine[b * bs:(b + 1) * bs] or records[:1]
+                ids = self.backbone.generate(self._encode(chunk), max_new_tokens=self.cfg.rollout.max_new_tokens,
+                                             temperature=1.0, do_sample=False, synced_gpus=self.world > 1)
+                if mine[b * bs:(b + 1) * bs]:
+                    texts.extend(self.backbone.tokenizer.decode(i, skip_special_tokens=False) for i in ids)
         self.model.train()
         if dist.is_initialized():   # rank r generated records[r::world]: gather them back in order
             gathered = [None] * self.world
