@@ -641,6 +641,7 @@ class Trainer:
             dist.all_gather_object(gathered, texts)
             texts = [gathered[i % self.world][i // self.world] for i in range(len(records))]
         if not self.is_main:
+            self._barrier()   # wait for rank 0's scoring and writing, so no rank runs ahead
             return {}
         eval_dir = self.out / "eval" / tag
         summary = evaluate_generations(records, texts, self.judge, self.reasoning_tag, out_dir=eval_dir)
@@ -649,6 +650,7 @@ class Trainer:
         self._write_metrics({"phase": "eval", "tag": tag, "step": self.step, **flat})
         log.warning("eval %s: accuracy %.3f, early-failure share %.3f (%d wrong answers judged)", tag,
                     summary["accuracy"], summary["early_failure_share"], summary["wrong_judged"])
+        self._barrier()
         return flat
 
     # ------------------------------------------------------------------ logging
@@ -708,6 +710,7 @@ class Trainer:
         if self._wandb is not None:
             self._wandb.finish()
         if dist.is_initialized():
+            dist.barrier()   # no rank tears the process group down while another still uses it
             dist.destroy_process_group()
 
 
