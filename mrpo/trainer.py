@@ -259,32 +259,37 @@ class Trainer:
                                              max_prompt_length=self.cfg.data.max_prompt_length)
         return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
-    def _usable_prompts(self, indices: list[int]) -> list[dict]:
-        """The records at `indices`; an over-long prompt (text + image tokens > data.max_prompt_length) is
-        replaced by the next usable record of the data set, and counted (the first few named)."""
+    def _prompt_fits(self, rec: dict) -> bool:
+        """Whether the record's prompt (text + image tokens) fits data.max_prompt_length; checked once per
+        id; a misfit is counted (the first few named) or, with data.on_bad_row=error, raises."""
         from mrpo.models.backbone import PromptTooLongError
 
+        if rec["id"] in self.prompt_ok:
+            return True
+        if rec["id"] in self.too_long:
+            return False
+        try:
+            self._encode([rec])
+        except PromptTooLongError as err:
+            if self.cfg.data.on_bad_row == "error":
+                raise ValueError(f"record {rec['id']}: {err}") from None
+            self.too_long.add(rec["id"])
+            if len(self.too_long) <= 5:
+                log.warning("skipping over-long prompt %s (%s tokens > data.max_prompt_length=%d)",
+                            rec["id"], err.lengths[0] if err.lengths else "?", self.cfg.data.max_prompt_length)
+            return False
+        self.prompt_ok.add(rec["id"])
+        return True
+
+    def _usable_prompts(self, indices: list[int]) -> list[dict]:
+        """The records at `indices`, an over-long prompt replaced by the next usable record of the data set."""
         n = len(self.train_records)
         chosen: list[int] = []
         for i in itertools.chain(indices, ((indices[-1] + k) % n for k in range(1, n))):
             if len(chosen) == self.prompts_per_rank:
                 break
-            rec = self.train_records[i]
-            if i in chosen or rec["id"] in self.too_long:
-                continue
-            if rec["id"] not in self.prompt_ok:
-                try:
-                    self._encode([rec])
-                    self.prompt_ok.add(rec["id"])
-                except PromptTooLongError as err:
-                    if self.cfg.data.on_bad_row == "error":
-                        raise ValueError(f"training record {rec['id']}: {err}") from None
-                    self.too_long.add(rec["id"])
-                    if len(self.too_long) <= 5:
-                        log.warning("skipping over-long prompt %s (%s tokens > data.max_prompt_length=%d)",
-                                    rec["id"], err.lengths[0] if err.lengths else "?", self.cfg.data.max_prompt_length)
-                    continue
-            chosen.append(i)
+            if i not in chosen and self._prompt_fits(self.train_records[i]):
+                chosen.append(i)
         if len(chosen) < self.prompts_per_rank:
             raise ValueError(f"only {len(chosen)} training prompts fit data.max_prompt_length="
                              f"{self.cfg.data.max_prompt_length}; {self.prompts_per_rank} are needed per step")
@@ -621,6 +626,7 @@ class Trainer:
         from mrpo.eval.reasoning import evaluate_generations
 
         records = self.test_records[: self.cfg.logging.eval_limit] if self.cfg.logging.eval_limit else self.test_records
+        records = [r for r in records if self._prompt_fits(r)]
         if not records:
             return {}
         mine = records[self.rank::self.world]

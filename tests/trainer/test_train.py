@@ -157,4 +157,27 @@ def test_overlong_prompts_are_skipped_and_counted(shared_data, tmp_path):
     trainer.too_long.clear()
     with pytest.raises(ValueError, match=trainer.train_records[0]["id"]):
         trainer._usable_prompts([0, 1])
+    trainer.cfg.data.on_bad_row = "skip"
+    trainer.test_records[1] = {**trainer.test_records[1], "problem": "lesion " * 400}
+    summary = trainer.evaluate("skip_long")   # the over-long test prompt is left out, not a crash
+    assert summary["n_records"] == 3 and trainer.test_records[1]["id"] in trainer.too_long
+    trainer.close()
+
+
+def test_frozen_vision_tower_and_gradient_checkpointing(shared_data, tmp_path):
+    cfg = load_config(None, tiny_overrides(shared_data, tmp_path, **{
+        "sft.steps": 0, "model.freeze_vision": True, "model.gradient_checkpointing": True}))
+    trainer = Trainer(cfg)
+    records = trainer.train_records[:2]
+    completions = [[5, 6, 7], [8, 9]]
+    hidden, targets, cu, weight = trainer._hidden(trainer.model, records, completions)
+    assert hidden.shape == (5, weight.shape[1]) and targets.tolist() == [5, 6, 7, 8, 9]
+    (hidden @ weight.T).logsumexp(-1).sum().backward()
+    named = dict(trainer.model.named_parameters())
+    vision = [k for k in named if ".visual." in k]
+    language = [k for k in named if ".language_model.layers." in k]
+    assert vision and language
+    assert all(not named[k].requires_grad and named[k].grad is None for k in vision)
+    assert all(named[k].grad is not None and named[k].grad.abs().sum() > 0 for k in language)
+    assert trainer.model.is_gradient_checkpointing
     trainer.close()
