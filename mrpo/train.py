@@ -17,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     from mrpo.config import ConfigError, parse_args
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("mrpo").setLevel(logging.INFO)   # our progress lines; libraries stay at WARNING
     try:
         cfg = parse_args(argv)
     except ConfigError as e:

@@ -608,7 +608,7 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.is_main:
-            log.warning("resumed from %s (step %d)", path, self.step)
+            log.info("resumed from %s (step %d)", path, self.step)
 
     def export(self, out_dir: Path) -> None:
         """Hugging Face folder (safetensors, config, tokenizer, image processor) of the current policy."""
@@ -654,7 +654,7 @@ class Trainer:
         (eval_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
         flat = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
         self._write_metrics({"phase": "eval", "tag": tag, "step": self.step, **flat})
-        log.warning("eval %s: accuracy %.3f, early-failure share %.3f (%d wrong answers judged)", tag,
+        log.info("eval %s: accuracy %.3f, early-failure share %.3f (%d wrong answers judged)", tag,
                     summary["accuracy"], summary["early_failure_share"], summary["wrong_judged"])
         self._barrier()
         return flat
