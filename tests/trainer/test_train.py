@@ -59,17 +59,19 @@ def test_tiny_run_end_to_end(shared_data, tmp_path):
         torch.testing.assert_close(tensor, trained[name], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("algo", ["grpo", "gdpo", "dr_grpo"])
-def test_baselines_run(shared_data, tmp_path, algo):
+@pytest.mark.parametrize("algo, family", [("grpo", "qwen2_5_vl"), ("gdpo", "qwen2_5_vl"), ("dr_grpo", "qwen2_5_vl"),
+                                          ("mrpo", "qwen3_vl"), ("mrpo", "internvl3")])
+def test_methods_and_backbones_run(shared_data, tmp_path, algo, family):
     cfg = load_config(None, tiny_overrides(shared_data, tmp_path, **{
-        "algo.name": algo, "optim.max_steps": 1, "sft.steps": 0, "logging.eval_at_end": False,
-        "checkpoint.export_final": False}))
+        "algo.name": algo, "model.family": family, "optim.max_steps": 1, "sft.steps": 1,
+        "logging.eval_at_end": False, "checkpoint.export_final": False}))
     trainer = Trainer(cfg)
     try:
         trainer.train()
     finally:
         trainer.close()
     assert math.isfinite(_rl_steps(tmp_path)[1]["loss"])
+    assert trainer.reasoning_tag == ("thinking" if family == "qwen3_vl" else "think")
 
 
 def test_nonfinite_gradient_skips_update(shared_data, tmp_path):
