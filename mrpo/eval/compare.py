@@ -83,14 +83,15 @@ def _from_summary(data: dict, run: dict) -> None:
 
 def load_run(path: str | Path, label: str | None = None) -> dict:
     """{label, path, answers: dict | None, reasoning: dict | None} from an eval folder (answers.json,
-    reasoning.json, or the trainer's summary.json), a run folder holding eval/, or one such file."""
+    reasoning.json, or the trainer's summary.json), a run folder holding eval/ or the trainer's
+    eval/final/, or one such file."""
     p = Path(path)
     run = {"label": label, "path": str(p), "answers": None, "reasoning": None}
     if p.is_file():
         _from_summary(_read_json(p), run)
         run["label"] = label or (p.parent.parent.name if p.parent.name == "eval" else p.parent.name)
         return run
-    for folder in (p, p / "eval"):
+    for folder in (p, p / "eval", p / "eval" / "final"):
         for name in ("answers.json", "reasoning.json", "summary.json"):
             f = folder / name
             if f.is_file() and (name != "summary.json" or run["reasoning"] is None):
@@ -99,7 +100,7 @@ def load_run(path: str | Path, label: str | None = None) -> dict:
             break
     if run["answers"] is None and run["reasoning"] is None:
         raise FileNotFoundError(f"{p}: no answers.json, reasoning.json or summary.json "
-                                f"(looked in {p} and {p / 'eval'})")
+                                f"(looked in {p}, {p / 'eval'} and {p / 'eval' / 'final'})")
     run["label"] = label or (p.parent.name if p.name == "eval" else p.name)
     return run
 

@@ -74,6 +74,8 @@ def test_compare_reads_trainer_summary_and_errors(tmp_path):
     (ev / "summary.json").write_text(json.dumps(s))
     run = load_run(ev)
     assert run["answers"]["overall"]["rule_accuracy"] == 0.5 and run["reasoning"]["stage_counts"]["early"] == 1
+    run_folder = load_run(tmp_path / "run")   # a trainer run folder: RUN/eval/final/ is found
+    assert run_folder["label"] == "run" and run_folder["reasoning"]["stage_counts"]["early"] == 1
     res = compare_runs([ev], tmp_path / "cmp", labels=["tiny"], paper=False)
     assert res["rows"][0]["all"] == 50.0 and res["rows"][0]["early"] == 100.0
     with pytest.raises(FileNotFoundError, match="no answers.json"):

@@ -41,7 +41,8 @@ def _rl_steps(out_dir) -> dict[int, dict]:
 
 # ---------------------------------------------------------------------------------------------- config
 def test_build_config_from_run_config():
-    cfg = load_config(None, ["optim.per_device_batch_size=3", "optim.grad_accum_steps=4", "optim.max_grad_norm=0.7",
+    cfg = load_config(None, ["rollout.group_size=4", "optim.per_device_batch_size=3", "optim.grad_accum_steps=4",
+                             "optim.max_grad_norm=0.7",
                              "distributed.engine=deepspeed", "distributed.param_dtype=bfloat16"])
     cpu = build_config(cfg, torch.device("cpu"))
     assert cpu["train_micro_batch_size_per_gpu"] == 3 and cpu["gradient_accumulation_steps"] == 4
