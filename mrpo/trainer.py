@@ -26,9 +26,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from mrpo_kernels import fused_linear_mrpo_loss, linear_logprobs
 
 from mrpo import checkpoint as ckpt
+from mrpo.algo.advantages import compute_advantages
 from mrpo.config import Config
+from mrpo.data.records import load_image, load_records
+from mrpo.data.synthetic import generate_synthetic
+from mrpo.eval.reasoning import evaluate_generations, ffp_stage, first_failure_index
+from mrpo.judges import build_judge
+from mrpo.models.backbone import PromptTooLongError
+from mrpo.models.load import load_backbone
 from mrpo.models.parallelize import (
     apply_fsdp2,
     freeze_vision_tower,
@@ -36,7 +44,9 @@ from mrpo.models.parallelize import (
     init_distributed,
     install_passthrough_head,
 )
-from mrpo_kernels import fused_linear_mrpo_loss, linear_logprobs
+from mrpo.models.tiny import build_tiny
+from mrpo.rewards import RewardModel
+from mrpo.rewards.steps import token_offsets, token_step_index
 
 log = logging.getLogger("mrpo")
 
@@ -89,8 +99,6 @@ class PromptSampler:
 
 def first_failure_stage(valid: list[bool]) -> str | None:
     """early / mid / late by First Failure Point = first invalid index / K; None if no invalid step."""
-    from mrpo.eval.reasoning import ffp_stage, first_failure_index
-
     first = first_failure_index(valid)
     return None if first is None else ffp_stage(first, len(valid))
 
@@ -136,9 +144,6 @@ class Trainer:
             self.ds.base_optimizer if self.ds is not None else self.optimizer, self._lr_lambda)
         self.sampler = PromptSampler(len(self.train_records), cfg.seed, cfg.data.shuffle, self.rank, self.world)
 
-        from mrpo.judges import build_judge
-        from mrpo.rewards import RewardModel
-
         self.judge = build_judge(cfg.judge)
         self.reward_model = RewardModel(cfg.reward, self.judge, self.reasoning_tag, cfg.algo.tau)
         self.step = 0
@@ -155,13 +160,9 @@ class Trainer:
             dist.barrier()
 
     def _load_data(self) -> tuple[list[dict], list[dict]]:
-        from mrpo.data.records import load_records
-
         cfg = self.cfg.data
         train_path, test_path = cfg.train_path, cfg.test_path
         if train_path is None:
-            from mrpo.data.synthetic import generate_synthetic
-
             if self.is_main:
                 generate_synthetic(cfg.synthetic_dir, cfg.synthetic_train, cfg.synthetic_test, cfg.synthetic_seed)
             self._barrier()
@@ -188,8 +189,6 @@ class Trainer:
         cfg = self.cfg.model
         if cfg.path is not None:
             return Path(cfg.path)
-        from mrpo.models.tiny import build_tiny
-
         path = Path(self.cfg.data.synthetic_dir).parent / "models" / f"tiny_{cfg.family}_seed{cfg.tiny_seed}"
         if self.is_main:
             build_tiny(cfg.family, path, seed=cfg.tiny_seed)
@@ -197,8 +196,6 @@ class Trainer:
         return path
 
     def _load_backbone(self):
-        from mrpo.models.load import load_backbone
-
         cfg = self.cfg.model
         self.model_path = self._model_path()
         backbone = load_backbone(self.model_path, family=cfg.family, dtype=DTYPES[cfg.dtype],
@@ -213,8 +210,6 @@ class Trainer:
         return backbone
 
     def _load_reference(self):
-        from mrpo.models.load import load_backbone
-
         ref = load_backbone(self.model_path, family=self.cfg.model.family, dtype=DTYPES[self.cfg.model.dtype],
                             attn_implementation=self.cfg.model.attn_implementation, device=self.device).model
         install_passthrough_head(ref)
@@ -250,8 +245,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ rollout + scoring
     def _images(self, records: list[dict]):
-        from mrpo.data.records import load_image
-
         return [load_image(r["image"], self.cfg.data.max_pixels) for r in records]
 
     def _encode(self, records: list[dict]) -> dict:
@@ -262,8 +255,6 @@ class Trainer:
     def _prompt_fits(self, rec: dict) -> bool:
         """Whether the record's prompt (text + image tokens) fits data.max_prompt_length; checked once per
         id; a misfit is counted (the first few named) or, with data.on_bad_row=error, raises."""
-        from mrpo.models.backbone import PromptTooLongError
-
         if rec["id"] in self.prompt_ok:
             return True
         if rec["id"] in self.too_long:
@@ -315,9 +306,6 @@ class Trainer:
         return records, ids
 
     def score(self, records: list[dict], completion_ids: list[list[int]]) -> tuple[Rollout, dict]:
-        from mrpo.algo.advantages import compute_advantages
-        from mrpo.rewards.steps import token_offsets, token_step_index
-
         texts, offsets = zip(*(token_offsets(self.backbone.tokenizer, ids) for ids in completion_ids))
         scored, stats = self.reward_model.score(list(texts), records)
         rewards = self.reward_model.reward_matrix(scored)
@@ -623,8 +611,6 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, tag: str) -> dict:
         """Greedy generation on the held-out split, answer accuracy and First Failure Point shares."""
-        from mrpo.eval.reasoning import evaluate_generations
-
         records = self.test_records[: self.cfg.logging.eval_limit] if self.cfg.logging.eval_limit else self.test_records
         records = [r for r in records if self._prompt_fits(r)]
         if not records:

@@ -8,7 +8,7 @@ sample "unjudged" (process reward excluded, plain advantage kept) and counts it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 

@@ -62,7 +62,7 @@ def test_matches_liger_grpo_without_shaping(make_batch, run_loss, loss_type, agg
 
     lens, T, temp = [6, 4, 2, 5], 8, 0.7
     b = make_batch(lens, 97, 16, dtype=torch.float32, temperature=temp, seed=3)
-    B, N, D = len(lens), sum(lens), 16
+    B, D = len(lens), 16
     mask = torch.arange(T)[None, :] < torch.tensor(lens)[:, None]  # [B, T] right padding
     x = torch.zeros(B, T, D)
     ids = torch.zeros(B, T, dtype=torch.long)
