@@ -379,20 +379,23 @@ class Trainer:
         cfg = self.cfg.loss
         hidden, targets, cu, weight = self._hidden(self.model, [rollout.records[i] for i in mb],
                                                    [rollout.completion_ids[i] for i in mb])
-        lengths = [len(rollout.completion_ids[i]) for i in mb]
+        lengths = torch.tensor([len(rollout.completion_ids[i]) for i in mb])
 
-        def per_token(values):
-            return torch.cat([v for v in values]).to(self.device) if values else None
+        def per_token(per_seq: list) -> torch.Tensor:   # one value per sequence -> one per token
+            return torch.tensor(per_seq).repeat_interleave(lengths).to(self.device)
 
-        adv = torch.cat([rollout.advantages[i].expand(n) for i, n in zip(mb, lengths)]).to(self.device)
-        correct = torch.cat([torch.full((n,), rollout.answer_correct[i]) for i, n in zip(mb, lengths)])
-        k = torch.cat([torch.full((n,), rollout.num_steps[i], dtype=torch.int32) for i, n in zip(mb, lengths)])
+        def packed(values):   # per-token tensors of the micro-batch's sequences, concatenated
+            return torch.cat(values).to(self.device) if values else None
+
+        adv = rollout.advantages[mb].repeat_interleave(lengths).to(self.device)
         loss, metrics = fused_linear_mrpo_loss(
             hidden, weight, targets, adv,
-            per_token([rollout.step_index[i] for i in mb]), k.to(self.device),
-            per_token([rollout.step_valid[i] for i in mb]), correct.to(self.device), cu,
-            old_logprobs=per_token([rollout.old_logprobs[i] for i in mb]) if rollout.old_logprobs else None,
-            ref_logprobs=per_token([rollout.ref_logprobs[i] for i in mb]) if rollout.ref_logprobs else None,
+            packed([rollout.step_index[i] for i in mb]),
+            per_token([rollout.num_steps[i] for i in mb]).int(),
+            packed([rollout.step_valid[i] for i in mb]),
+            per_token([rollout.answer_correct[i] for i in mb]), cu,
+            old_logprobs=packed([rollout.old_logprobs[i] for i in mb]) if rollout.old_logprobs else None,
+            ref_logprobs=packed([rollout.ref_logprobs[i] for i in mb]) if rollout.ref_logprobs else None,
             eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, temperature=cfg.temperature,
             loss_agg=cfg.loss_agg, max_completion_length=self.cfg.rollout.max_new_tokens,
             shaping="mrpo" if self.cfg.algo.name == "mrpo" else "none",

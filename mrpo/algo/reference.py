@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from mrpo_kernels.fused_mrpo_loss import LOSS_AGGS
 from mrpo_kernels.shaping import mrpo_shaped_advantages
-
-LOSS_AGGS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")
 
 
 def reference_mrpo_loss(
