@@ -104,7 +104,23 @@ def test_counts_reduce_across_shards():
     merged = summary_from_counts({k: float(a[k] + b[k]) for k in a})  # all-reduce as float64
     whole = failure_cascade_stats(recs)
     for key in ("stage_counts", "stage_shares", "wrong", "far", "step_validity", "mean_ffp", "accuracy"):
-        assert merged[key] == pytest.approx(whole[key]), key
+        assert_nested_close(merged[key], whole[key], key)
+
+
+def assert_nested_close(got, want, where: str) -> None:
+    """Dicts and lists compared element by element; numbers to pytest.approx's default tolerance."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and got.keys() == want.keys(), where
+        for k in want:
+            assert_nested_close(got[k], want[k], f"{where}.{k}")
+    elif isinstance(want, (list, tuple)):
+        assert isinstance(got, (list, tuple)) and len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_nested_close(g, w, f"{where}[{i}]")
+    elif want is None:
+        assert got is None, where
+    else:
+        assert got == pytest.approx(want, nan_ok=True), where
 
 
 class FakeJudge:
