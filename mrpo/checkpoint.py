@@ -1,6 +1,7 @@
-"""Checkpoints through torch.distributed.checkpoint (DCP): model, optimizer, scheduler, RNG, data position.
+"""Checkpoint layout shared by every engine: model + optimizer state (the engine's writer), scheduler,
+RNG, data position.
 
-Layout: OUTPUT/checkpoints/step_000100/ holding the DCP shards, trainer_state.pt (step, scheduler,
+Layout: OUTPUT/checkpoints/step_000100/ holding the engine's files (DCP shards, or deepspeed/), trainer_state.pt (step, scheduler,
 sampler, extras), rng_rank{r}.pt (one per rank) and a COMPLETE marker. Each checkpoint is written to
 step_XXXXXX.tmp/ and renamed only once every rank has finished, so a crash mid-save never leaves a
 folder that resume would pick. The last `keep_last` complete checkpoints are kept.
@@ -11,17 +12,11 @@ import random
 import re
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_state_dict,
-)
 
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
@@ -59,9 +54,13 @@ def complete_checkpoints(root: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
 
 
-def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    trainer_state: dict, keep_last: int) -> Path:
-    """Save a complete checkpoint for `step` (all ranks call this)."""
+def write_checkpoint(root: str | Path, step: int, save_weights: Callable[[Path], None], trainer_state: dict,
+                     keep_last: int) -> Path:
+    """Write a complete checkpoint for `step` (every rank calls this).
+
+    save_weights(folder): the engine's writer of model + optimizer state (DCP shards, or DeepSpeed's
+    per-rank files). The folder is step_XXXXXX.tmp/ until every rank is done; then the COMPLETE marker is
+    written and it is renamed, and checkpoints beyond the newest `keep_last` are removed."""
     root = Path(root)
     final = root / f"step_{step:06d}"
     tmp = root / f"step_{step:06d}.tmp"
@@ -69,8 +68,7 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimiz
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    save_weights(tmp)
     torch.save(rng_state(), tmp / f"rng_rank{_rank()}.pt")
     if _rank() == 0:
         torch.save(trainer_state, tmp / "trainer_state.pt")
@@ -85,15 +83,13 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimiz
     return final
 
 
-def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore model, optimizer and this rank's RNG from a checkpoint folder; returns the trainer state."""
+def read_checkpoint(path: str | Path, load_weights: Callable[[Path], None]) -> dict:
+    """Restore a checkpoint folder through the engine's `load_weights(folder)` and this rank's RNG;
+    returns the trainer state."""
     path = Path(path)
     if not (path / "COMPLETE").exists():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no COMPLETE marker)")
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    load_weights(path)
     rng_file = path / f"rng_rank{_rank()}.pt"
     if rng_file.exists():
         set_rng_state(torch.load(rng_file, weights_only=False))
@@ -108,9 +104,3 @@ def resolve_resume(resume: str, root: str | Path) -> Path | None:
         found = complete_checkpoints(root)
         return found[-1] if found else None
     return Path(resume)
-
-
-def full_model_state_dict(model: torch.nn.Module) -> dict:
-    """Unsharded, CPU state dict (gathered on every rank's call; filled on rank 0 under FSDP)."""
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=opts)

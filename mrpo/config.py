@@ -95,6 +95,9 @@ class AlgoConfig:
     tau: float = 0.6                     # answer counts as correct for shaping when R_ans > tau
     num_iterations: int = 1              # policy-update passes over each batch of rollouts
     advantage_scale: Literal["group", "batch", "none"] = "group"
+    # valid steps of a wrong answer: "abs" +|A| (the paper), "signed" keep A (a negative advantage, e.g.
+    # from the length penalty, stays negative), "zero" no credit
+    valid_step_credit: Literal["abs", "signed", "zero"] = "abs"
 
 
 @dataclass
@@ -102,8 +105,14 @@ class LossConfig:
     eps_low: float = 0.2
     eps_high: float = 0.2
     beta: float = 0.0                    # k3 KL to the reference policy; > 0 loads a frozen reference
-    temperature: float = 1.0
-    loss_agg: Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"] = "seq-mean-token-mean"
+    # log-probs of the ratio/gradient at this temperature; None = rollout.temperature (the distribution
+    # that sampled the tokens); another value needs allow_temperature_mismatch=true
+    temperature: Optional[float] = None
+    allow_temperature_mismatch: bool = False
+    # normalisation over the whole optimizer step (all micro-batches, all ranks); None = by algorithm:
+    # dr_grpo -> seq-mean-token-sum-norm, otherwise seq-mean-token-mean
+    loss_agg: Optional[Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"]] = None
+    max_tokens_per_micro_batch: int = 0  # token budget (prompt + completion) per micro-batch; 0 = by count
     backend: Literal["auto", "triton", "torch"] = "auto"
     chunk_size: Optional[int] = None
 
@@ -244,6 +253,14 @@ def _apply(obj: Any, data: dict, prefix: str, source: str) -> None:
             setattr(obj, key, _check_type(value, hints[key], full, source))
 
 
+def _resolve(cfg: Config) -> None:
+    """Fill the keys whose default depends on others (saved resolved in the run's config.yaml)."""
+    if cfg.loss.temperature is None:
+        cfg.loss.temperature = cfg.rollout.temperature
+    if cfg.loss.loss_agg is None:
+        cfg.loss.loss_agg = "seq-mean-token-sum-norm" if cfg.algo.name == "dr_grpo" else "seq-mean-token-mean"
+
+
 def _validate(cfg: Config, source: str) -> None:
     def need(cond: bool, key: str, why: str) -> None:
         if not cond:
@@ -258,6 +275,13 @@ def _validate(cfg: Config, source: str) -> None:
     need(cfg.loss.eps_low < 1, "loss.eps_low", "must be < 1 (the lower clip bound is 1 - eps_low)")
     need(cfg.loss.beta >= 0, "loss.beta", "must be >= 0")
     need(cfg.loss.temperature > 0, "loss.temperature", "must be > 0")
+    need(cfg.loss.temperature == cfg.rollout.temperature or cfg.loss.allow_temperature_mismatch,
+         "loss.temperature", f"differs from rollout.temperature={cfg.rollout.temperature}: the ratio and the "
+         "gradient would use log-probs of another distribution than the one that sampled the tokens; leave "
+         "loss.temperature unset (it follows rollout.temperature) or set loss.allow_temperature_mismatch=true")
+    need(cfg.algo.name != "dr_grpo" or cfg.loss.loss_agg == "seq-mean-token-sum-norm", "loss.loss_agg",
+         "algo.name=dr_grpo is defined with seq-mean-token-sum-norm (no length bias); leave loss.loss_agg unset")
+    need(cfg.loss.max_tokens_per_micro_batch >= 0, "loss.max_tokens_per_micro_batch", "must be >= 0")
     need(cfg.loss.chunk_size is None or cfg.loss.chunk_size > 0, "loss.chunk_size", "must be > 0 or null")
     need(0 <= cfg.algo.tau <= 1, "algo.tau", "R_ans lies in [0, 1]")
     need(cfg.algo.num_iterations >= 1, "algo.num_iterations", "must be >= 1")
@@ -337,6 +361,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
         for k in reversed(keys):
             nested = {k: nested}
         _apply(cfg, nested, "", "command line")
+    _resolve(cfg)
     _validate(cfg, source if not overrides else f"{source} + command line")
     return cfg
 

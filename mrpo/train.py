@@ -37,6 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     from mrpo.trainer import Trainer
 
     trainer = Trainer(cfg)
+    hook = os.environ.get("MRPO_TEST_HOOK")   # "module:function" called with the trainer (fault-injection tests)
+    if hook:
+        import importlib
+
+        module, _, name = hook.partition(":")
+        getattr(importlib.import_module(module), name)(trainer)
     try:
         final = trainer.train()
     finally:

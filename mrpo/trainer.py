@@ -1,106 +1,49 @@
-"""The MRPO trainer: rollout -> rewards/judge -> advantages + step tensors -> fused loss -> optimizer.
+"""The MRPO trainer: the loop and the RL step. Everything engine-specific lives in mrpo/engines/.
 
-One RL step on each rank:
-  1. take `prompts_per_rank` records, roll out G completions each (HF generate, KV cache);
-  2. score them (answer, process = step judge, length, format) and compute group advantages;
-  3. map each completion's steps to its tokens (step index, K, validity, answer correctness);
-  4. `num_iterations` passes of micro-batches: hidden states from the backbone (lm_head not run),
-     fused MRPO loss with the lm_head weight, backward; clip, AdamW, scheduler.
-`algo.name` (mrpo | grpo | gdpo | dr_grpo) changes only the advantage and the shaping.
+One RL step on each rank (`train_step`, read it top-down):
+  1. take `prompts_per_rank` prompts, encode them once, roll out G completions each (engine.generation());
+  2. score them (answer, process = step judge, length, format) and map each completion's steps to its
+     tokens (step index, K, validity, answer correctness);
+  3. advantages over the global batch (all ranks' completions);
+  4. old log-probs (num_iterations > 1) and reference log-probs (beta > 0);
+  5. per-token loss weights normalised over the whole step (all micro-batches, all ranks), so the
+     objective does not depend on micro-batching or world size;
+  6. micro-batches by count / token budget: hidden states from the backbone (lm_head not run), fused
+     MRPO loss with the lm_head weight, backward (gradients synced on the last micro-batch only);
+     engine.step() clips, skips a non-finite update, steps.
+`algo.name` (mrpo | grpo | gdpo | dr_grpo) changes only the advantage, the shaping and the aggregation.
 """
 from __future__ import annotations
 
-import contextlib
-import itertools
 import json
 import logging
 import math
-import os
 import platform
 import random
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from mrpo_kernels import fused_linear_mrpo_loss, linear_logprobs
+from mrpo_kernels import mrpo_loss, step_token_weights
 
-from mrpo import checkpoint as ckpt
+from mrpo import build, checkpoint
 from mrpo.algo.advantages import compute_advantages
 from mrpo.config import Config
-from mrpo.data.records import load_image, load_records
-from mrpo.data.synthetic import generate_synthetic
-from mrpo.eval.reasoning import evaluate_generations, ffp_stage, first_failure_index
+from mrpo.data.sampler import PromptSampler
+from mrpo.distributed import all_gather_rows, all_reduce_mean, all_reduce_sum, any_rank, barrier
+from mrpo.engines import build_engine
+from mrpo.eval.reasoning import evaluate_generations
 from mrpo.judges import build_judge
-from mrpo.models.backbone import PromptTooLongError
-from mrpo.models.load import load_backbone
-from mrpo.models.parallelize import (
-    apply_fsdp2,
-    freeze_vision_tower,
-    hidden_states_mode,
-    init_distributed,
-    install_passthrough_head,
-)
-from mrpo.models.tiny import build_tiny
+from mrpo.models.parallelize import hidden_states_mode, init_distributed
 from mrpo.rewards import RewardModel
-from mrpo.rewards.steps import token_offsets, token_step_index
+from mrpo.rollout import PromptPool, Rollout, first_failure_stage, micro_batches, score
 
 log = logging.getLogger("mrpo")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ADVANTAGE_METHOD = {"mrpo": "grpo", "grpo": "grpo", "gdpo": "gdpo", "dr_grpo": "dr_grpo"}
-
-
-@dataclass
-class Rollout:
-    """G completions for each of a rank's prompts, scored, with per-token MRPO step tensors."""
-    records: list[dict]          # one per completion (prompt records repeated G times, group-major)
-    completion_ids: list[list[int]]
-    advantages: torch.Tensor     # [n] fp32, one per completion
-    step_index: list[torch.Tensor]   # per completion [T_i] int32
-    num_steps: list[int]
-    step_valid: list[torch.Tensor]   # per completion [T_i] bool
-    answer_correct: list[bool]
-    old_logprobs: list[torch.Tensor] | None = None
-    ref_logprobs: list[torch.Tensor] | None = None
-
-
-class PromptSampler:
-    """Deterministic per-rank prompt order: a seeded permutation per epoch, a global position."""
-
-    def __init__(self, n: int, seed: int, shuffle: bool, rank: int, world: int):
-        self.n, self.seed, self.shuffle, self.rank, self.world = n, seed, shuffle, rank, world
-        self.epoch, self.position = 0, 0
-
-    def _order(self) -> list[int]:
-        if not self.shuffle:
-            return list(range(self.n))
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        return torch.randperm(self.n, generator=g).tolist()
-
-    def next(self, per_rank: int) -> list[int]:
-        need = per_rank * self.world
-        if self.position + need > self.n:
-            self.epoch, self.position = self.epoch + 1, 0
-        order = self._order()
-        start = self.position + self.rank * per_rank
-        self.position += need
-        return order[start:start + per_rank]
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position = state["epoch"], state["position"]
-
-
-def first_failure_stage(valid: list[bool]) -> str | None:
-    """early / mid / late by First Failure Point = first invalid index / K; None if no invalid step."""
-    first = first_failure_index(valid)
-    return None if first is None else ffp_stage(first, len(valid))
+__all__ = ["Trainer", "PromptSampler", "first_failure_stage"]
 
 
 class Trainer:
@@ -110,129 +53,33 @@ class Trainer:
         self.is_main = self.rank == 0
         self.out = Path(cfg.output_dir)
         self.stop_requested = False
-        torch.manual_seed(cfg.seed + self.rank)
-        random.seed(cfg.seed + self.rank)
-        np.random.seed(cfg.seed + self.rank)
-
-        per_rank = cfg.optim.per_device_batch_size * cfg.optim.grad_accum_steps
-        self.completions_per_rank = per_rank
-        self.prompts_per_rank = per_rank // cfg.rollout.group_size
+        for seed_fn in (torch.manual_seed, random.seed, np.random.seed):
+            seed_fn(cfg.seed + self.rank)
+        self.prompts_per_rank = cfg.optim.per_device_batch_size * cfg.optim.grad_accum_steps // cfg.rollout.group_size
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(cfg.to_yaml())
             (self.out / "versions.json").write_text(json.dumps(_versions(), indent=1))
-        self._barrier()
+        barrier()
 
-        self.train_records, self.test_records = self._load_data()
-        self.backbone = self._load_backbone()
+        train, test = build.load_splits(cfg, self.is_main, self.prompts_per_rank * self.world)
+        self.model_path = build.model_path(cfg, self.is_main)
+        self.backbone = build.load_policy(cfg, self.model_path, self.device)
         self.model = self.backbone.model
         self.reasoning_tag = cfg.model.reasoning_tag or self.backbone.reasoning_tag
-        self.ref_model = self._load_reference() if cfg.loss.beta > 0 else None
-        self._parallelize()
-
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.adam_betas),
-                                           eps=cfg.optim.adam_eps, weight_decay=cfg.optim.weight_decay)
-        self.ds = None   # DeepSpeed ZeRO: wraps the model, the reference and the AdamW together
-        if self.world > 1 and cfg.distributed.engine == "deepspeed":
-            from mrpo.models.deepspeed_engine import ZeROEngine
-
-            self.ds = ZeROEngine(self.model, self.optimizer, cfg, self.device, ref_model=self.ref_model)
-            self.optimizer = self.ds.optimizer
-        self.total_steps = self._total_steps()
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.ds.base_optimizer if self.ds is not None else self.optimizer, self._lr_lambda)
-        self.sampler = PromptSampler(len(self.train_records), cfg.seed, cfg.data.shuffle, self.rank, self.world)
-
+        self.ref_model = build.load_reference(cfg, self.model_path, self.device) if cfg.loss.beta > 0 else None
+        self.engine = build_engine(self.model, self.ref_model, cfg, self.device)
+        self.pool = PromptPool(train, self.backbone, cfg.data, self.device)
+        self.test_pool = PromptPool(test, self.backbone, cfg.data, self.device)
+        self.test_pool.too_long = self.pool.too_long   # one count of skipped prompts
+        self.total_steps = cfg.optim.max_steps or max(1, cfg.optim.epochs * len(train) // (self.prompts_per_rank * self.world))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.engine.lr_optimizer, self._lr_lambda)
+        self.sampler = PromptSampler(len(train), cfg.seed, cfg.data.shuffle, self.rank, self.world)
         self.judge = build_judge(cfg.judge)
         self.reward_model = RewardModel(cfg.reward, self.judge, self.reasoning_tag, cfg.algo.tau)
         self.step = 0
         self.sft_done = cfg.sft.steps == 0
-        self.too_long: set[str] = set()     # ids of over-long prompts (skipped)
-        self.prompt_ok: set[str] = set()     # ids whose prompt length was checked
-        self._metrics_file = None
-        self._tb = None
-        self._wandb = None
-
-    # ------------------------------------------------------------------ setup
-    def _barrier(self) -> None:
-        if dist.is_initialized():
-            dist.barrier()
-
-    def _load_data(self) -> tuple[list[dict], list[dict]]:
-        cfg = self.cfg.data
-        train_path, test_path = cfg.train_path, cfg.test_path
-        if train_path is None:
-            if self.is_main:
-                generate_synthetic(cfg.synthetic_dir, cfg.synthetic_train, cfg.synthetic_test, cfg.synthetic_seed)
-            self._barrier()
-            train_path = Path(cfg.synthetic_dir) / "train.jsonl"
-            test_path = test_path or Path(cfg.synthetic_dir) / "test.jsonl"
-        strict = cfg.on_bad_row == "error"
-        train, report = load_records(train_path, strict=strict)
-        self._report_bad_rows(train_path, report)
-        test: list[dict] = []
-        if test_path is not None:
-            test, test_report = load_records(test_path, strict=strict)
-            self._report_bad_rows(test_path, test_report)
-        if len(train) < self.prompts_per_rank * self.world:
-            raise ValueError(f"{train_path}: {len(train)} usable training records, but one step needs "
-                             f"{self.prompts_per_rank * self.world} prompts")
-        return train, test
-
-    def _report_bad_rows(self, path, report) -> None:
-        if self.is_main and getattr(report, "skipped", 0):
-            log.warning("%s: skipped %d bad rows (first: %s)", path, report.skipped,
-                        getattr(report, "examples", [])[:5])
-
-    def _model_path(self) -> Path:
-        cfg = self.cfg.model
-        if cfg.path is not None:
-            return Path(cfg.path)
-        path = Path(self.cfg.data.synthetic_dir).parent / "models" / f"tiny_{cfg.family}_seed{cfg.tiny_seed}"
-        if self.is_main:
-            build_tiny(cfg.family, path, seed=cfg.tiny_seed)
-        self._barrier()
-        return path
-
-    def _load_backbone(self):
-        cfg = self.cfg.model
-        self.model_path = self._model_path()
-        backbone = load_backbone(self.model_path, family=cfg.family, dtype=DTYPES[cfg.dtype],
-                                 attn_implementation=cfg.attn_implementation, device=self.device)
-        backbone.max_pixels = self.cfg.data.max_pixels
-        install_passthrough_head(backbone.model)
-        if cfg.freeze_vision:
-            freeze_vision_tower(backbone.model)
-        if cfg.gradient_checkpointing:
-            backbone.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        backbone.model.train()
-        return backbone
-
-    def _load_reference(self):
-        ref = load_backbone(self.model_path, family=self.cfg.model.family, dtype=DTYPES[self.cfg.model.dtype],
-                            attn_implementation=self.cfg.model.attn_implementation, device=self.device).model
-        install_passthrough_head(ref)
-        ref.requires_grad_(False).eval()
-        return ref
-
-    def _parallelize(self) -> None:
-        cfg = self.cfg.distributed
-        if self.world == 1 or cfg.engine == "none":
-            return
-        if cfg.engine == "deepspeed":
-            return   # ZeROEngine wraps the model together with its optimizer (__init__)
-        param_dtype = DTYPES[cfg.param_dtype] if self.device.type == "cuda" else torch.float32
-        reduce_dtype = DTYPES[cfg.reduce_dtype]
-        apply_fsdp2(self.model, self.device, param_dtype, reduce_dtype)
-        if self.ref_model is not None:
-            apply_fsdp2(self.ref_model, self.device, param_dtype, reduce_dtype)
-
-    def _total_steps(self) -> int:
-        if self.cfg.optim.max_steps is not None:
-            return self.cfg.optim.max_steps
-        per_step = self.prompts_per_rank * self.world
-        return max(1, self.cfg.optim.epochs * len(self.train_records) // per_step)
+        self._metrics_file = self._tb = self._wandb = None
 
     def _lr_lambda(self, step: int) -> float:
         warm = self.cfg.optim.warmup_steps
@@ -243,301 +90,160 @@ class Trainer:
         progress = (step - warm) / max(1, self.total_steps - warm)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
-    # ------------------------------------------------------------------ rollout + scoring
-    def _images(self, records: list[dict]):
-        return [load_image(r["image"], self.cfg.data.max_pixels) for r in records]
+    # ------------------------------------------------------------------ the RL step
+    def train_step(self) -> dict:
+        cfg, t = self.cfg, [time.perf_counter()]
+        prompts = self.pool.usable(self.sampler.next(self.prompts_per_rank), self.prompts_per_rank)
+        rollout = self.rollout(prompts)
+        t.append(time.perf_counter())
+        scored, metrics = score(rollout, self.reward_model, self.backbone.tokenizer)
+        rollout.advantages = self.global_advantages(self.reward_model.reward_matrix(scored))
+        t.append(time.perf_counter())
+        if cfg.algo.num_iterations > 1:
+            rollout.old_logprobs = self.logprobs(self.model, rollout)
+        if self.ref_model is not None:
+            rollout.ref_logprobs = self.logprobs(self.ref_model, rollout)
+        t.append(time.perf_counter())
+        weights, micro = self.step_token_weights(rollout), self.micro_batches(rollout)
+        sums, norms, skipped = 0, [], 0
+        for _ in range(cfg.algo.num_iterations):
+            sums = sums + self.accumulate_gradients(rollout, weights, micro)
+            norm, applied = self.engine.step()
+            norms.append(norm)
+            skipped += not applied
+        self.scheduler.step()
+        t.append(time.perf_counter())
+        loss_sum, clipped, kl = sums.tolist()   # one host sync for the step's loss metrics
+        tokens = sum(rollout.lengths) * cfg.algo.num_iterations
+        metrics.update({
+            "loss": loss_sum / cfg.algo.num_iterations, "clip_fraction": clipped / max(tokens, 1),
+            "kl": kl / max(tokens, 1), "grad_norm": sum(norms) / len(norms), "lr": self.scheduler.get_last_lr()[0],
+            "skipped_updates": float(skipped), "micro_batches": float(len(micro)),
+            "time/generate": t[1] - t[0], "time/judge": t[2] - t[1], "time/logprobs": t[3] - t[2],
+            "time/loss_backward": t[4] - t[3], "time/step": t[4] - t[0],
+            "tokens_per_s": sum(rollout.lengths) * self.world / (t[4] - t[0]),
+            "skipped_long_prompts": float(len(self.pool.too_long)),
+        })
+        return all_reduce_mean(metrics, self.device)
 
-    def _encode(self, records: list[dict]) -> dict:
-        batch = self.backbone.encode_prompts([r["problem"] for r in records], self._images(records),
-                                             max_prompt_length=self.cfg.data.max_prompt_length)
-        return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-    def _prompt_fits(self, rec: dict) -> bool:
-        """Whether the record's prompt (text + image tokens) fits data.max_prompt_length; checked once per
-        id; a misfit is counted (the first few named) or, with data.on_bad_row=error, raises."""
-        if rec["id"] in self.prompt_ok:
-            return True
-        if rec["id"] in self.too_long:
-            return False
-        try:
-            self._encode([rec])
-        except PromptTooLongError as err:
-            if self.cfg.data.on_bad_row == "error":
-                raise ValueError(f"record {rec['id']}: {err}") from None
-            self.too_long.add(rec["id"])
-            if len(self.too_long) <= 5:
-                log.warning("skipping over-long prompt %s (%s tokens > data.max_prompt_length=%d)",
-                            rec["id"], err.lengths[0] if err.lengths else "?", self.cfg.data.max_prompt_length)
-            return False
-        self.prompt_ok.add(rec["id"])
-        return True
-
-    def _usable_prompts(self, indices: list[int]) -> list[dict]:
-        """The records at `indices`, an over-long prompt replaced by the next usable record of the data set."""
-        n = len(self.train_records)
-        chosen: list[int] = []
-        for i in itertools.chain(indices, ((indices[-1] + k) % n for k in range(1, n))):
-            if len(chosen) == self.prompts_per_rank:
-                break
-            if i not in chosen and self._prompt_fits(self.train_records[i]):
-                chosen.append(i)
-        if len(chosen) < self.prompts_per_rank:
-            raise ValueError(f"only {len(chosen)} training prompts fit data.max_prompt_length="
-                             f"{self.cfg.data.max_prompt_length}; {self.prompts_per_rank} are needed per step")
-        return [self.train_records[i] for i in chosen]
-
-    def _generation_context(self):
-        """DeepSpeed ZeRO-3: gather the policy once for generate instead of every layer at every token."""
-        if self.ds is not None and self.cfg.distributed.gather_for_generation:
-            return self.ds.gathered_for_generation()
-        return contextlib.nullcontext()
+    def accumulate_gradients(self, rollout: Rollout, weights: list[torch.Tensor], micro: list[list[int]]) -> torch.Tensor:
+        """Forward + backward of every micro-batch (gradients synced on the last one only).
+        Returns [3] float64 on the device: loss, clipped tokens, KL summed over tokens (no host sync)."""
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        for j, seqs in enumerate(micro):
+            hidden, weight = self.hidden_states(self.model, rollout, seqs)
+            inputs = rollout.loss_inputs(seqs, torch.cat([weights[i] for i in seqs]), self.device)
+            loss, m = mrpo_loss(hidden, weight, inputs, **self.loss_kwargs())
+            self.engine.backward(loss, sync=j == len(micro) - 1)
+            n = inputs.targets.numel()
+            sums += torch.stack([loss.detach().double(), m["clip_fraction"].double() * n, m["kl"].double() * n])
+        return sums
 
     @torch.no_grad()
-    def rollout(self, prompt_records: list[dict]) -> tuple[list[dict], list[list[int]]]:
-        """G completions per prompt (group-major): records repeated, completion token ids."""
+    def rollout(self, prompts: list[dict]) -> Rollout:
+        """G completions per prompt (group-major); the prompts are encoded once for the whole step."""
         g = self.cfg.rollout.group_size
-        records = [r for r in prompt_records for _ in range(g)]
+        batch = self.pool.encode(prompts)
+        rows = [i for i in range(len(prompts)) for _ in range(g)]
         self.model.eval()
-        with self._generation_context():
-            ids = self.backbone.generate(self._encode(records), max_new_tokens=self.cfg.rollout.max_new_tokens,
+        with self.engine.generation():
+            ids = self.backbone.generate(self.backbone.select_rows(batch, rows),
+                                         max_new_tokens=self.cfg.rollout.max_new_tokens,
                                          temperature=self.cfg.rollout.temperature, top_p=self.cfg.rollout.top_p,
                                          do_sample=True, synced_gpus=self.world > 1)
         self.model.train()
-        return records, ids
+        return Rollout(batch, rows, [prompts[i] for i in rows], ids)
 
-    def score(self, records: list[dict], completion_ids: list[list[int]]) -> tuple[Rollout, dict]:
-        texts, offsets = zip(*(token_offsets(self.backbone.tokenizer, ids) for ids in completion_ids))
-        scored, stats = self.reward_model.score(list(texts), records)
-        rewards = self.reward_model.reward_matrix(scored)
-        advantages = compute_advantages(rewards, self.cfg.rollout.group_size,
-                                        method=ADVANTAGE_METHOD[self.cfg.algo.name],
-                                        scale=self.cfg.algo.advantage_scale)
-        step_index, step_valid, num_steps = [], [], []
-        for s, offs in zip(scored, offsets):
-            if s.step_valid is None:   # unjudged: every token keeps the plain advantage
-                idx = [-1] * len(offs)
-                valid = torch.zeros(len(offs), dtype=torch.bool)
-            else:
-                idx = token_step_index(offs, s.steps)
-                step_ok = torch.tensor(s.step_valid + [False], dtype=torch.bool)
-                valid = step_ok[torch.tensor(idx, dtype=torch.long)]   # index -1 hits the padding False
-            step_index.append(torch.tensor(idx, dtype=torch.int32))
-            step_valid.append(valid)
-            num_steps.append(len(s.steps))
-        rollout = Rollout(records, list(completion_ids), advantages.float(), step_index, num_steps, step_valid,
-                          [s.answer_correct for s in scored])
-        return rollout, self._rollout_metrics(scored, stats, completion_ids)
+    def global_advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+        """This rank's advantages [n], computed over every rank's completions (GDPO's and scale=batch's
+        batch statistics are global; group statistics are unchanged since groups never span ranks)."""
+        n = rewards.shape[0]
+        everyone = all_gather_rows(rewards.double(), self.device)
+        adv = compute_advantages(everyone, self.cfg.rollout.group_size, method=ADVANTAGE_METHOD[self.cfg.algo.name],
+                                 scale=self.cfg.algo.advantage_scale)
+        return adv[self.rank * n:(self.rank + 1) * n].float()
 
-    def _rollout_metrics(self, scored, stats: dict, completion_ids) -> dict:
-        n = len(scored)
-        wrong_judged = [s for s in scored if not s.answer_correct and s.step_valid is not None and s.steps]
-        stages = [first_failure_stage(s.step_valid) for s in wrong_judged]
-        failed = [st for st in stages if st is not None]
-        processed = [s.r_process for s in scored if s.r_process is not None]
-        m = {
-            "reward": sum(s.total for s in scored) / n,
-            "reward/answer": sum(s.r_answer for s in scored) / n,
-            "reward/process": sum(processed) / len(processed) if processed else float("nan"),
-            "reward/length": sum(s.r_length for s in scored) / n,
-            "accuracy": sum(s.answer_correct for s in scored) / n,
-            "num_steps": sum(len(s.steps) for s in scored) / n,
-            "completion_len": sum(len(c) for c in completion_ids) / n,
-            "early_failure_share": failed.count("early") / len(failed) if failed else float("nan"),
-            "unjudged": float(stats.get("unjudged", 0)),
-        }
-        return m
+    def step_token_weights(self, rollout: Rollout) -> list[torch.Tensor]:
+        """Per completion, its tokens' loss weights [T_i]: loss.loss_agg over all tokens/sequences of the step
+        on all ranks, times the ranks that gradient reduction averages over."""
+        lengths = rollout.lengths
+        total_tokens, total_seqs = all_reduce_sum([sum(lengths), sum(n > 0 for n in lengths)], self.device)
+        w = step_token_weights(torch.tensor(lengths), self.cfg.loss.loss_agg, total_tokens=int(total_tokens),
+                               total_seqs=int(total_seqs), max_completion_length=self.cfg.rollout.max_new_tokens,
+                               scale=float(self.engine.grad_average_world))
+        return list(w.split(lengths))
 
-    # ------------------------------------------------------------------ log-probs and loss
-    def _micro_batches(self, n: int) -> list[list[int]]:
-        size = self.cfg.optim.per_device_batch_size
-        return [list(range(i, min(n, i + size))) for i in range(0, n, size)]
+    def micro_batches(self, rollout: Rollout) -> list[list[int]]:
+        prompt_len = rollout.prompts["attention_mask"].sum(-1).tolist()
+        lengths = [prompt_len[r] + n for r, n in zip(rollout.prompt_row, rollout.lengths)]
+        return micro_batches(lengths, self.cfg.optim.per_device_batch_size, self.cfg.loss.max_tokens_per_micro_batch)
 
-    def _hidden(self, model, records: list[dict], completions: list[list[int]]):
-        """Packed completion hidden states [N, D], targets [N], cu_seqlens [B+1] and the lm_head weight."""
-        runner = self.ds.runner(model) if self.ds is not None else model   # DeepSpeed: through the engine
+    def loss_kwargs(self) -> dict:
+        c = self.cfg.loss
+        return dict(eps_low=c.eps_low, eps_high=c.eps_high, beta=c.beta, temperature=c.temperature,
+                    loss_agg=c.loss_agg, max_completion_length=self.cfg.rollout.max_new_tokens,
+                    shaping="mrpo" if self.cfg.algo.name == "mrpo" else "none",
+                    valid_step_credit=self.cfg.algo.valid_step_credit, backend=c.backend, chunk_size=c.chunk_size)
+
+    def hidden_states(self, model, rollout: Rollout, seqs: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Packed completion hidden states [N, D] of the completions `seqs` and the lm_head weight [V, D]."""
+        batch = self.backbone.select_rows(rollout.prompts, [rollout.prompt_row[i] for i in seqs])
         with hidden_states_mode(model):
-            hidden, targets, cu = self.backbone.completion_hidden_states(self._encode(records), completions,
-                                                                         model=runner)
-        # read after the forward: under FSDP2 the root's parameters are unsharded (full) only from then on;
-        # under ZeRO-3 the weight is gathered here (and kept so until backward when autograd is on)
-        weight = self.ds.lm_head_weight(model) if self.ds is not None else model.get_output_embeddings().weight
-        return hidden, targets.to(self.device), cu.to(self.device), weight
+            hidden, _, _ = self.backbone.completion_hidden_states(
+                batch, [rollout.completion_ids[i] for i in seqs], model=self.engine.runner(model))
+        return hidden, self.engine.lm_head_weight(model)   # read after the forward (gathered by then)
 
     @torch.no_grad()
-    def _logprobs(self, model, rollout: Rollout) -> list[torch.Tensor]:
+    def logprobs(self, model, rollout: Rollout) -> list[torch.Tensor]:
+        """Per completion, log-probs [T_i] of its tokens under `model` at the loss temperature."""
+        from mrpo_kernels import linear_logprobs
+
         out = []
-        for mb in self._micro_batches(len(rollout.records)):
-            hidden, targets, cu, weight = self._hidden(model, [rollout.records[i] for i in mb],
-                                                       [rollout.completion_ids[i] for i in mb])
+        for seqs in self.micro_batches(rollout):
+            hidden, weight = self.hidden_states(model, rollout, seqs)
+            targets = torch.tensor([t for i in seqs for t in rollout.completion_ids[i]], device=self.device)
             lp = linear_logprobs(hidden, weight, targets, temperature=self.cfg.loss.temperature,
-                                 backend=self.cfg.loss.backend)
-            out.extend(lp[cu[j]:cu[j + 1]].float().cpu() for j in range(len(mb)))
+                                 backend=self.cfg.loss.backend).float().cpu()
+            out.extend(lp.split([len(rollout.completion_ids[i]) for i in seqs]))
         return out
 
-    def forward_backward(self, rollout: Rollout, mb: list[int], loss_scale: float) -> dict:
-        """Loss of one micro-batch, backward scaled by loss_scale; returns detached metrics."""
-        cfg = self.cfg.loss
-        hidden, targets, cu, weight = self._hidden(self.model, [rollout.records[i] for i in mb],
-                                                   [rollout.completion_ids[i] for i in mb])
-        lengths = torch.tensor([len(rollout.completion_ids[i]) for i in mb])
-
-        def per_token(per_seq: list) -> torch.Tensor:   # one value per sequence -> one per token
-            return torch.tensor(per_seq).repeat_interleave(lengths).to(self.device)
-
-        def packed(values):   # per-token tensors of the micro-batch's sequences, concatenated
-            return torch.cat(values).to(self.device) if values else None
-
-        adv = rollout.advantages[mb].repeat_interleave(lengths).to(self.device)
-        loss, metrics = fused_linear_mrpo_loss(
-            hidden, weight, targets, adv,
-            packed([rollout.step_index[i] for i in mb]),
-            per_token([rollout.num_steps[i] for i in mb]).int(),
-            packed([rollout.step_valid[i] for i in mb]),
-            per_token([rollout.answer_correct[i] for i in mb]), cu,
-            old_logprobs=packed([rollout.old_logprobs[i] for i in mb]) if rollout.old_logprobs else None,
-            ref_logprobs=packed([rollout.ref_logprobs[i] for i in mb]) if rollout.ref_logprobs else None,
-            eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, temperature=cfg.temperature,
-            loss_agg=cfg.loss_agg, max_completion_length=self.cfg.rollout.max_new_tokens,
-            shaping="mrpo" if self.cfg.algo.name == "mrpo" else "none",
-            backend=cfg.backend, chunk_size=cfg.chunk_size)
-        self._backward(loss * loss_scale)
-        return {"loss": loss.item(), "clip_fraction": float(metrics["clip_fraction"]),
-                "kl": float(metrics["kl"]), "tokens": int(targets.numel())}
-
-    def _backward(self, loss: torch.Tensor) -> None:
-        if self.ds is not None:
-            self.ds.backward(loss)   # engine.backward; releases the gathered lm_head weight
-        else:
-            loss.backward()
-
-    def _optimizer_step(self) -> tuple[float, bool]:
-        """Clip and step; a non-finite gradient norm skips the step and keeps the weights."""
-        if self.ds is not None:   # DeepSpeed clips (gradient_clipping) and skips non-finite steps itself
-            norm, ok = self.ds.step()
-            if not ok:
-                log.warning("step %d: non-finite gradient norm (%s), update skipped, weights untouched",
-                            self.step, norm)
-            return norm, ok
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.max_grad_norm)
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
-        norm = float(norm)
-        ok = math.isfinite(norm)
-        if ok:
-            self.optimizer.step()
-        else:
-            log.warning("step %d: non-finite gradient norm (%s), update skipped, weights untouched", self.step, norm)
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm, ok
-
-    # ------------------------------------------------------------------ steps
-    def train_step(self) -> dict:
-        t0 = time.perf_counter()
-        prompts = self._usable_prompts(self.sampler.next(self.prompts_per_rank))
-        records, ids = self.rollout(prompts)
-        t1 = time.perf_counter()
-        rollout, metrics = self.score(records, ids)
-        if os.environ.get("MRPO_FAULT_KILL_AT_STEP") == str(self.step + 1):   # fault injection for resume tests
-            os.kill(os.getpid(), signal.SIGKILL)
-        t2 = time.perf_counter()
-        if self.cfg.algo.num_iterations > 1:
-            rollout.old_logprobs = self._logprobs(self.model, rollout)
-        if self.ref_model is not None:
-            rollout.ref_logprobs = self._logprobs(self.ref_model, rollout)
-        t3 = time.perf_counter()
-        losses, clip, kl, grad_norms, tokens, skipped = [], [], [], [], 0, 0
-        t_opt = 0.0
-        micro = self._micro_batches(len(records))
-        for _ in range(self.cfg.algo.num_iterations):
-            for mb in micro:
-                m = self.forward_backward(rollout, mb, 1.0 / len(micro))
-                if not math.isfinite(m["loss"]):
-                    skipped += 1
-                losses.append(m["loss"]); clip.append(m["clip_fraction"]); kl.append(m["kl"])
-                tokens += m["tokens"]
-            t_o = time.perf_counter()
-            if skipped:
-                log.warning("step %d: non-finite loss in %d micro-batches, update skipped", self.step, skipped)
-                self.optimizer.zero_grad(set_to_none=True)
-            else:
-                norm, ok = self._optimizer_step()
-                grad_norms.append(norm)
-                skipped += not ok
-            t_opt += time.perf_counter() - t_o
-        self.scheduler.step()
-        t4 = time.perf_counter()
-        gen_tokens = sum(len(c) for c in ids)
-        metrics.update({
-            "loss": sum(losses) / len(losses), "clip_fraction": sum(clip) / len(clip), "kl": sum(kl) / len(kl),
-            "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
-            "lr": self.scheduler.get_last_lr()[0], "skipped_updates": float(skipped),
-            "time/generate": t1 - t0, "time/judge": t2 - t1, "time/logprobs": t3 - t2,
-            "time/loss_backward": t4 - t3 - t_opt, "time/optimizer": t_opt, "time/step": t4 - t0,
-            "tokens_per_s": gen_tokens / (t4 - t0), "skipped_long_prompts": float(len(self.too_long)),
-        })
-        return self._all_reduce_mean(metrics)
-
-    def _all_reduce_mean(self, metrics: dict) -> dict:
-        if not dist.is_initialized():
-            return metrics
-        keys = sorted(metrics)
-        vals = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
-        finite = torch.isfinite(vals)
-        count = finite.double()
-        vals = torch.where(finite, vals, torch.zeros_like(vals))
-        if self.device.type == "cuda":
-            vals, count = vals.to(self.device), count.to(self.device)
-        dist.all_reduce(vals)
-        dist.all_reduce(count)
-        mean = (vals / count).cpu().tolist()
-        out = {k: (v if c > 0 else float("nan")) for k, v, c in zip(keys, mean, count.cpu().tolist())}
-        out["tokens_per_s"] = out["tokens_per_s"] * self.world   # throughput adds up over ranks
-        return out
-
+    # ------------------------------------------------------------------ warm-up and loop
     def sft_warmup(self) -> None:
         """Supervised warm-up on gold rationales, through the same fused loss (A = 1 gives the CE gradient)."""
-        cfg = self.cfg.sft
-        tok = self.backbone.tokenizer
-        tag = self.reasoning_tag
+        cfg, tok, tag = self.cfg.sft, self.backbone.tokenizer, self.reasoning_tag
         eos = self.backbone.eos_token_ids[0]
-        sampler = PromptSampler(len(self.train_records), self.cfg.seed + 1, True, self.rank, self.world)
-        if self.ds is None:
-            opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=cfg.lr)
-        else:   # ZeRO: the engine's optimizer, set up as a fresh AdamW(lr=sft.lr) clipped at 1.0
-            opt = self.ds.warmup_optimizer(lr=cfg.lr, max_grad_norm=1.0)
+        sampler = PromptSampler(len(self.pool.records), self.cfg.seed + 1, True, self.rank, self.world)
+        opt = self.engine.warmup_optimizer(lr=cfg.lr, max_grad_norm=1.0)
         per_rank = max(1, cfg.batch_size // self.world)
         bar = self._progress(cfg.steps, "sft")
         for step in range(cfg.steps):
-            records = [self.train_records[i] for i in sampler.next(per_rank)]
+            records = [self.pool.records[i] for i in sampler.next(per_rank)]
             targets = [tok.encode(f"<{tag}>{r['gold_reasoning']}</{tag}><answer>{r['solution']}</answer>",
                                   add_special_tokens=False) + [eos] for r in records]
-            hidden, tgt, cu, weight = self._hidden(self.model, records, targets)
-            n = tgt.numel()
-            zeros_i = torch.zeros(n, dtype=torch.int32, device=self.device)
-            loss, m = fused_linear_mrpo_loss(
-                hidden, weight, tgt, torch.ones(n, device=self.device), zeros_i - 1, zeros_i,
-                torch.zeros(n, dtype=torch.bool, device=self.device), torch.ones(n, dtype=torch.bool, device=self.device),
-                cu, loss_agg="token-mean", shaping="none", backend=self.cfg.loss.backend)
-            self._backward(loss)
-            if self.ds is None:
-                torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], 1.0)
+            rollout = Rollout(self.pool.encode(records), list(range(len(records))), records, targets,
+                              advantages=torch.ones(len(records)),
+                              step_index=[torch.full((len(c),), -1, dtype=torch.int32) for c in targets],
+                              num_steps=[0] * len(records), step_valid=[torch.zeros(len(c), dtype=torch.bool) for c in targets],
+                              answer_correct=[True] * len(records))
+            seqs = list(range(len(records)))
+            hidden, weight = self.hidden_states(self.model, rollout, seqs)
+            loss, m = mrpo_loss(hidden, weight, rollout.loss_inputs(seqs, None, self.device), loss_agg="token-mean",
+                                shaping="none", backend=self.cfg.loss.backend)
+            self.engine.backward(loss)
             opt.step()
-            opt.zero_grad(set_to_none=True)
-            nll = -float(m["logprobs"].mean())
+            if step % 10 == 0 or step == cfg.steps - 1:
+                nll = -float(m["logprobs"].mean())
+                if bar is not None:
+                    bar.set_postfix(nll=f"{nll:.3f}")
+                if self.is_main:
+                    self._write_metrics({"phase": "sft", "sft_step": step, "sft_nll": nll})
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(nll=f"{nll:.3f}")
-            if self.is_main and (step % 10 == 0 or step == cfg.steps - 1):
-                self._write_metrics({"phase": "sft", "sft_step": step, "sft_nll": nll})
         if bar is not None:
             bar.close()
-        if self.ds is not None:
-            opt.close()
-        del opt
+        opt.close()
         self.sft_done = True
 
-    # ------------------------------------------------------------------ loop
     def train(self) -> dict:
         self._install_signal_handlers()
         self._resume()
@@ -546,7 +252,7 @@ class Trainer:
             self.save()
         if self.cfg.logging.eval_at_start and self.step == 0:
             self.evaluate("start")
-        bar = self._progress(self.total_steps, "mrpo" if self.cfg.algo.name == "mrpo" else self.cfg.algo.name)
+        bar = self._progress(self.total_steps, self.cfg.algo.name)
         if bar is not None:
             bar.update(self.step)
         last = {}
@@ -560,7 +266,7 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(reward=f"{last['reward']:.3f}", acc=f"{last['accuracy']:.2f}",
                                 early=f"{last['early_failure_share']:.2f}", tok_s=f"{last['tokens_per_s']:.0f}")
-            self._sync_stop_flag()
+            self.stop_requested = any_rank(self.stop_requested, self.device)
             every = self.cfg.checkpoint.every_steps
             if (every and self.step % every == 0) or self.stop_requested:
                 self.save()
@@ -579,22 +285,17 @@ class Trainer:
             last.update({f"eval/{k}": v for k, v in self.evaluate("final").items()})
         return last
 
+    # ------------------------------------------------------------------ checkpoints, export, evaluation
     def save(self) -> Path:
         state = {"step": self.step, "sft_done": self.sft_done, "sampler": self.sampler.state_dict(),
                  "scheduler": self.scheduler.state_dict()}
-        if self.ds is not None:
-            return self.ds.save(self.out / "checkpoints", self.step, state, keep_last=self.cfg.checkpoint.keep_last)
-        return ckpt.save_checkpoint(self.out / "checkpoints", self.step, self.model, self.optimizer, state,
-                                    keep_last=self.cfg.checkpoint.keep_last)
+        return self.engine.save(self.out / "checkpoints", self.step, state, keep_last=self.cfg.checkpoint.keep_last)
 
     def _resume(self) -> None:
-        path = ckpt.resolve_resume(self.cfg.checkpoint.resume, self.out / "checkpoints")
+        path = checkpoint.resolve_resume(self.cfg.checkpoint.resume, self.out / "checkpoints")
         if path is None:
             return
-        if self.ds is not None:
-            state = self.ds.load(path)
-        else:
-            state = ckpt.load_checkpoint(path, self.model, self.optimizer)
+        state = self.engine.load(path)
         self.step, self.sft_done = state["step"], state["sft_done"]
         self.sampler.load_state_dict(state["sampler"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -603,40 +304,35 @@ class Trainer:
 
     def export(self, out_dir: Path) -> None:
         """Hugging Face folder (safetensors, config, tokenizer, image processor) of the current policy."""
-        if self.ds is not None:   # consolidated on rank 0 (None elsewhere)
-            state = self.ds.full_state_dict()
-        else:
-            state = ckpt.full_model_state_dict(self.model)
+        state = self.engine.full_state_dict()   # every rank takes part; filled on rank 0
         if self.is_main:
             self.backbone.save(out_dir, state_dict=state)
-        self._barrier()
+        barrier()
 
     @torch.no_grad()
     def evaluate(self, tag: str) -> dict:
         """Greedy generation on the held-out split, answer accuracy and First Failure Point shares."""
-        records = self.test_records[: self.cfg.logging.eval_limit] if self.cfg.logging.eval_limit else self.test_records
-        records = [r for r in records if self._prompt_fits(r)]
+        limit = self.cfg.logging.eval_limit
+        records = [r for r in self.test_pool.records[:limit or None] if self.test_pool.fits(r)]
         if not records:
             return {}
-        mine = records[self.rank::self.world]
-        self.model.eval()
-        texts = []
+        mine, texts = records[self.rank::self.world], []
         bs = max(1, self.cfg.optim.per_device_batch_size * 4)
-        n_batches = math.ceil(len(records) / self.world / bs)
-        with self._generation_context():
-            for b in range(n_batches):   # same number of generate calls on every rank (synced_gpus)
+        self.model.eval()
+        with self.engine.generation():
+            for b in range(math.ceil(len(records) / self.world / bs)):   # same number of generate calls per rank
                 chunk = mine[b * bs:(b + 1) * bs] or records[:1]
-                ids = self.backbone.generate(self._encode(chunk), max_new_tokens=self.cfg.rollout.max_new_tokens,
-                                             temperature=1.0, do_sample=False, synced_gpus=self.world > 1)
+                ids = self.backbone.generate(self.test_pool.encode(chunk), max_new_tokens=self.cfg.rollout.max_new_tokens,
+                                             do_sample=False, synced_gpus=self.world > 1)
                 if mine[b * bs:(b + 1) * bs]:
                     texts.extend(self.backbone.tokenizer.decode(i, skip_special_tokens=False) for i in ids)
         self.model.train()
-        if dist.is_initialized():   # rank r generated records[r::world]: gather them back in order
+        if self.world > 1:   # rank r generated records[r::world]: gather them back in order
             gathered = [None] * self.world
-            dist.all_gather_object(gathered, texts)
+            torch.distributed.all_gather_object(gathered, texts)
             texts = [gathered[i % self.world][i // self.world] for i in range(len(records))]
         if not self.is_main:
-            self._barrier()   # wait for rank 0's scoring and writing, so no rank runs ahead
+            barrier()   # wait for rank 0's scoring and writing, so no rank runs ahead
             return {}
         eval_dir = self.out / "eval" / tag
         summary = evaluate_generations(records, texts, self.judge, self.reasoning_tag, out_dir=eval_dir)
@@ -644,11 +340,11 @@ class Trainer:
         flat = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
         self._write_metrics({"phase": "eval", "tag": tag, "step": self.step, **flat})
         log.info("eval %s: accuracy %.3f, early-failure share %.3f (%d wrong answers judged)", tag,
-                    summary["accuracy"], summary["early_failure_share"], summary["wrong_judged"])
-        self._barrier()
+                 summary["accuracy"], summary["early_failure_share"], summary["wrong_judged"])
+        barrier()
         return flat
 
-    # ------------------------------------------------------------------ logging
+    # ------------------------------------------------------------------ logging and signals
     def _progress(self, total: int, desc: str):
         if not (self.is_main and self.cfg.logging.progress):
             return None
@@ -663,8 +359,7 @@ class Trainer:
         self._metrics_file.flush()
         if "step" not in metrics or metrics.get("phase") is not None:
             return
-        scalars = {k: v for k, v in metrics.items()
-                   if isinstance(v, (int, float)) and k != "step" and math.isfinite(v)}
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "step" and math.isfinite(v)}
         if self.cfg.logging.tensorboard:
             if self._tb is None:
                 from torch.utils.tensorboard import SummaryWriter
@@ -674,20 +369,10 @@ class Trainer:
                 self._tb.add_scalar(k, v, metrics["step"])
         if self.cfg.logging.wandb:
             if self._wandb is None:
-                try:
-                    import wandb
-                except ImportError:
-                    raise RuntimeError("logging.wandb=true needs `pip install wandb`") from None
-                self._wandb = wandb.init(project="mrpo", name=self.out.name, dir=str(self.out),
-                                         config=self.cfg.to_dict())
-            self._wandb.log(scalars, step=metrics["step"])
+                import wandb
 
-    def _sync_stop_flag(self) -> None:
-        """Every rank stops (and saves) at the same step if any rank got SIGTERM/SIGINT."""
-        if dist.is_initialized():
-            flag = torch.tensor([float(self.stop_requested)], device=self.device if self.device.type == "cuda" else "cpu")
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            self.stop_requested = bool(flag.item())
+                self._wandb = wandb.init(project="mrpo", name=self.out.name, dir=str(self.out), config=self.cfg.to_dict())
+            self._wandb.log(scalars, step=metrics["step"])
 
     def _install_signal_handlers(self) -> None:
         def handler(signum, frame):
@@ -698,21 +383,19 @@ class Trainer:
         signal.signal(signal.SIGINT, handler)
 
     def close(self) -> None:
-        if self._metrics_file is not None:
-            self._metrics_file.close()
-        if self._tb is not None:
-            self._tb.close()
+        for f in (self._metrics_file, self._tb):
+            if f is not None:
+                f.close()
         if self._wandb is not None:
             self._wandb.finish()
-        if dist.is_initialized():
-            dist.barrier()   # no rank tears the process group down while another still uses it
-            dist.destroy_process_group()
+        if torch.distributed.is_initialized():
+            barrier()   # no rank tears the process group down while another still uses it
+            torch.distributed.destroy_process_group()
 
 
 def _versions() -> dict:
     import transformers
     import triton
 
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "triton": triton.__version__,
-            "cuda": torch.version.cuda, "platform": platform.platform()}
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "triton": triton.__version__, "cuda": torch.version.cuda, "platform": platform.platform()}

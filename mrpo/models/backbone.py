@@ -159,17 +159,6 @@ class Backbone:
         return out
 
     # ------------------------------------------------------------------ generation
-    def _init_fsdp_root(self, model=None) -> bool:
-        """FSDP2 makes the first module that runs forward the root. HF generate runs the vision tower
-        (get_image_features) before the model, and completion_hidden_states calls the inner model, so
-        initialise the root explicitly first (no-op when already done). Returns whether the model is
-        FSDP2-sharded."""
-        get_state = getattr(self.model if model is None else model, "_get_fsdp_state", None)
-        if get_state is None:
-            return False
-        get_state()._lazy_init()
-        return True
-
     @torch.no_grad()
     def generate(self, batch: dict, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
                  do_sample: bool = True, synced_gpus: bool = False) -> list[list[int]]:
@@ -180,14 +169,8 @@ class Backbone:
                       suppress_tokens=self.suppress_token_ids or None, synced_gpus=synced_gpus)
         if do_sample:
             kwargs.update(temperature=temperature, top_p=top_p)
-        sharded = self._init_fsdp_root()
-        if sharded:   # generate encodes images outside the root's forward (InternVL's projector is root-owned)
-            self.model.unshard()
-        try:
-            seqs = self.model.generate(**batch, **kwargs)
-        finally:
-            if sharded:
-                self.model.reshard()
+        # a sharded model generates inside its engine's generation() context (mrpo/engines)
+        seqs = self.model.generate(**batch, **kwargs)
         new = seqs[:, batch["input_ids"].shape[1]:].tolist()
         eos = set(self.eos_token_ids)
         out = []
@@ -231,7 +214,6 @@ class Backbone:
         else:              # 1-D RoPE: positions skip the left padding, exactly as generate computes them
             inputs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
         model = self.model if model is None else model
-        self._init_fsdp_root(model)
         inputs.update(input_ids=ids, attention_mask=mask, use_cache=False)
         if getattr(model.get_output_embeddings(), "passthrough", False):
             hidden = model(**inputs).logits            # lm_head returns its input

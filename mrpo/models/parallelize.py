@@ -44,7 +44,22 @@ def install_passthrough_head(model: nn.Module) -> PassthroughHead:
         raise ValueError("the fused MRPO loss expects an lm_head without bias")
     new_head = PassthroughHead(head.weight)
     model.set_output_embeddings(new_head)
+    model.register_forward_hook(_hidden_states_only)   # before fully_shard: runs ahead of FSDP2's hook
     return new_head
+
+
+def _hidden_states_only(module: nn.Module, args, output):
+    """In hidden-states mode the root returns only `logits` (= hidden states), as an owned tensor.
+
+    FSDP2 registers its pre-backward hook on every grad-requiring tensor of the root's output; HF also
+    returns per-image views of the vision features (image_outputs.pooler_output) and may return a sliced
+    view as logits. Hooks on views are dropped by any in-place op, so FSDP2 warns; the training forward
+    needs none of those extra tensors, so they are not handed out at all."""
+    head = module.get_output_embeddings()
+    if not getattr(head, "passthrough", False):
+        return output
+    logits = output.logits
+    return type(output)(logits=logits.clone() if logits._base is not None else logits)
 
 
 @contextlib.contextmanager

@@ -10,8 +10,31 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 
 from mrpo.data.synthetic import make_example
+from mrpo.engines.fsdp2 import generation_context
 from mrpo.models.load import load_backbone
 from mrpo.models.parallelize import hidden_states_mode, install_passthrough_head
+
+
+class count_all_gathers:
+    """Counts FSDP2's parameter all-gathers: torch.distributed.all_gather_single (torch >= 2.12) or
+    all_gather_into_tensor (earlier), whichever FSDP2 calls."""
+
+    def __init__(self):
+        self.count = 0
+        for name in ("all_gather_single", "all_gather_into_tensor"):
+            if hasattr(dist, name):
+                setattr(dist, name, self._counting(getattr(dist, name)))
+
+    def _counting(self, original):
+        def counting(*args, **kwargs):
+            self.count += 1
+            return original(*args, **kwargs)
+
+        return counting
+
+    def pop(self) -> int:
+        n, self.count = self.count, 0
+        return n
 
 
 def check(path: str, rank: int, world: int) -> None:
@@ -24,9 +47,20 @@ def check(path: str, rank: int, world: int) -> None:
     fully_shard(model)
     problem = "Is there a lesion?" if rank == 0 else "How many lesions are there in the image?"
     batch = bb.encode_prompts([problem], [make_example(0, "train", rank, 56)[1]])
+    units = len(model.model.language_model.layers) + 2     # decoder blocks, vision tower, root
+    gathers = count_all_gathers()
     torch.manual_seed(rank)
-    comps = bb.generate(batch, max_new_tokens=4 + 4 * rank, synced_gpus=True)   # ranks stop at different steps
+    with generation_context(model, gather_all=True):        # the engine's path: gathered once
+        comps = bb.generate(batch, max_new_tokens=4 + 4 * rank, synced_gpus=True)   # ranks stop at different steps
     assert len(comps[0]) <= 4 + 4 * rank
+    once = gathers.pop()
+    assert once == units, f"gather_for_generation: {once} all-gathers, expected one per FSDP unit ({units})"
+    torch.manual_seed(rank)
+    with generation_context(model, gather_all=False):       # per-layer path for models that do not fit
+        again = bb.generate(batch, max_new_tokens=4 + 4 * rank, synced_gpus=True)
+    assert again == comps
+    per_token = gathers.pop()
+    assert per_token > 2 * units, per_token                 # every block at every decoded token
     model.unshard()
     hidden, targets, _ = bb.completion_hidden_states(batch, comps)
     lp = torch.log_softmax(hidden @ bb.lm_head_weight.T, -1).gather(-1, targets[:, None])[:, 0]

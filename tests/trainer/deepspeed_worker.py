@@ -1,11 +1,11 @@
 """Worker for test_deepspeed.py::test_zero3_gradients_step_checkpoint (torchrun, 2 gloo processes on CPU).
 
-The policy is wrapped in mrpo.models.deepspeed_engine.ZeROEngine (ZeRO-3, every parameter partitioned:
+The policy is wrapped in mrpo.engines.deepspeed.ZeROEngine (ZeRO-3, every parameter partitioned:
 stage3_param_persistence_threshold=0); an unsharded copy of the same model is the reference. Checks,
 for each model folder:
   1. parameters really are partitioned (empty local tensors outside forward);
   2. generate with synced_gpus under ZeRO-3 (ranks stop at different lengths), and the same tokens with
-     the weights gathered once for generation (gathered_for_generation; later checks run after it);
+     the weights gathered once for generation (generation(); later checks run after it);
   3. no-grad log-probs through the engine and the gathered lm_head copy == the reference's;
   4. two accumulated micro-batches of the fused MRPO loss (each scaled by 1/2, through the trainer's
      path: engine forward, lm_head gathered until backward): the full gradients of lm_head.weight, a
@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from mrpo.data.synthetic import make_example
-from mrpo.models.deepspeed_engine import ZeROEngine
+from mrpo.engines.deepspeed import ZeROEngine
 from mrpo.models.load import load_backbone
 from mrpo.models.parallelize import hidden_states_mode, install_passthrough_head
 from mrpo_kernels import fused_linear_mrpo_loss, linear_logprobs
@@ -78,7 +78,7 @@ def check(path: str, scratch: Path, rank: int, world: int) -> bool:
     model, rmodel = bb.model, ref.model
     opt = torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS)
     ropt = torch.optim.AdamW(rmodel.parameters(), lr=LR, eps=EPS)
-    zero = ZeROEngine(model, opt, cfg_ns(), torch.device("cpu"), ref_model=ref_zero.model,
+    zero = ZeROEngine(model, ref_zero.model, cfg_ns(), torch.device("cpu"), optimizer=opt,
                       overrides={"zero_optimization": {"stage3_param_persistence_threshold": 0}})
     params = dict(model.named_parameters())
     rparams = dict(rmodel.named_parameters())
@@ -107,7 +107,7 @@ def check(path: str, scratch: Path, rank: int, world: int) -> bool:
     # 2b. generation with the weights gathered once (hooks removed, then restored): same tokens
     torch.manual_seed(5 + rank)
     hooked = bb.generate(batches[1], max_new_tokens=6 + 2 * rank, synced_gpus=True)
-    with zero.gathered_for_generation():
+    with zero.generation():
         assert head.numel() == head.ds_numel
         torch.manual_seed(5 + rank)
         assert bb.generate(batches[1], max_new_tokens=6 + 2 * rank, synced_gpus=True) == hooked

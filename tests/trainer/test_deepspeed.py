@@ -16,7 +16,7 @@ import torch
 pytest.importorskip("deepspeed")
 
 from mrpo.config import load_config  # noqa: E402
-from mrpo.models.deepspeed_engine import build_config  # noqa: E402
+from mrpo.engines.deepspeed import build_config  # noqa: E402
 
 from .conftest import tiny_overrides  # noqa: E402
 

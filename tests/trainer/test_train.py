@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mrpo.config import load_config
+from mrpo.rollout import Rollout
 from mrpo.trainer import PromptSampler, Trainer, first_failure_stage
 
 from .conftest import tiny_overrides
@@ -80,7 +81,7 @@ def test_nonfinite_gradient_skips_update(shared_data, tmp_path):
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     for p in trainer.model.parameters():
         p.grad = torch.full_like(p, float("nan"))
-    norm, ok = trainer._optimizer_step()
+    norm, ok = trainer.engine.step()
     assert not ok and not math.isfinite(norm)
     for k, v in trainer.model.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -122,7 +123,8 @@ def test_sigkill_mid_step_then_resume_matches_unbroken_run(shared_data, tmp_path
     unbroken = _run_cli(tiny_overrides(shared_data, tmp_path / "a", **extra))
     assert unbroken.returncode == 0, unbroken.stderr[-3000:]
     crashed = _run_cli(tiny_overrides(shared_data, tmp_path / "b", **extra),
-                       env_extra={"MRPO_FAULT_KILL_AT_STEP": "3"})
+                       env_extra={"MRPO_TEST_HOOK": "tests.trainer.fault_hooks:sigkill_after_scoring",
+                                  "MRPO_FAULT_STEP": "3"})
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-3000:]
     assert sorted(_rl_steps(tmp_path / "b")) == [1, 2]
     resumed = _run_cli(tiny_overrides(shared_data, tmp_path / "b", **extra))
@@ -151,18 +153,19 @@ def test_fsdp2_two_processes(shared_data, tmp_path):
 def test_overlong_prompts_are_skipped_and_counted(shared_data, tmp_path):
     cfg = load_config(None, tiny_overrides(shared_data, tmp_path, **{"sft.steps": 0}))
     trainer = Trainer(cfg)
-    trainer.train_records[0] = {**trainer.train_records[0], "problem": "lesion " * 400}
-    chosen = trainer._usable_prompts([0, 1])
-    assert [r["id"] for r in chosen] == [trainer.train_records[1]["id"], trainer.train_records[2]["id"]]
-    assert trainer.too_long == {trainer.train_records[0]["id"]}
+    train, test = trainer.pool.records, trainer.test_pool.records
+    train[0] = {**train[0], "problem": "lesion " * 400}
+    chosen = trainer.pool.usable([0, 1], 2)
+    assert [r["id"] for r in chosen] == [train[1]["id"], train[2]["id"]]
+    assert trainer.pool.too_long == {train[0]["id"]}
     trainer.cfg.data.on_bad_row = "error"
-    trainer.too_long.clear()
-    with pytest.raises(ValueError, match=trainer.train_records[0]["id"]):
-        trainer._usable_prompts([0, 1])
+    trainer.pool.too_long.clear()
+    with pytest.raises(ValueError, match=train[0]["id"]):
+        trainer.pool.usable([0, 1], 2)
     trainer.cfg.data.on_bad_row = "skip"
-    trainer.test_records[1] = {**trainer.test_records[1], "problem": "lesion " * 400}
+    test[1] = {**test[1], "problem": "lesion " * 400}
     summary = trainer.evaluate("skip_long")   # the over-long test prompt is left out, not a crash
-    assert summary["n_records"] == 3 and trainer.test_records[1]["id"] in trainer.too_long
+    assert summary["n_records"] == 3 and test[1]["id"] in trainer.pool.too_long
     trainer.close()
 
 
@@ -170,10 +173,11 @@ def test_frozen_vision_tower_and_gradient_checkpointing(shared_data, tmp_path):
     cfg = load_config(None, tiny_overrides(shared_data, tmp_path, **{
         "sft.steps": 0, "model.freeze_vision": True, "model.gradient_checkpointing": True}))
     trainer = Trainer(cfg)
-    records = trainer.train_records[:2]
+    records = trainer.pool.records[:2]
     completions = [[5, 6, 7], [8, 9]]
-    hidden, targets, cu, weight = trainer._hidden(trainer.model, records, completions)
-    assert hidden.shape == (5, weight.shape[1]) and targets.tolist() == [5, 6, 7, 8, 9]
+    rollout = Rollout(trainer.pool.encode(records), [0, 1], records, completions)
+    hidden, weight = trainer.hidden_states(trainer.model, rollout, [0, 1])
+    assert hidden.shape == (5, weight.shape[1])
     (hidden @ weight.T).logsumexp(-1).sum().backward()
     named = dict(trainer.model.named_parameters())
     vision = [k for k in named if ".visual." in k]

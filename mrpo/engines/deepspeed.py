@@ -1,15 +1,16 @@
 """DeepSpeed ZeRO-3 as the alternative distributed engine (`distributed.engine: deepspeed`).
 
-`ZeROEngine` wraps the policy (and the frozen reference policy, if any) with `deepspeed.initialize` and
-gives the trainer the few operations that differ from FSDP2:
+`ZeROEngine` (the `Engine` of mrpo/engines/base.py for DeepSpeed) wraps the policy (and the frozen
+reference policy, if any) with `deepspeed.initialize`:
 
   runner(model)          the DeepSpeed engine to call instead of the module (its forward counts the
                          micro-steps that ZeRO-3 gradient accumulation relies on)
-  gathered_for_generation()  optional context for rollouts: weights gathered once, hooks off
+  generation()           context for rollouts: weights gathered once, hooks off (gather_for_generation)
   lm_head_weight(model)  the full [V, D] output-embedding weight for the fused loss (see below)
-  backward(loss)         engine.backward, then the lm_head weight is re-partitioned
+  backward(loss, sync)   engine.backward, then the lm_head weight is re-partitioned; ZeRO-2/3 reduce
+                         gradients inside backward's hooks and have no no-sync mode, so `sync` is unused
   step()                 clip + optimizer step; (grad norm, applied); a non-finite norm skips the update
-  save / load            engine.save_checkpoint / load_checkpoint inside mrpo.checkpoint's layout
+  save_weights / load_weights  engine.save_checkpoint / load_checkpoint inside mrpo.checkpoint's layout
   full_state_dict()      the consolidated (16-bit on GPU, fp32 on CPU) state dict on rank 0, for export
 
 Gradient accumulation is owned by the trainer (`managed_gradient_accumulation: false`): each micro-batch
@@ -31,13 +32,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from mrpo import checkpoint as ckpt
+from .base import Engine
 
 
 DS_TAG = "deepspeed"   # engine.save_checkpoint's sub-folder inside OUTPUT/checkpoints/step_XXXXXX/
@@ -90,20 +90,27 @@ def _is_partitioned(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id")
 
 
-class ZeROEngine:
+class ZeROEngine(Engine):
     """The policy under DeepSpeed ZeRO (stage 3 by default), optionally with a ZeRO-3 reference model.
 
     model: the HF policy (lm_head already a PassthroughHead); optimizer: a torch optimizer over its
-    trainable parameters (AdamW), which DeepSpeed wraps (fp32 master partitions)."""
+    trainable parameters (default: AdamW from cfg.optim), which DeepSpeed wraps (fp32 master partitions)."""
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg, device: torch.device,
-                 ref_model: torch.nn.Module | None = None, overrides: dict | None = None):
+    name = "deepspeed"
+
+    def __init__(self, model: torch.nn.Module, ref_model: torch.nn.Module | None, cfg, device: torch.device,
+                 optimizer: torch.optim.Optimizer | None = None, overrides: dict | None = None):
         try:
             import deepspeed
         except ImportError as err:
             raise ImportError("distributed.engine=deepspeed needs DeepSpeed: pip install -e '.[deepspeed]'") from err
 
         _init_comm(device)
+        super().__init__(model, ref_model, cfg, device)
+        if optimizer is None:
+            o = cfg.optim
+            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=o.lr,
+                                          betas=tuple(o.adam_betas), eps=o.adam_eps, weight_decay=o.weight_decay)
         self.config = build_config(cfg, device, overrides)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                  config=self.config)
@@ -123,15 +130,24 @@ class ZeROEngine:
         self._holding = False
 
     # ------------------------------------------------------------------ forward / backward / step
+    @property
+    def lr_optimizer(self) -> torch.optim.Optimizer:
+        return self.base_optimizer
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.engine.module.parameters() if p.requires_grad]
+
     def runner(self, model: torch.nn.Module):
         """The engine wrapping `model` (call it like the model), or the model itself if not wrapped."""
         return self._engines.get(id(model), model)
 
-    def gathered_for_generation(self):
+    def generation(self):
         """Context for rollouts: the policy's full weights gathered once and the ZeRO-3 hooks removed, so
         generate runs as on an unsharded model instead of all-gathering every layer at every decoding step
-        (much faster; needs the whole model to fit on one device). The hooks are restored on exit."""
-        if self.config["zero_optimization"]["stage"] != 3:
+        (much faster; needs the whole model to fit on one device). The hooks are restored on exit.
+        With distributed.gather_for_generation=false, layers are gathered per forward (slow, lean)."""
+        gather = getattr(getattr(self.cfg, "distributed", None), "gather_for_generation", True)
+        if self.config["zero_optimization"]["stage"] != 3 or not gather:
             return contextlib.nullcontext()
         from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
 
@@ -157,7 +173,7 @@ class ZeROEngine:
         self._holding = True
         return weight
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
         """engine.backward(loss) (no extra scaling: the trainer scales by its accumulation), then the
         gathered lm_head weight is released."""
         try:
@@ -186,54 +202,25 @@ class ZeROEngine:
         return WarmupOptimizer(self, lr, max_grad_norm, hparams)
 
     # ------------------------------------------------------------------ checkpoints and export
-    def save(self, root: str | Path, step: int, trainer_state: dict, keep_last: int) -> Path:
-        """A complete checkpoint OUTPUT/checkpoints/step_XXXXXX/ (all ranks call this): the DeepSpeed
-        engine state (partitioned fp32 master weights + optimizer moments, per rank) under deepspeed/,
-        trainer_state.pt, rng_rank{r}.pt and the COMPLETE marker, written to step_XXXXXX.tmp/ and
-        renamed once every rank is done (mrpo.checkpoint's layout; resume=auto finds it)."""
-        root = Path(root)
-        final, tmp = root / f"step_{step:06d}", root / f"step_{step:06d}.tmp"
-        rank = dist.get_rank()
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        dist.barrier()
-        self.engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
-        torch.save(ckpt.rng_state(), tmp / f"rng_rank{rank}.pt")
-        if rank == 0:
-            torch.save(trainer_state, tmp / "trainer_state.pt")
-        dist.barrier()
-        if rank == 0:
-            (tmp / "COMPLETE").write_text(f"{step}\n")
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-            for old in ckpt.complete_checkpoints(root)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-        dist.barrier()
-        return final
+    def save_weights(self, folder: Path) -> None:
+        """The DeepSpeed engine state (partitioned fp32 master weights + optimizer moments, per rank)
+        under folder/deepspeed/."""
+        self.engine.save_checkpoint(str(folder), tag=DS_TAG, save_latest=False)
 
-    def load(self, path: str | Path) -> dict:
-        """Restore the engine (weights, optimizer) and this rank's RNG from a checkpoint folder written
-        by save(); returns the trainer state."""
-        path = Path(path)
-        if not (path / "COMPLETE").exists():
-            raise FileNotFoundError(f"{path} is not a complete checkpoint (no COMPLETE marker)")
-        if not (path / DS_TAG).is_dir():
-            raise ValueError(f"{path} was not written with distributed.engine=deepspeed (no {DS_TAG}/ folder); "
+    def load_weights(self, folder: Path) -> None:
+        if not (folder / DS_TAG).is_dir():
+            raise ValueError(f"{folder} was not written with distributed.engine=deepspeed (no {DS_TAG}/ folder); "
                              "resume it with the engine that wrote it")
-        loaded, _ = self.engine.load_checkpoint(str(path), tag=DS_TAG, load_optimizer_states=True,
+        loaded, _ = self.engine.load_checkpoint(str(folder), tag=DS_TAG, load_optimizer_states=True,
                                                 load_lr_scheduler_states=False)
         if loaded is None:
-            raise RuntimeError(f"deepspeed could not load the checkpoint in {path / DS_TAG}")
-        rng_file = path / f"rng_rank{dist.get_rank()}.pt"
-        if rng_file.exists():
-            ckpt.set_rng_state(torch.load(rng_file, weights_only=False))
-        return torch.load(path / "trainer_state.pt", weights_only=False)
+            raise RuntimeError(f"deepspeed could not load the checkpoint in {folder / DS_TAG}")
 
     def full_state_dict(self) -> dict | None:
         """Consolidated CPU state dict of the policy on rank 0 (None on other ranks); every rank calls.
         Parameters in the training dtype (bf16 on GPU, fp32 on CPU), keys as model.state_dict()."""
         if self.config["zero_optimization"]["stage"] == 3:
+            # DeepSpeed's own consolidation for save_16bit_model; no public API returns the dict itself
             return self.engine._zero3_consolidated_16bit_state_dict()
         if dist.get_rank() != 0:
             return None

@@ -1,0 +1,82 @@
+"""Builders the trainer calls once at start-up: data splits, the policy backbone, the reference policy."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from mrpo.data.records import load_records
+from mrpo.data.synthetic import generate_synthetic
+from mrpo.distributed import barrier
+from mrpo.models.load import load_backbone
+from mrpo.models.parallelize import freeze_vision_tower, install_passthrough_head
+from mrpo.models.tiny import build_tiny
+
+log = logging.getLogger("mrpo")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_splits(cfg, is_main: bool, min_train: int) -> tuple[list[dict], list[dict]]:
+    """Train and test records (the synthetic set, generated once, when data.train_path is unset); bad rows
+    are skipped and reported (or raise with data.on_bad_row=error)."""
+    d = cfg.data
+    train_path, test_path = d.train_path, d.test_path
+    if train_path is None:
+        if is_main:
+            generate_synthetic(d.synthetic_dir, d.synthetic_train, d.synthetic_test, d.synthetic_seed)
+        barrier()
+        train_path = Path(d.synthetic_dir) / "train.jsonl"
+        test_path = test_path or Path(d.synthetic_dir) / "test.jsonl"
+    strict = d.on_bad_row == "error"
+    splits = []
+    for path in (train_path, test_path):
+        if path is None:
+            splits.append([])
+            continue
+        records, report = load_records(path, strict=strict)
+        if is_main and getattr(report, "skipped", 0):
+            log.warning("%s: skipped %d bad rows (first: %s)", path, report.skipped,
+                        getattr(report, "examples", [])[:5])
+        splits.append(records)
+    if len(splits[0]) < min_train:
+        raise ValueError(f"{train_path}: {len(splits[0])} usable training records, but one step needs {min_train} prompts")
+    return splits[0], splits[1]
+
+
+def model_path(cfg, is_main: bool) -> Path:
+    """model.path, or the tiny offline model (built once next to the synthetic data)."""
+    if cfg.model.path is not None:
+        return Path(cfg.model.path)
+    path = Path(cfg.data.synthetic_dir).parent / "models" / f"tiny_{cfg.model.family}_seed{cfg.model.tiny_seed}"
+    if is_main:
+        build_tiny(cfg.model.family, path, seed=cfg.model.tiny_seed)
+    barrier()
+    return path
+
+
+def load_policy(cfg, path: Path, device: torch.device):
+    """The trainable Backbone: pass-through lm_head (the fused loss reads hidden states), optional frozen
+    vision tower and gradient checkpointing."""
+    m = cfg.model
+    backbone = load_backbone(path, family=m.family, dtype=DTYPES[m.dtype], attn_implementation=m.attn_implementation,
+                             device=device)
+    backbone.max_pixels = cfg.data.max_pixels
+    install_passthrough_head(backbone.model)
+    if m.freeze_vision:
+        freeze_vision_tower(backbone.model)
+    if m.gradient_checkpointing:
+        backbone.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    backbone.model.train()
+    return backbone
+
+
+def load_reference(cfg, path: Path, device: torch.device) -> torch.nn.Module:
+    """A frozen copy of the initial policy for the KL term (loss.beta > 0)."""
+    m = cfg.model
+    ref = load_backbone(path, family=m.family, dtype=DTYPES[m.dtype], attn_implementation=m.attn_implementation,
+                        device=device).model
+    install_passthrough_head(ref)
+    ref.requires_grad_(False).eval()
+    return ref

@@ -1,0 +1,91 @@
+"""One process, or data-parallel ranks whose model is plain torch: AdamW, clipping, DCP checkpoints.
+
+Also the base of the FSDP2 engine, which only adds sharding, gradient-sync control and the
+generation context (DCP and `clip_grad_norm_` work the same on DTensor parameters).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+
+from .base import Engine
+
+log = logging.getLogger("mrpo")
+
+
+def _adamw(params, optim_cfg, lr: float | None = None) -> torch.optim.AdamW:
+    return torch.optim.AdamW(params, lr=optim_cfg.lr if lr is None else lr, betas=tuple(optim_cfg.adam_betas),
+                             eps=optim_cfg.adam_eps, weight_decay=optim_cfg.weight_decay)
+
+
+class SingleEngine(Engine):
+    name = "single"
+
+    def __init__(self, model, ref_model, cfg, device):
+        super().__init__(model, ref_model, cfg, device)
+        self.optimizer = _adamw(self.trainable_parameters(), cfg.optim)
+
+    def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
+        loss.backward()
+
+    def step(self) -> tuple[float, bool]:
+        """Clip to optim.max_grad_norm and step; a non-finite norm skips the update (weights untouched)."""
+        norm = clip_and_step(self.trainable_parameters(), self.optimizer, self.cfg.optim.max_grad_norm)
+        return norm, math.isfinite(norm)
+
+    def warmup_optimizer(self, lr: float, max_grad_norm: float = 1.0):
+        return TorchWarmupOptimizer(self.trainable_parameters(), lr, max_grad_norm)
+
+    def save_weights(self, folder: Path) -> None:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder))
+
+    def load_weights(self, folder: Path) -> None:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(folder))
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+    def full_state_dict(self) -> dict | None:
+        """Unsharded CPU state dict (filled on rank 0 under FSDP2; every rank calls)."""
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def clip_and_step(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, max_norm: float) -> float:
+    """Clip, then step unless the total gradient norm is non-finite; zero the gradients. Returns the norm."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
+    if hasattr(norm, "full_tensor"):   # DTensor under FSDP2
+        norm = norm.full_tensor()
+    norm = float(norm)   # one host sync per optimizer step, needed to decide the skip and to log it
+    if math.isfinite(norm):
+        optimizer.step()
+    else:
+        log.warning("non-finite gradient norm (%s): update skipped, weights untouched", norm)
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
+class TorchWarmupOptimizer:
+    """A fresh AdamW(lr) clipped at max_grad_norm for the supervised warm-up."""
+
+    def __init__(self, params: list[torch.nn.Parameter], lr: float, max_grad_norm: float):
+        self.params, self.max_grad_norm = params, max_grad_norm
+        self.optimizer = torch.optim.AdamW(params, lr=lr)
+
+    def step(self) -> tuple[float, bool]:
+        norm = clip_and_step(self.params, self.optimizer, self.max_grad_norm)
+        return norm, math.isfinite(norm)
+
+    def close(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer = None

@@ -1,0 +1,176 @@
+"""Prompts in, scored completions out: prompt encoding (once per step), generation, rewards, and the
+per-token MRPO step tensors that the loss needs.
+
+A step's prompts are encoded once (images loaded, image processor run) into one batch; the rollout
+repeats each row G times and every log-prob / loss pass selects its rows from that same batch
+(`Backbone.select_rows`), so pixel values are computed once per step.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass
+
+import torch
+from mrpo_kernels import LossInputs
+
+from mrpo.data.records import load_image
+from mrpo.eval.reasoning import ffp_stage, first_failure_index
+from mrpo.models.backbone import PromptTooLongError
+from mrpo.rewards.steps import token_offsets, token_step_index
+
+log = logging.getLogger("mrpo")
+
+
+def first_failure_stage(valid: list[bool]) -> str | None:
+    """early / mid / late by First Failure Point = first invalid index / K; None if no invalid step."""
+    first = first_failure_index(valid)
+    return None if first is None else ffp_stage(first, len(valid))
+
+
+class PromptPool:
+    """A split's records, encoded for the backbone; over-long prompts are found once and skipped.
+
+    records: the split; backbone: the policy's Backbone; data_cfg: cfg.data; device: where batches go."""
+
+    def __init__(self, records: list[dict], backbone, data_cfg, device: torch.device):
+        self.records, self.backbone, self.cfg, self.device = records, backbone, data_cfg, device
+        self.too_long: set[str] = set()     # ids of over-long prompts (skipped)
+        self.fits_ok: set[str] = set()      # ids whose prompt length was checked
+
+    def encode(self, records: list[dict]) -> dict:
+        """Left-padded prompt batch (input ids, masks, pixel values, grid sizes) on the device."""
+        images = [load_image(r["image"], self.cfg.max_pixels) for r in records]
+        batch = self.backbone.encode_prompts([r["problem"] for r in records], images,
+                                             max_prompt_length=self.cfg.max_prompt_length)
+        return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def fits(self, rec: dict) -> bool:
+        """Whether the record's prompt (text + image tokens) fits data.max_prompt_length; checked once per
+        id; a misfit is counted (the first few named) or, with data.on_bad_row=error, raises."""
+        if rec["id"] in self.fits_ok:
+            return True
+        if rec["id"] in self.too_long:
+            return False
+        try:
+            self.encode([rec])
+        except PromptTooLongError as err:
+            if self.cfg.on_bad_row == "error":
+                raise ValueError(f"record {rec['id']}: {err}") from None
+            self.too_long.add(rec["id"])
+            if len(self.too_long) <= 5:
+                log.warning("skipping over-long prompt %s (%s tokens > data.max_prompt_length=%d)",
+                            rec["id"], err.lengths[0] if err.lengths else "?", self.cfg.max_prompt_length)
+            return False
+        self.fits_ok.add(rec["id"])
+        return True
+
+    def usable(self, indices: list[int], count: int) -> list[dict]:
+        """`count` records starting from `indices`, an over-long prompt replaced by the next usable one."""
+        n = len(self.records)
+        chosen: list[int] = []
+        for i in itertools.chain(indices, ((indices[-1] + k) % n for k in range(1, n))):
+            if len(chosen) == count:
+                break
+            if i not in chosen and self.fits(self.records[i]):
+                chosen.append(i)
+        if len(chosen) < count:
+            raise ValueError(f"only {len(chosen)} training prompts fit data.max_prompt_length="
+                             f"{self.cfg.max_prompt_length}; {count} are needed per step")
+        return [self.records[i] for i in chosen]
+
+
+@dataclass
+class Rollout:
+    """G completions for each of a rank's P prompts (group-major), scored, with per-token step tensors."""
+    prompts: dict                    # the step's encoded prompt batch (P rows)
+    prompt_row: list[int]            # per completion: its row in `prompts`
+    records: list[dict]              # per completion (prompt records repeated G times)
+    completion_ids: list[list[int]]
+    advantages: torch.Tensor | None = None   # [n] fp32, set after the (global) advantage computation
+    step_index: list[torch.Tensor] | None = None   # per completion [T_i] int32 (-1 outside steps)
+    num_steps: list[int] | None = None
+    step_valid: list[torch.Tensor] | None = None   # per completion [T_i] bool
+    answer_correct: list[bool] | None = None
+    old_logprobs: list[torch.Tensor] | None = None
+    ref_logprobs: list[torch.Tensor] | None = None
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(c) for c in self.completion_ids]
+
+    def loss_inputs(self, seqs: list[int], token_weights: torch.Tensor | None, device: torch.device) -> LossInputs:
+        """Packed loss inputs of the completions `seqs` (in that order); token_weights: [N] or None."""
+        lengths = torch.tensor([len(self.completion_ids[i]) for i in seqs])
+
+        def per_token(values) -> torch.Tensor:   # one value per sequence -> one per token
+            return torch.as_tensor(values).repeat_interleave(lengths)
+
+        def packed(per_seq):
+            return None if per_seq is None else torch.cat([per_seq[i] for i in seqs])
+
+        cu = torch.zeros(len(seqs) + 1, dtype=torch.long)
+        cu[1:] = lengths.cumsum(0)
+        return LossInputs(
+            targets=torch.tensor([t for i in seqs for t in self.completion_ids[i]], dtype=torch.long),
+            advantages=per_token(self.advantages[seqs]), step_index=packed(self.step_index),
+            num_steps=per_token([self.num_steps[i] for i in seqs]).int(), step_valid=packed(self.step_valid),
+            answer_correct=per_token([self.answer_correct[i] for i in seqs]), cu_seqlens=cu,
+            token_weights=token_weights, old_logprobs=packed(self.old_logprobs),
+            ref_logprobs=packed(self.ref_logprobs)).to(device)
+
+
+def score(rollout: Rollout, reward_model, tokenizer) -> tuple[list, dict]:
+    """Rewards of every completion and its per-token step tensors (set on `rollout`).
+    Returns (scored completions, rollout metrics)."""
+    texts, offsets = zip(*(token_offsets(tokenizer, ids) for ids in rollout.completion_ids))
+    scored, stats = reward_model.score(list(texts), rollout.records)
+    rollout.step_index, rollout.step_valid, rollout.num_steps = [], [], []
+    for s, offs in zip(scored, offsets):
+        if s.step_valid is None:   # unjudged: every token keeps the plain advantage
+            idx = [-1] * len(offs)
+            valid = torch.zeros(len(offs), dtype=torch.bool)
+        else:
+            idx = token_step_index(offs, s.steps)
+            step_ok = torch.tensor(s.step_valid + [False], dtype=torch.bool)
+            valid = step_ok[torch.tensor(idx, dtype=torch.long)]   # index -1 hits the padding False
+        rollout.step_index.append(torch.tensor(idx, dtype=torch.int32))
+        rollout.step_valid.append(valid)
+        rollout.num_steps.append(len(s.steps))
+    rollout.answer_correct = [s.answer_correct for s in scored]
+    return scored, rollout_metrics(scored, stats, rollout.completion_ids)
+
+
+def rollout_metrics(scored, stats: dict, completion_ids) -> dict:
+    n = len(scored)
+    wrong_judged = [s for s in scored if not s.answer_correct and s.step_valid is not None and s.steps]
+    failed = [st for st in (first_failure_stage(s.step_valid) for s in wrong_judged) if st is not None]
+    processed = [s.r_process for s in scored if s.r_process is not None]
+    return {
+        "reward": sum(s.total for s in scored) / n,
+        "reward/answer": sum(s.r_answer for s in scored) / n,
+        "reward/process": sum(processed) / len(processed) if processed else float("nan"),
+        "reward/length": sum(s.r_length for s in scored) / n,
+        "accuracy": sum(s.answer_correct for s in scored) / n,
+        "num_steps": sum(len(s.steps) for s in scored) / n,
+        "completion_len": sum(len(c) for c in completion_ids) / n,
+        "early_failure_share": failed.count("early") / len(failed) if failed else float("nan"),
+        "unjudged": float(stats.get("unjudged", 0)),
+    }
+
+
+def micro_batches(lengths: list[int], max_seqs: int, max_tokens: int = 0) -> list[list[int]]:
+    """Consecutive groups of sequence indices: at most `max_seqs` sequences and, when max_tokens > 0,
+    at most `max_tokens` tokens (lengths: tokens per sequence; a longer sequence goes alone)."""
+    out: list[list[int]] = []
+    cur: list[int] = []
+    tokens = 0
+    for i, n in enumerate(lengths):
+        if cur and (len(cur) >= max_seqs or (max_tokens and tokens + n > max_tokens)):
+            out.append(cur)
+            cur, tokens = [], 0
+        cur.append(i)
+        tokens += n
+    if cur:
+        out.append(cur)
+    return out
