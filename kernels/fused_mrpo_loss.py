@@ -71,14 +71,14 @@ def ppo_token_terms(logp, ahat, old, ref, eps_low: float, eps_high: float, beta:
     Returns (loss_t, dloss_dlogp, clipped bool, kl or None)."""
     if old is None:
         ratio = torch.ones_like(logp)
-        frozen = None
+        ratio_clamped = None
     else:
         x = logp - old
         ratio = torch.exp(x.clamp(-LOG_RATIO_MAX, LOG_RATIO_MAX))
-        frozen = (x < -LOG_RATIO_MAX) | (x > LOG_RATIO_MAX)
+        ratio_clamped = (x < -LOG_RATIO_MAX) | (x > LOG_RATIO_MAX)
     clipped = ((ahat > 0) & (ratio > 1 + eps_high)) | ((ahat < 0) & (ratio < 1 - eps_low))
     loss = -torch.minimum(ratio * ahat, ratio.clamp(1 - eps_low, 1 + eps_high) * ahat)
-    no_grad = clipped if frozen is None else clipped | frozen
+    no_grad = clipped if ratio_clamped is None else clipped | ratio_clamped
     dlogp = torch.where(no_grad, torch.zeros_like(ratio), -ratio * ahat)
     kl = None
     if ref is not None:
@@ -87,7 +87,7 @@ def ppo_token_terms(logp, ahat, old, ref, eps_low: float, eps_high: float, beta:
         ed = torch.exp(dc)
         k3 = ed - dc - 1
         kl = k3.clamp(-K3_MAX, K3_MAX)
-        live = (dc == d) & (kl == k3)
+        live = (d >= -LOG_RATIO_MAX) & (d <= LOG_RATIO_MAX) & (k3 >= -K3_MAX) & (k3 <= K3_MAX)
         loss = loss + beta * kl
         dlogp = dlogp + beta * torch.where(live, 1 - ed, torch.zeros_like(ed))
     return loss, dlogp, clipped, kl
@@ -100,7 +100,7 @@ def ppo_token_terms_tl(logp, old, a, ref, eps_low, eps_high, beta,
     Pass old = logp for ratio 1 and ref = logp for no KL (the KL terms are then exactly 0)."""
     x = logp - old
     ratio = tl.exp(tl.minimum(tl.maximum(x, -LOG_RATIO_MAX), LOG_RATIO_MAX))
-    frozen = (x < -LOG_RATIO_MAX) | (x > LOG_RATIO_MAX)
+    ratio_clamped = (x < -LOG_RATIO_MAX) | (x > LOG_RATIO_MAX)
     clipped = ((a > 0) & (ratio > 1 + eps_high)) | ((a < 0) & (ratio < 1 - eps_low))
     clipped_ratio = tl.minimum(tl.maximum(ratio, 1 - eps_low), 1 + eps_high)
     d = ref - logp
@@ -110,7 +110,7 @@ def ppo_token_terms_tl(logp, old, a, ref, eps_low, eps_high, beta,
     kl = tl.minimum(tl.maximum(k3, -K3_MAX), K3_MAX)
     kl_live = (d >= -LOG_RATIO_MAX) & (d <= LOG_RATIO_MAX) & (k3 >= -K3_MAX) & (k3 <= K3_MAX)
     loss = -tl.minimum(ratio * a, clipped_ratio * a) + beta * kl
-    dlogp = tl.where(clipped | frozen, 0.0, -ratio * a) + beta * tl.where(kl_live, 1.0 - ed, 0.0)
+    dlogp = tl.where(clipped | ratio_clamped, 0.0, -ratio * a) + beta * tl.where(kl_live, 1.0 - ed, 0.0)
     return loss, dlogp, clipped, kl
 
 
@@ -481,8 +481,8 @@ def fused_linear_mrpo_loss(
 
     Returns (loss, metrics): loss is a scalar (fp32; fp64 for fp64 inputs on the torch backend) with
     autograd to hidden and weight; metrics (detached): "logprobs" [N], "shaped_advantages" [N],
-    "clip_fraction" (share of tokens where clipping is active), "kl" (mean k3 KL over tokens, 0
-    without ref_logprobs) and "entropy" [N] when return_entropy.
+    "clip_fraction" (share of tokens where clipping is active), "kl" (mean clamped k3 KL over tokens,
+    0 without ref_logprobs) and "entropy" [N] when return_entropy.
     """
     inputs = LossInputs(
         targets=targets, advantages=advantages, step_index=step_index, num_steps=num_steps,

@@ -69,7 +69,7 @@ def mrpo_shaped_advantages(
 
 
 @triton.jit
-def mrpo_shaped_advantage_tl(a, k, K, valid, correct, VALID_CREDIT: tl.constexpr = 0):
+def mrpo_shaped_advantage_tl(a, k, K, valid, correct, VALID_CREDIT: tl.constexpr):
     """Triton twin of `mrpo_shaped_advantages` for one token (fp32 a; int k, K; bool valid, correct).
     VALID_CREDIT: 0 "abs", 1 "signed", 2 "zero" (VALID_STEP_CREDITS)."""
     mag = tl.abs(a)
