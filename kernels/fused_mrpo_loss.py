@@ -193,7 +193,8 @@ def accumulate_grad_weight(grad_w: torch.Tensor, z: torch.Tensor, h: torch.Tenso
     """
     if grad_w.dtype == z.dtype:
         grad_w.addmm_(z.t(), h)
-    elif grad_w.dtype == torch.float32 and z.dtype in (torch.bfloat16, torch.float16) and _addmm_fp32_out_supported(z.device):
+    elif (grad_w.dtype == torch.float32 and z.dtype in (torch.bfloat16, torch.float16)
+          and _addmm_fp32_out_supported(z.device)):
         torch.addmm(grad_w, z.t(), h, out_dtype=torch.float32, out=grad_w)
     else:
         grad_w.add_(torch.mm(z.t(), h))

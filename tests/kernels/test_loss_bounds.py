@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mrpo.algo.reference import reference_mrpo_loss
-from mrpo_kernels import LossInputs, fused_linear_mrpo_loss, mrpo_loss
+from mrpo_kernels import LossInputs, fused_linear_mrpo_loss, mrpo_loss, mrpo_shaped_advantages
 from mrpo_kernels.fused_mrpo_loss import K3_MAX, LOG_RATIO_MAX
 from mrpo_kernels.loss_inputs import token_weights
 
@@ -46,8 +46,6 @@ def test_extreme_log_ratios_are_finite_and_match_the_reference(run_loss, zero_ad
 def _unclamped_loss(hidden, weight, b, tokw):
     """The loss without any clamp, sum_t w_t l_t over full float64 logits."""
     logp = torch.log_softmax(hidden @ weight.T, -1).gather(1, b["targets"][:, None]).squeeze(1)
-    from mrpo_kernels import mrpo_shaped_advantages
-
     a = mrpo_shaped_advantages(b["advantages"], b["step_index"], b["num_steps"], b["step_valid"], b["answer_correct"])
     r = torch.exp(logp - b["old_logprobs"])
     d = b["ref_logprobs"] - logp

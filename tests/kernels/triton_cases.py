@@ -16,6 +16,7 @@ from mrpo_kernels.shaping import VALID_STEP_CREDITS, mrpo_shaped_advantage_tl
 from mrpo_kernels.utils import triton_interpreted
 
 from tests.kernels.conftest import as_inputs, extreme_batch, inputs_loss_and_grads
+from tests.kernels.test_loss_bounds import KW as BOUNDS_KW, _unclamped_loss
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not triton_interpreted(_mrpo_loss_kernel):
@@ -146,6 +147,20 @@ def test_triton_extreme_log_ratios_are_finite_and_match_reference(zero_adv):
     assert all(torch.isfinite(x).all() for x in out[:3])
     _close_to_ref(out, ref)
     torch.testing.assert_close(out[3]["kl"].cpu().double(), ref[3]["kl"], rtol=1e-5, atol=1e-6)
+
+
+def test_triton_tokens_without_an_active_clamp_match_the_unclamped_formula():
+    b, u, v = extreme_batch([5, 0, 7, 25], 97, 16, zero_adv=False, seed=8)
+    live = (u.abs() <= 20) & (torch.exp(v) - v - 1 <= K3_MAX)
+    assert live.any() and not live.all()
+    w = live.double() / 37  # only the tokens where no clamp is active count
+    hidden, weight, inp = as_inputs(_f32(b), DEVICE, token_weights=w.float().to(DEVICE))
+    out = inputs_loss_and_grads(mrpo_loss, hidden, weight, inp, backend="triton", **BOUNDS_KW)
+    h = b["hidden"].clone().requires_grad_(True)
+    wt = b["weight"].clone().requires_grad_(True)
+    expected = _unclamped_loss(h, wt, b, w)
+    expected.backward()
+    _close_to_ref(out, (expected.detach(), h.grad, wt.grad))
 
 
 def test_triton_gradient_is_zero_where_a_clamp_is_active(make_batch):
