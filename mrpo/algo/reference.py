@@ -3,11 +3,13 @@
 It materialises the full logits [N, V] (in the inputs' dtype upcast to at least float32) and lets
 autograd differentiate a direct transcription of the loss:
     logp_t = log_softmax(hidden @ weight^T / T)[t, target_t]
-    A_hat  = MRPO shaping (mrpo_kernels.shaping) or A when shaping="none"
-    r_t    = exp(logp_t - old_t)            (old = logp detached when not given)
+    A_hat  = MRPO shaping (mrpo_kernels.shaping, with valid_step_credit) or A when shaping="none"
+    r_t    = exp(clamp(logp_t - old_t, -20, 20))    (old = logp detached when not given)
     l_t    = -min(r_t A_hat_t, clip(r_t, 1 - eps_low, 1 + eps_high) A_hat_t) + beta * k3_t,
-    k3_t   = exp(ref_t - logp_t) - (ref_t - logp_t) - 1
-aggregated per sequence with an explicit loop over cu_seqlens:
+    k3_t   = clamp(exp(d_t) - d_t - 1, -10, 10),  d_t = clamp(ref_t - logp_t, -20, 20)
+(the bounds of verl's compute_policy_loss / kl_penalty("low_var_kl"): see mrpo_kernels.fused_mrpo_loss),
+aggregated with the token weights when given (loss = sum_t w_t l_t), else per sequence with an
+explicit loop over cu_seqlens:
     "seq-mean-token-mean"      mean over sequences of the token mean (zero-length sequences skipped)
     "token-mean"               mean over all tokens (DAPO)
     "seq-mean-token-sum-norm"  mean over non-empty sequences of token sum / max_completion_length (Dr.GRPO)
@@ -17,7 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from mrpo_kernels.fused_mrpo_loss import LOSS_AGGS
+from mrpo_kernels.fused_mrpo_loss import K3_MAX, LOG_RATIO_MAX
+from mrpo_kernels.loss_inputs import LOSS_AGGS, LossInputs
 from mrpo_kernels.shaping import mrpo_shaped_advantages
 
 
@@ -41,9 +44,12 @@ def reference_mrpo_loss(
     loss_agg: str = "seq-mean-token-mean",
     max_completion_length: int | None = None,
     shaping: str = "mrpo",
+    valid_step_credit: str = "abs",
+    token_weights: torch.Tensor | None = None,
     return_entropy: bool = False,
 ):
-    """Same arguments and returns as mrpo_kernels.fused_linear_mrpo_loss (minus backend/chunk_size).
+    """Same arguments and returns as mrpo_kernels.fused_linear_mrpo_loss (minus backend/chunk_size),
+    plus valid_step_credit and token_weights ([N] w_t: loss = sum_t w_t l_t; None: loss_agg).
 
     hidden: [N, D], weight: [V, D]; logits computed in promote(dtype, float32) (float64 stays float64).
     Returns (loss scalar with autograd, metrics dict as the fused op).
@@ -54,7 +60,21 @@ def reference_mrpo_loss(
         logits, targets, advantages, step_index, num_steps, step_valid, answer_correct, cu_seqlens,
         old_logprobs, ref_logprobs, eps_low=eps_low, eps_high=eps_high, beta=beta, temperature=temperature,
         loss_agg=loss_agg, max_completion_length=max_completion_length, shaping=shaping,
-        return_entropy=return_entropy,
+        valid_step_credit=valid_step_credit, token_weights=token_weights, return_entropy=return_entropy,
+    )
+
+
+def reference_mrpo_loss_from_inputs(hidden: torch.Tensor, weight: torch.Tensor, inputs: LossInputs, **kwargs):
+    """The reference loss with the arguments of mrpo_kernels.mrpo_loss: (hidden, weight, LossInputs,
+    eps_low=, eps_high=, beta=, temperature=, loss_agg=, max_completion_length=, shaping=,
+    valid_step_credit=, return_entropy=); backend, chunk_size, unit_grad_output and validate are
+    accepted and ignored. Honours inputs.token_weights."""
+    for k in ("backend", "chunk_size", "unit_grad_output", "validate"):
+        kwargs.pop(k, None)
+    return reference_mrpo_loss(
+        hidden, weight, inputs.targets, inputs.advantages, inputs.step_index, inputs.num_steps,
+        inputs.step_valid, inputs.answer_correct, inputs.cu_seqlens, inputs.old_logprobs, inputs.ref_logprobs,
+        token_weights=inputs.token_weights, **kwargs,
     )
 
 
@@ -77,14 +97,16 @@ def reference_mrpo_loss_from_logits(
     loss_agg: str = "seq-mean-token-mean",
     max_completion_length: int | None = None,
     shaping: str = "mrpo",
+    valid_step_credit: str = "abs",
+    token_weights: torch.Tensor | None = None,
     return_entropy: bool = False,
 ):
     """The reference loss from raw logits [N, V] (computed in the logits' dtype); see reference_mrpo_loss."""
-    if loss_agg not in LOSS_AGGS:
+    if token_weights is None and loss_agg not in LOSS_AGGS:
         raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {loss_agg!r}")
     if shaping not in ("mrpo", "none"):
         raise ValueError(f"shaping must be 'mrpo' or 'none', got {shaping!r}")
-    if loss_agg == "seq-mean-token-sum-norm" and not max_completion_length:
+    if token_weights is None and loss_agg == "seq-mean-token-sum-norm" and not max_completion_length:
         raise ValueError("loss_agg='seq-mean-token-sum-norm' (Dr.GRPO) needs max_completion_length")
     if beta > 0 and ref_logprobs is None:
         raise ValueError(f"beta={beta} > 0 needs ref_logprobs")
@@ -97,20 +119,24 @@ def reference_mrpo_loss_from_logits(
     logprobs_all = torch.log_softmax(logits / temperature, dim=-1)
     logp = logprobs_all.gather(1, targets.view(-1, 1)).squeeze(1)
     if shaping == "mrpo":
-        ahat = mrpo_shaped_advantages(advantages, step_index, num_steps, step_valid, answer_correct).to(dtype)
+        ahat = mrpo_shaped_advantages(
+            advantages, step_index, num_steps, step_valid, answer_correct, valid_step_credit
+        ).to(dtype)
     else:
         ahat = advantages.to(dtype)
     old = logp.detach() if old_logprobs is None else old_logprobs.to(dtype)
-    ratio = torch.exp(logp - old)
+    ratio = torch.exp(torch.clamp(logp - old, -LOG_RATIO_MAX, LOG_RATIO_MAX))
     clipped_ratio = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
     per_token = -torch.min(ratio * ahat, clipped_ratio * ahat)
     kl = torch.zeros_like(logp)
     if ref_logprobs is not None:
-        delta = ref_logprobs.to(dtype) - logp
-        kl = torch.exp(delta) - delta - 1
+        delta = torch.clamp(ref_logprobs.to(dtype) - logp, -LOG_RATIO_MAX, LOG_RATIO_MAX)
+        kl = torch.clamp(torch.exp(delta) - delta - 1, -K3_MAX, K3_MAX)
         per_token = per_token + beta * kl
 
-    if loss_agg == "token-mean":
+    if token_weights is not None:
+        loss = (per_token * token_weights.to(dtype)).sum()
+    elif loss_agg == "token-mean":
         loss = per_token.sum() / max(n, 1)
     else:
         seq_losses = []

@@ -12,12 +12,12 @@ from mrpo_kernels import mrpo_shaped_advantages
 E = math.e
 
 
-def shape(rows):
+def shape(rows, *credit):
     """rows: (A, k, K, valid, correct) per token -> shaped advantages as a Python list."""
     a, k, K, v, c = zip(*rows)
     return mrpo_shaped_advantages(
         torch.tensor(a, dtype=torch.float64), torch.tensor(k, dtype=torch.int32), torch.tensor(K, dtype=torch.int32),
-        torch.tensor(v), torch.tensor(c),
+        torch.tensor(v), torch.tensor(c), *credit,
     ).tolist()
 
 
@@ -40,6 +40,37 @@ def shape(rows):
 ])
 def test_shaping_branches(row, expected):
     assert shape([row])[0] == pytest.approx(expected, abs=1e-15, rel=1e-14)
+
+
+@pytest.mark.parametrize("a", [0.7, -0.7, 0.0])
+@pytest.mark.parametrize("credit,valid_wrong", [("abs", lambda a: abs(a)), ("signed", lambda a: a), ("zero", lambda a: 0.0)])
+def test_valid_step_credit_by_hand(a, credit, valid_wrong):
+    rows = [
+        (a, 1, 4, True, False),   # wrong answer, valid step: the only branch valid_step_credit changes
+        (a, 0, 1, True, False),   # same with K = 1
+        (a, 0, 4, False, False),  # wrong, invalid first step of K = 4: -e |A|
+        (a, 3, 4, False, False),  # wrong, invalid last step: -|A|
+        (a, 1, 4, True, True),    # right answer: A
+        (a, -1, 4, True, False),  # outside steps: A
+    ]
+    expected = [valid_wrong(a), valid_wrong(a), -E * abs(a), -abs(a), a, a]
+    assert shape(rows, credit) == pytest.approx(expected, abs=1e-15, rel=1e-14)
+    if a < 0:  # the length-exploit case: a negative advantage keeps its sign only with "signed"
+        assert (shape(rows[:1], credit)[0] < 0) == (credit == "signed")
+
+
+def test_valid_step_credit_through_the_reference_loss():
+    # wrong answer, K = 3, steps invalid / valid / invalid / outside, A = -0.6, ratio 1: loss = -mean(A_hat)
+    b, _ = _tiny(r=None, adv=(-0.6,) * 4, correct=(False,) * 4, cu=(0, 4))
+    b.update(step_index=torch.tensor([0, 1, 2, -1], dtype=torch.int32), num_steps=torch.full((4,), 3, dtype=torch.int32),
+             step_valid=torch.tensor([False, True, False, False]))
+    for credit, valid_ahat in (("abs", 0.6), ("signed", -0.6), ("zero", 0.0)):
+        loss, m = reference_mrpo_loss(**b, valid_step_credit=credit)
+        ahat = [-0.6 * E, valid_ahat, -0.6, -0.6]
+        assert m["shaped_advantages"].tolist() == pytest.approx(ahat, rel=1e-14)
+        assert loss.item() == pytest.approx(-sum(ahat) / 4, rel=1e-12)
+    with pytest.raises(ValueError, match="valid_step_credit"):
+        reference_mrpo_loss(**b, valid_step_credit="neg")
 
 
 @pytest.mark.parametrize("K", [2, 3, 5, 10])

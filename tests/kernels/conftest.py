@@ -64,6 +64,47 @@ def loss_and_grads(fn, batch, *, device="cpu", weight_grad=True, **kwargs):
     return loss.detach(), b["hidden"].grad, b["weight"].grad, metrics
 
 
+def extreme_batch(lens, V, D, *, zero_adv: bool, seed=0):
+    """build_batch whose old / ref log-probs are far from the current ones: logp - old uniform in
+    [-200, 200] and ref - logp in [-80, 80] on every other token, small (|.| < 3) on the rest, so both
+    clamped and unclamped tokens are present. Returns (batch, log_ratio = logp - old, ref_gap = ref - logp)."""
+    b = build_batch(lens, V, D, seed=seed, old_noise=None, ref_noise=None)
+    g = torch.Generator().manual_seed(seed + 1)
+    n = sum(lens)
+    with torch.no_grad():
+        logp = torch.log_softmax(b["hidden"] @ b["weight"].T, -1).gather(1, b["targets"][:, None]).squeeze(1)
+    small = torch.arange(n) % 2 == 0
+    u = torch.where(small, 6 * torch.rand(n, generator=g, dtype=torch.float64) - 3,
+                    400 * torch.rand(n, generator=g, dtype=torch.float64) - 200)
+    v = torch.where(small, 4 * torch.rand(n, generator=g, dtype=torch.float64) - 2,
+                    160 * torch.rand(n, generator=g, dtype=torch.float64) - 80)
+    if n >= 4:  # the reported failures: A = 0 with logp - old > 88 (fp32 exp overflow); ref - logp = 60
+        u[1], v[3] = 100.0, 60.0
+    b.update(old_logprobs=logp - u, ref_logprobs=logp + v)
+    if zero_adv:
+        b["advantages"] = torch.zeros_like(b["advantages"])
+    return b, u, v
+
+
+def as_inputs(batch, device="cpu", **overrides):
+    """(hidden, weight, LossInputs) of a build_batch dict, on `device`; overrides replace fields."""
+    from mrpo_kernels import LossInputs
+
+    b = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    hidden, weight = b.pop("hidden"), b.pop("weight")
+    return hidden, weight, LossInputs(**{**b, **overrides})
+
+
+def inputs_loss_and_grads(fn, hidden, weight, inputs, *, weight_grad=True, grad_scale=None, **kwargs):
+    """fn(hidden, weight, inputs, **kwargs) on fresh leaf copies, backward of the loss (times grad_scale
+    when given); returns (loss, grad_hidden, grad_weight, metrics)."""
+    h = hidden.detach().clone().requires_grad_(True)
+    w = weight.detach().clone().requires_grad_(weight_grad)
+    loss, metrics = fn(h, w, inputs, **kwargs)
+    (loss if grad_scale is None else loss * grad_scale).backward()
+    return loss.detach(), h.grad, w.grad, metrics
+
+
 @pytest.fixture
 def make_batch():
     return build_batch

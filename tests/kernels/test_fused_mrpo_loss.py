@@ -6,10 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mrpo.algo.reference import reference_mrpo_loss, reference_mrpo_loss_from_logits
-from mrpo_kernels import fused_linear_mrpo_loss, linear_logprobs
-from mrpo_kernels.fused_mrpo_loss import _mrpo_loss_kernel
+from mrpo.algo.reference import reference_mrpo_loss, reference_mrpo_loss_from_inputs, reference_mrpo_loss_from_logits
+from mrpo_kernels import fused_linear_mrpo_loss, linear_logprobs, mrpo_loss
+from mrpo_kernels.fused_mrpo_loss import _addmm_fp32_out_supported, _mrpo_loss_kernel, accumulate_grad_weight
 from mrpo_kernels.utils import triton_interpreted
+
+from .conftest import as_inputs, inputs_loss_and_grads
 
 AGGS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")
 SHAPES = [  # (sequence lengths, V, D): N = 1, 37, 1000; zero-length sequences inside
@@ -33,9 +35,13 @@ def _assert_same(a, b, rtol, atol, metrics=METRICS):
         torch.testing.assert_close(ma[k], mb[k].to(ma[k].dtype), rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
 
 
-@pytest.mark.parametrize("lens,V,D", SHAPES)
-@pytest.mark.parametrize("agg", AGGS)
-@pytest.mark.parametrize("config", ["full", "plain"])
+# every aggregation on every shape except the largest (N = 1000, V = 4099: the slowest on 2 cores),
+# which gets one aggregation per configuration; the weights are the same code for every shape
+CASES = [(*shape, agg, config) for shape in SHAPES for agg in AGGS for config in ("full", "plain")
+         if shape[1] * sum(shape[0]) < 10**6 or agg == {"full": AGGS[0], "plain": AGGS[1]}[config]]
+
+
+@pytest.mark.parametrize("lens,V,D,agg,config", CASES)
 def test_torch_backend_matches_reference_fp64(make_batch, run_loss, lens, V, D, agg, config):
     cfg = FULL if config == "full" else PLAIN
     batch = make_batch(lens, V, D, temperature=cfg["temperature"], seed=len(lens) + V + D)
@@ -52,6 +58,58 @@ def test_torch_backend_matches_reference_fp64(make_batch, run_loss, lens, V, D, 
         a = ref[3]["shaped_advantages"]
         assert ((a > 0) & (r > 1.28)).any() and ((a < 0) & (r < 0.8)).any()
         assert not torch.equal(a, batch["advantages"])  # shaping changed some tokens
+
+
+@pytest.mark.parametrize("credit", ["abs", "signed", "zero"])
+def test_valid_step_credit_matches_reference_fp64(make_batch, credit):
+    batch = make_batch([5, 0, 7, 25, 9], 97, 16, temperature=0.7, seed=9)
+    hidden, weight, inp = as_inputs(batch)
+    kw = dict(FULL, valid_step_credit=credit)
+    ref = inputs_loss_and_grads(reference_mrpo_loss_from_inputs, hidden, weight, inp, **kw)
+    out = inputs_loss_and_grads(mrpo_loss, hidden, weight, inp, backend="torch", chunk_size=16, **kw)
+    _assert_same(out, ref, rtol=1e-9, atol=1e-12, metrics=METRICS + ("entropy",))
+    a, ahat = batch["advantages"], ref[3]["shaped_advantages"]
+    target = ~batch["answer_correct"] & (batch["step_index"] >= 0) & batch["step_valid"]
+    assert ((a < 0) & target).any()  # the case the variants differ on is present
+    expected = {"abs": a.abs(), "signed": a, "zero": torch.zeros_like(a)}[credit]
+    assert torch.equal(ahat[target], expected[target])
+
+
+def test_weight_grad_accumulation_fallback_matches_fp32():
+    g = torch.Generator().manual_seed(0)
+    z, h = torch.randn(33, 97, generator=g).bfloat16(), torch.randn(33, 16, generator=g).bfloat16()
+    grad_w = torch.ones(97, 16)
+    assert not _addmm_fp32_out_supported(z.device)  # CPU: the per-chunk product path
+    accumulate_grad_weight(grad_w, z, h)
+    accumulate_grad_weight(grad_w, z, h)
+    expected = 1 + 2 * (z.t().double() @ h.double())
+    assert grad_w.dtype == torch.float32
+    torch.testing.assert_close(grad_w.double(), expected, rtol=2e-2, atol=2e-2)  # bf16 rounding of each product
+    same = torch.zeros(97, 16, dtype=torch.float64)
+    accumulate_grad_weight(same, z.double(), h.double())
+    torch.testing.assert_close(same, z.t().double() @ h.double(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_weight_grad_accumulates_in_fp32_without_a_bf16_temporary():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    V, D, c = 32768, 1024, 256
+    z = torch.randn(c, V, device="cuda", generator=g).bfloat16()
+    h = torch.randn(c, D, device="cuda", generator=g).bfloat16()
+    grad_w = torch.zeros(V, D, device="cuda")
+    assert _addmm_fp32_out_supported(grad_w.device)
+    accumulate_grad_weight(grad_w, z, h)  # warm-up: cuBLAS workspace allocated outside the measurement
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    for _ in range(3):
+        accumulate_grad_weight(grad_w, z, h)
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - base < V * D  # a bf16 [V, D] temporary is 2 V D bytes
+    exact = 4 * (z.t().double() @ h.double())
+    err = ((grad_w.double() - exact).norm() / exact.norm()).item()
+    assert err < 1e-5, err  # fp32 accumulation; bf16 products would be ~1e-3
 
 
 @pytest.mark.parametrize("loss_type,agg", [("grpo", "seq-mean-token-mean"), ("bnpo", "token-mean"),

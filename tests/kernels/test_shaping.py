@@ -10,12 +10,12 @@ import torch
 from mrpo_kernels import mrpo_shaped_advantages
 
 
-def scalar_rule(a, k, K, valid, correct):
-    """The rule as written in the paper, one token at a time."""
+def scalar_rule(a, k, K, valid, correct, credit="abs"):
+    """The rule as written in the paper (credit "abs"), one token at a time."""
     if correct or k < 0:
         return a
     if valid:
-        return abs(a)
+        return {"abs": abs(a), "signed": a, "zero": 0.0}[credit]
     if K > 1:
         return -math.exp(1 - k / (K - 1)) * abs(a)
     return -abs(a)
@@ -30,14 +30,15 @@ def random_tokens(n, seed=0):
     return a, k, K, torch.rand(n, generator=g) < 0.5, torch.rand(n, generator=g) < 0.3
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_matches_scalar_rule(dtype):
+@pytest.mark.parametrize("dtype,credit", [(torch.float64, "abs"), (torch.float32, "abs"), (torch.bfloat16, "abs"),
+                                          (torch.float64, "signed"), (torch.float32, "zero")])
+def test_matches_scalar_rule(dtype, credit):
     a, k, K, valid, correct = random_tokens(2000)
     a = a.to(dtype)
-    out = mrpo_shaped_advantages(a, k, K, valid, correct)
+    out = mrpo_shaped_advantages(a, k, K, valid, correct, valid_step_credit=credit)
     assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     expected = torch.tensor(
-        [scalar_rule(float(x), int(i), int(n), bool(v), bool(c)) for x, i, n, v, c in zip(a, k, K, valid, correct)],
+        [scalar_rule(float(x), int(i), int(n), bool(v), bool(c), credit) for x, i, n, v, c in zip(a, k, K, valid, correct)],
         dtype=torch.float64,
     )
     tol = 1e-14 if dtype == torch.float64 else 1e-6
@@ -47,6 +48,18 @@ def test_matches_scalar_rule(dtype):
     assert (correct & (k >= 0)).any() and (~correct & (k < 0)).any()
     assert (wrong_in_step & valid).any() and (wrong_in_step & ~valid & (K > 1)).any()
     assert (wrong_in_step & ~valid & (K == 1)).any()
+
+
+def test_credit_only_changes_valid_steps_of_wrong_answers():
+    a, k, K, valid, correct = random_tokens(3000, seed=3)
+    base = mrpo_shaped_advantages(a, k, K, valid, correct)
+    target = ~correct & (k >= 0) & valid
+    for credit, expected in (("signed", a), ("zero", torch.zeros_like(a))):
+        out = mrpo_shaped_advantages(a, k, K, valid, correct, valid_step_credit=credit)
+        assert torch.equal(out[~target], base[~target]) and torch.equal(out[target], expected[target])
+    assert ((a < 0) & target).any() and (mrpo_shaped_advantages(a, k, K, valid, correct, "signed")[(a < 0) & target] < 0).all()
+    with pytest.raises(ValueError, match="valid_step_credit"):
+        mrpo_shaped_advantages(a, k, K, valid, correct, valid_step_credit="pos")
 
 
 def test_shapes_and_int_types():

@@ -39,21 +39,22 @@ LOSS_SIG = {
 FLAGS = ("HAS_OLD", "HAS_REF", "SHAPING", "WITH_ENTROPY", "COMPUTE_GRAD")
 
 
-@pytest.mark.parametrize("on", [True, False])
-def test_cuda_kernels_compile_ahead_of_time(on):
+@pytest.mark.parametrize("on,credit", [(True, 0), (False, 1), (True, 2)])  # credit: abs, signed, zero
+def test_cuda_kernels_compile_ahead_of_time(on, credit):
     """Compiles the CUDA (non-interpreted) kernels for sm_90 with bf16 logits; no GPU needed."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from mrpo_kernels.fused_mrpo_loss import _mrpo_loss_kernel
+    from mrpo_kernels.fused_mrpo_loss import K3_MAX, LOG_RATIO_MAX, _mrpo_loss_kernel
     from mrpo_kernels.linear_logprobs import _logprobs_kernel
     from mrpo_kernels.utils import triton_interpreted
 
     if triton_interpreted(_mrpo_loss_kernel):
         pytest.skip("triton was imported in interpreter mode")
     target = GPUTarget("cuda", 90, 32)
-    consts = {**{f: on for f in FLAGS}, "BLOCK_V": 2048}
+    consts = {**{f: on for f in FLAGS}, "VALID_CREDIT": credit, "LOG_RATIO_MAX": LOG_RATIO_MAX, "K3_MAX": K3_MAX,
+              "BLOCK_V": 2048}
     sig = {**LOSS_SIG, **{k: "constexpr" for k in consts}}
     kernel = triton.compile(ASTSource(_mrpo_loss_kernel, sig, consts), target=target, options={"num_warps": 8, "enable_fp_fusion": True})
     assert kernel.asm["cubin"]
