@@ -5,13 +5,18 @@
 Steps: read every row with `READERS[source]`; drop rows on purpose only when the reader says so
 (`Row.skip`, e.g. SLAKE's Chinese questions: "filtered"); validate the rest in this order, each bad row
 counted once under its first problem: malformed_row, empty_question, empty_answer, missing_image,
-unreadable_image (opened and fully decoded with Pillow), duplicate (same image + normalised question
-within a split; the first is kept), test_leak (a train row whose image + question is also in test;
-the train copy is dropped). Validation rows ("val") join train unless `split_test_from="val"`; a
+unreadable_image (opened and fully decoded with Pillow; empty or undecodable embedded bytes too),
+duplicate (same image file + normalised question within a split; the first is kept), test_leak (a
+train row whose image bytes + question are also in test, wherever the two copies of the image are
+kept; the train copy is dropped). Files a reader skips whole (VQA-Med's image-id lists) are listed
+under "skipped_files". A `columns` mapping under which every row lacks a named column is an error.
+Validation rows ("val") join train unless `split_test_from="val"`; a
 fraction (e.g. "0.1") holds out that share of images (by hash of the image key, so all questions on
 one image stay together) as test for sources without a test split. MedThink rationales are attached
 to the kept rows by (image key, normalised question, normalised answer), the image key being the
-file name without extension (`short_image_key`); `medthink_key` picks the fields. Rows are never silently dropped: OUT/report.json counts each problem and names the first
+file name without extension (`short_image_key`), or the name of the MedThink image with the same bytes
+(`align_medthink`); `medthink_key` picks the fields. `prepare_paper` converts the MRPO paper's
+data folder (Data_RAW/ + Medthink/) in one call. Rows are never silently dropped: OUT/report.json counts each problem and names the first
 offending rows (file:row); `strict=True` raises `PrepareError` when any problem occurs, malformed or
 ambiguous MedThink rows included (the report is still written, the JSONL files are not).
 
@@ -133,11 +138,14 @@ def _content_names(folders: Sequence[Path]) -> dict[str, str]:
     return names
 
 
-def _row_content_hash(row: Row) -> str | None:
+def _row_content_hash(row: Row, cache: dict[Path, str]) -> str | None:
+    """sha1 of the row's embedded bytes or image file (files hashed once through `cache`)."""
     if row.image_bytes is not None:
         return sha1_hex(row.image_bytes)
     if row.image_path is not None and row.image_path.is_file():
-        return sha1_hex(row.image_path.read_bytes())
+        if row.image_path not in cache:
+            cache[row.image_path] = sha1_hex(row.image_path.read_bytes())
+        return cache[row.image_path]
     return None
 
 
@@ -172,6 +180,7 @@ def align_medthink(rows: Sequence[Row], rationales: Iterable[Row], key: Sequence
     tallies = {name: Tally(examples) for name in ("unmatched", "ambiguous", "unused")}
     used = set()
     by_content: dict[str, str] | None = None  # built on first need
+    file_hashes: dict[Path, str] = {}
     content_matched = 0
     for row in rows:
         k = _key(row, key)
@@ -180,7 +189,7 @@ def align_medthink(rows: Sequence[Row], rationales: Iterable[Row], key: Sequence
         if not found and "image" in key and image_folders:
             if by_content is None:
                 by_content = _content_names(image_folders)
-            name = by_content.get(_row_content_hash(row) or "")
+            name = by_content.get(_row_content_hash(row, file_hashes) or "")
             if name is not None and table.get(_key(row, key, name)):
                 k, via_content = _key(row, key, name), True
                 found = table[k]

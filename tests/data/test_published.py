@@ -340,3 +340,17 @@ def test_broken_pixel_stream_skipped_at_load(tmp_path):
     assert "line 2 (vqa_rad-train-0000broken)" in str(report)
     with pytest.raises(ValueError, match=r"train\.jsonl:2: row 'vqa_rad-train-0000broken'.*broken_stream\.png"):
         load_records(path, strict=True)
+
+
+def test_undecodable_embedded_bytes_are_unreadable_not_missing(tmp_path):
+    """A plain binary image column (not the Image struct) holds embedded bytes, never a file name."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    table = pa.table({"image": pa.array([png_bytes((1, 2, 3)), b"\xff\xd8\xff\xe0 truncated jpeg"], pa.binary()),
+                      "question": ["Q1?", "Q2?"], "answer": ["yes", "no"]})
+    (tmp_path / "hf" / "data").mkdir(parents=True)
+    pq.write_table(table, tmp_path / "hf" / "data" / "test-00000-of-00001.parquet")
+    report = prepare("hf", tmp_path / "hf", tmp_path / "out")
+    assert report["written"] == {"train": 0, "test": 1} and counts(report) == {"unreadable_image": 1}
+    assert report["problems"]["unreadable_image"]["examples"][0].startswith(
+        "data/test-00000-of-00001.parquet:2: sha1:")
