@@ -426,7 +426,8 @@ def prepare_paper(root: str | Path, out: str | Path, *, medthink: str | Path | N
                   strict: bool = False, **options: Any) -> dict[str, Any]:
     """Convert the paper's data folder with one call: each data set found under Data_RAW/ goes through
     `prepare` into OUT/<source>/ with its MedThink folder (R-RAD, R-SLAKE, R-PathVQA), then
-    OUT/train.jsonl and OUT/test.jsonl join them (the paper trains on the three together) and
+    OUT/train.jsonl and OUT/test.jsonl join them (the paper trains on the three together; image paths
+    relative to OUT/<source>/ are rewritten relative to OUT/) and
     OUT/report.json holds every data set's report. options: as for `prepare` (max_pixels, examples,
     medthink_key, split_test_from). Strict mode raises PrepareError after all data sets were tried.
     """
@@ -454,7 +455,10 @@ def prepare_paper(root: str | Path, out: str | Path, *, medthink: str | Path | N
                 for source in reports:
                     with open(out / source / f"{split}.jsonl", encoding="utf-8") as part:
                         for line in part:
-                            merged.write(line)
+                            rec = json.loads(line)
+                            if not Path(rec["image"]).is_absolute():  # OUT/<source>/images/... from OUT/
+                                rec["image"] = f"{source}/{rec['image']}"
+                            merged.write(json.dumps(rec, ensure_ascii=False) + "\n")
                             written[split] += 1
     report = {"source": "mrpo_paper", "root": str(raw), "medthink_root": str(mt_root) if mt_root else None,
               "out": str(out), "notes": notes, "written": written, "datasets": reports,

@@ -354,3 +354,14 @@ def test_undecodable_embedded_bytes_are_unreadable_not_missing(tmp_path):
     assert report["written"] == {"train": 0, "test": 1} and counts(report) == {"unreadable_image": 1}
     assert report["problems"]["unreadable_image"]["examples"][0].startswith(
         "data/test-00000-of-00001.parquet:2: sha1:")
+
+
+def test_paper_data_folder_joined_files_load(tmp_path):
+    """Downscaled copies live in OUT/<set>/images/: the joined OUT/train.jsonl still points at them."""
+    data = paper_data_dir(tmp_path)
+    report = prepare_paper(data, tmp_path / "out", max_pixels=20)
+    assert report["written"] == {"train": 7, "test": 2}
+    records, load = load_records(tmp_path / "out" / "train.jsonl")
+    assert (load.total, load.kept) == (7, 7)
+    assert all(Path(r["image"]).parent.parent.parent == (tmp_path / "out").resolve() for r in records)
+    assert load_image(records[0]["image"]).size[0] * load_image(records[0]["image"]).size[1] <= 20
