@@ -87,6 +87,7 @@ def cmd_answers(args) -> None:
 
 
 def cmd_reasoning(args) -> None:
+    from mrpo.eval.answers import rule_correct
     from mrpo.eval.reasoning import evaluate_reasoning, format_reasoning, load_gold_reasoning, paper_filter
     from mrpo.judges import build_judge
 
@@ -102,6 +103,8 @@ def cmd_reasoning(args) -> None:
         if missing:
             raise SystemExit(f"error: {args.correct_from}: no verdict for {len(missing)} ids, e.g. {missing[:3]}")
         records = [{**r, "correct": verdicts[str(r["id"])]} for r in records]
+    else:  # the rule verdict as `answers` gives it (integers spelled out first)
+        records = [{**r, "correct": rule_correct(r)} for r in records]
     judge = build_judge(_judge_cfg(args, args.judge))
     if judge is None:
         raise SystemExit("error: --judge none gives no step verdicts; pick rule, http, local or labels")
@@ -163,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--local-model-path", help="local judge model folder (--judge local)")
     r.add_argument("--cache-dir", help="judge cache folder")
     r.add_argument("--judge-all", action="store_true", help="judge correct answers too (step validity)")
-    r.add_argument("--correct-from", help="answers_judged.jsonl: use the LLM answer verdicts for right/wrong")
+    r.add_argument("--correct-from", help="answers_judged.jsonl: use the LLM answer verdicts for right/wrong "
+                   "(default: the rule match, as `answers` scores it)")
     r.add_argument("--batch-size", type=int, default=64, help="requests per judge call")
     r.add_argument("--gold", help="gold rationales: the paper's medthink_test.json or a prepared test.jsonl")
     r.add_argument("--dedup", action="store_true", help="keep the first record per (image, question, answer)")

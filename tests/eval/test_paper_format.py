@@ -123,3 +123,14 @@ def test_bad_paper_file_names_the_item(tmp_path):
     pred.write_text(json.dumps([{"image": "a.jpg", "problem": "Q"}]))
     with pytest.raises(SystemExit, match=r"p\.json: item 1: missing key\(s\) \['solution'\]"):
         main(["answers", "--pred", str(pred)])
+
+
+def test_reasoning_cli_rescores_mrpo_predictions_with_words(tmp_path):
+    """mrpo.infer's stored `correct` is replaced by the rule match with integers spelled out."""
+    pred = tmp_path / "predictions.jsonl"
+    rec = {"id": "a", "dataset": "d", "answer_type": "open", "problem": "How many?", "solution": "1000000",
+           "gold_reasoning": "", "image": None, "answer": "one million", "steps": ["Count them."], "correct": False}
+    pred.write_text(json.dumps(rec) + "\n" + json.dumps({**rec, "id": "b", "answer": "ten"}) + "\n")
+    assert main(["reasoning", "--pred", str(pred), "--judge", "rule"]) == 0
+    s = json.loads((tmp_path / "reasoning.json").read_text())
+    assert (s["n_correct"], s["n_wrong"]) == (1, 1)
