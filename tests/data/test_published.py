@@ -279,6 +279,7 @@ def test_vqa_med_2019_release(tmp_path):
     (test / "VQAMed2019_Test_ImageIDs.txt").write_text("synpic5\n")
     (test / "VQAMed2019_Test_Questions.txt").write_text("synpic5|what plane is this?\n")
     (test / "VQAMed2019_Test_Questions_w_Ref_Answers.txt").write_text("synpic5|plane|what plane is this?|axial\n")
+    (tmp_path / "readme.txt").write_text("VQA-Med 2019 data.\nSee the task page.\n")
     report = prepare("vqa_med", tmp_path, tmp_path / "out")
     assert report["read"]["total"] == 3                 # the three QA lines; the other files are not rows
     assert report["written"] == {"train": 1, "test": 1}
@@ -289,7 +290,8 @@ def test_vqa_med_2019_release(tmp_path):
     assert report["skipped_files"] == [
         "ImageClef-2019-VQA-Med-Training/train_ImageIDs.txt: skipped, image-id list (not a QA file)",
         "VQAMed2019Test/VQAMed2019_Test_ImageIDs.txt: skipped, image-id list (not a QA file)",
-        "VQAMed2019Test/VQAMed2019_Test_Questions.txt: skipped, questions without answers (not a QA file)"]
+        "VQAMed2019Test/VQAMed2019_Test_Questions.txt: skipped, questions without answers (not a QA file)",
+        "readme.txt: skipped, no '|'-separated fields (not a QA file)"]
 
 
 # ----------------------------------------------------------------------------- --columns

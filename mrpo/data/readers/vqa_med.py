@@ -44,16 +44,19 @@ def _question_files(root: Path, files: Sequence[str] | str | None) -> list[Path]
 
 
 def file_kind(path: Path) -> str:
-    """"qa" when some line has 3+ '|'-separated fields, else "image-id list" (one field a line) or
-    "questions without answers" (two fields at most)."""
-    widest = 0
+    """"qa" when some line has 3+ '|'-separated fields, else "questions without answers" (two fields
+    at most), "image-id list" (one word a line) or "no '|'-separated fields" (any other text)."""
+    widest, one_word = 0, True
     with open(path, encoding="utf-8-sig") as f:
         for line in f:
             if line.strip():
                 widest = max(widest, len(line.split("|")))
+                one_word = one_word and len(line.split()) == 1
                 if widest >= 3:
                     return "qa"
-    return "image-id list" if widest <= 1 else "questions without answers"
+    if widest == 2:
+        return "questions without answers"
+    return "image-id list" if one_word else "no '|'-separated fields"
 
 
 def read_vqa_med(root: Path | str, columns: str | Mapping[str, str] | None = None, *,
