@@ -3,6 +3,8 @@
     python -m mrpo.data prepare --source vqa_rad --root ~/data/VQA_RAD --out data/vqa_rad \\
         [--medthink R-RAD.json] [--split-test-from val|0.1] [--max-pixels N] [--strict] \\
         [--columns image=img,question=q,answer=a] [--dataset NAME] [--image-root DIR] [--files a.csv,b.csv]
+    python -m mrpo.data prepare --source mrpo_paper --root DATA_DIR --out data/paper [--medthink DIR]
+        (the MRPO paper's data folder: DATA_DIR/Data_RAW/{vqa-rad,slake,pathvqa} and DATA_DIR/Medthink)
     python -m mrpo.data synth --out data/synthetic [--n-train 512] [--n-test 64] [--seed 0]
 
 Exit status: 0 done, 1 problems under --strict, 2 unreadable input or bad arguments.
@@ -20,10 +22,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     pr = sub.add_parser("prepare", help="convert a local copy of a public data set to train/test JSONL")
-    pr.add_argument("--source", required=True, choices=sorted(READERS), help="published format of --root")
+    pr.add_argument("--source", required=True, choices=sorted([*READERS, "mrpo_paper"]),
+                    help="published format of --root (mrpo_paper: the MRPO paper's DATA_DIR, all three sets)")
     pr.add_argument("--root", required=True, help="folder (or file, for generic) of the local copy")
     pr.add_argument("--out", required=True, help="output folder: train.jsonl, test.jsonl, report.json, images/")
-    pr.add_argument("--medthink", help="MedThink rationale file or folder (JSON/JSONL/CSV/TSV)")
+    pr.add_argument("--medthink", help="MedThink rationale file or folder (e.g. Medthink_Dataset/R-RAD; "
+                    "for mrpo_paper the folder holding R-RAD/, R-SLAKE/, R-PathVQA/, default DATA_DIR/Medthink)")
     pr.add_argument("--medthink-columns", help="MedThink column names: image=...,question=...,answer=...,rationale=...")
     pr.add_argument("--medthink-key", default="image,question,answer",
                     help="fields matched to attach a rationale (default image,question,answer)")
@@ -53,9 +57,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"synthetic data: {args.n_train} train / {args.n_test} test records: {train_path}, {test_path}")
         return 0
 
-    from .prepare import PrepareError, format_summary, prepare
+    from .prepare import PrepareError, format_paper_summary, format_summary, prepare, prepare_paper
     key = tuple(f.strip() for f in args.medthink_key.split(",") if f.strip())
     try:
+        if args.source == "mrpo_paper":
+            report = prepare_paper(args.root, args.out, medthink=args.medthink, strict=args.strict,
+                                   medthink_key=key, split_test_from=args.split_test_from,
+                                   max_pixels=args.max_pixels, examples=args.examples)
+            print(format_paper_summary(report))
+            return 0
         report = prepare(args.source, args.root, args.out, medthink=args.medthink,
                          medthink_columns=args.medthink_columns, medthink_key=key,
                          split_test_from=args.split_test_from, max_pixels=args.max_pixels, strict=args.strict,

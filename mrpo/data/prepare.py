@@ -5,13 +5,18 @@
 Steps: read every row with `READERS[source]`; drop rows on purpose only when the reader says so
 (`Row.skip`, e.g. SLAKE's Chinese questions: "filtered"); validate the rest in this order, each bad row
 counted once under its first problem: malformed_row, empty_question, empty_answer, missing_image,
-unreadable_image (opened and fully decoded with Pillow), duplicate (same image + normalised question
-within a split; the first is kept), test_leak (a train row whose image + question is also in test;
-the train copy is dropped). Validation rows ("val") join train unless `split_test_from="val"`; a
+unreadable_image (opened and fully decoded with Pillow; empty or undecodable embedded bytes too),
+duplicate (same image file + normalised question within a split; the first is kept), test_leak (a
+train row whose image bytes + question are also in test, wherever the two copies of the image are
+kept; the train copy is dropped). Files a reader skips whole (VQA-Med's image-id lists) are listed
+under "skipped_files". A `columns` mapping under which every row lacks a named column is an error.
+Validation rows ("val") join train unless `split_test_from="val"`; a
 fraction (e.g. "0.1") holds out that share of images (by hash of the image key, so all questions on
 one image stay together) as test for sources without a test split. MedThink rationales are attached
 to the kept rows by (image key, normalised question, normalised answer), the image key being the
-file name without extension (`short_image_key`); `medthink_key` picks the fields. Rows are never silently dropped: OUT/report.json counts each problem and names the first
+file name without extension (`short_image_key`), or the name of the MedThink image with the same bytes
+(`align_medthink`); `medthink_key` picks the fields. `prepare_paper` converts the MRPO paper's
+data folder (Data_RAW/ + Medthink/) in one call. Rows are never silently dropped: OUT/report.json counts each problem and names the first
 offending rows (file:row); `strict=True` raises `PrepareError` when any problem occurs, malformed or
 ambiguous MedThink rows included (the report is still written, the JSONL files are not).
 
@@ -37,7 +42,8 @@ from typing import Any, Iterable, Mapping, Sequence
 from PIL import Image
 
 from .readers import READERS, DataError, Row
-from .readers.common import normalize_text, sha1_hex, short_image_key
+from .readers.common import IMAGE_EXTS, find_files, normalize_text, sha1_hex, short_image_key
+from .readers.medthink import image_folders as medthink_image_folders
 from .readers.medthink import read_medthink
 from .records import fit_max_pixels
 
@@ -77,14 +83,18 @@ def record_id(dataset: str, split: str, image_key: str, question: str) -> str:
 
 # ----------------------------------------------------------------------------- images
 
-def inspect_image(source: Path | bytes) -> tuple[int, int, str] | str:
-    """(width, height, PIL format) of a fully decoded image, or the error message when it cannot be."""
+def inspect_image(source: Path | bytes) -> tuple[int, int, str, str] | str:
+    """(width, height, PIL format, sha1 of the bytes) of a fully decoded image, or the error message
+    when it cannot be read or decoded (empty bytes, broken pixel stream, truncated file, ...)."""
     try:
+        data = source if isinstance(source, bytes) else source.read_bytes()
+        if not data:
+            return "empty image data (0 bytes)"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+            with Image.open(io.BytesIO(data)) as im:
                 im.load()
-                return im.width, im.height, im.format or "PNG"
+                return im.width, im.height, im.format or "PNG", sha1_hex(data)
     except Exception as e:  # noqa: BLE001 - any decoder failure means "unreadable"
         return f"{type(e).__name__}: {e}"
 
@@ -113,19 +123,44 @@ def _write_image(target: Path, source: Path | bytes, max_pixels: int | None) -> 
 
 # ----------------------------------------------------------------------------- MedThink
 
-def _key(row: Row, fields: Sequence[str]) -> tuple[str, ...]:
-    parts = {"image": lambda: short_image_key(row.image_key), "question": lambda: normalize_text(row.question),
-             "answer": lambda: normalize_text(row.answer)}
+def _key(row: Row, fields: Sequence[str], image_key: str | None = None) -> tuple[str, ...]:
+    parts = {"image": lambda: image_key if image_key is not None else short_image_key(row.image_key),
+             "question": lambda: normalize_text(row.question), "answer": lambda: normalize_text(row.answer)}
     return tuple(parts[f]() for f in fields)
 
 
+def _content_names(folders: Sequence[Path]) -> dict[str, str]:
+    """sha1 of each image file under `folders` -> its short image key (path relative to its folder)."""
+    names: dict[str, str] = {}
+    for folder in folders:
+        for path in find_files(folder, IMAGE_EXTS):
+            names.setdefault(sha1_hex(path.read_bytes()), short_image_key(path.relative_to(folder).as_posix()))
+    return names
+
+
+def _row_content_hash(row: Row, cache: dict[Path, str]) -> str | None:
+    """sha1 of the row's embedded bytes or image file (files hashed once through `cache`)."""
+    if row.image_bytes is not None:
+        return sha1_hex(row.image_bytes)
+    if row.image_path is not None and row.image_path.is_file():
+        if row.image_path not in cache:
+            cache[row.image_path] = sha1_hex(row.image_path.read_bytes())
+        return cache[row.image_path]
+    return None
+
+
 def align_medthink(rows: Sequence[Row], rationales: Iterable[Row], key: Sequence[str] = KEY_FIELDS,
-                   examples: int = 5) -> dict[str, Any]:
+                   examples: int = 5, image_folders: Sequence[Path] = ()) -> dict[str, Any]:
     """Set `row.rationale` of each row whose key matches exactly one distinct MedThink rationale.
 
-    key: fields among image (short image key), question and answer (normalised text). Returns counts
-    per split of matched / unmatched / ambiguous (several distinct rationales for the key) rows, the
-    rationales that matched no row ("unused") and the MedThink rows that could not be read.
+    key: fields among image (short image key: "synpic54610", "xmlab102/source" for SLAKE's nested and
+    flattened names alike), question and answer (normalised text: NFKC, case, punctuation and
+    whitespace folded, a superset of the paper's `norm_match`). image_folders: MedThink image folders;
+    a row whose image name matches no rationale is matched again under the name of the MedThink image
+    with the same bytes (as the paper names PathVQA images: Data_code/Download_datasets.py md5 map);
+    the folders are hashed only when such a row exists. Returns counts per split of matched /
+    unmatched / ambiguous (several distinct rationales for the key) rows, how many matched by image
+    content, the rationales that matched no row ("unused") and the MedThink rows that could not be read.
     """
     bad = [f for f in key if f not in KEY_FIELDS]
     if bad or not key:
@@ -144,9 +179,20 @@ def align_medthink(rows: Sequence[Row], rationales: Iterable[Row], key: Sequence
     counts = {name: Counter() for name in ("matched", "unmatched", "ambiguous")}
     tallies = {name: Tally(examples) for name in ("unmatched", "ambiguous", "unused")}
     used = set()
+    by_content: dict[str, str] | None = None  # built on first need
+    file_hashes: dict[Path, str] = {}
+    content_matched = 0
     for row in rows:
         k = _key(row, key)
         found = table.get(k)
+        via_content = False
+        if not found and "image" in key and image_folders:
+            if by_content is None:
+                by_content = _content_names(image_folders)
+            name = by_content.get(_row_content_hash(row, file_hashes) or "")
+            if name is not None and table.get(_key(row, key, name)):
+                k, via_content = _key(row, key, name), True
+                found = table[k]
         if not found:
             counts["unmatched"][row.split] += 1
             tallies["unmatched"].add(row.where, f"no rationale for {k}")
@@ -157,11 +203,13 @@ def align_medthink(rows: Sequence[Row], rationales: Iterable[Row], key: Sequence
         else:
             used.add(k)
             counts["matched"][row.split] += 1
+            content_matched += via_content
             row.rationale = next(iter(found.values()))
     for k in table:
         if k not in used:
             tallies["unused"].add(where[k], f"matches no kept row: {k}")
-    report = {"key": list(key), "rationales_read": read, "malformed": malformed.as_dict()}
+    report = {"key": list(key), "rationales_read": read, "malformed": malformed.as_dict(),
+              "image_folders": [str(f) for f in image_folders], "matched_by_image_content": content_matched}
     for name, c in counts.items():
         report[name] = {"train": c["train"], "test": c["test"], "total": sum(c.values()),
                         "examples": tallies[name].examples if name in tallies else []}
@@ -201,19 +249,22 @@ def prepare(source: str, root: str | Path, out: str | Path, *, medthink: str | P
     share = _test_share(split_test_from)
     root, out = Path(root).expanduser().resolve(), Path(out).expanduser().resolve()
     dataset = dataset or (source if source not in ("generic", "hf") else root.stem.lower())
+    notes: list[str] = []  # files a reader skipped whole (e.g. VQA-Med image-id lists)
     rows = READERS[source](root, columns, image_root=Path(image_root).resolve() if image_root else None,
-                           files=files)
+                           files=files, notes=notes)
 
     read: Counter = Counter()
     filtered: dict[str, Tally] = defaultdict(lambda: Tally(examples))
     problems = {name: Tally(examples) for name in PROBLEMS}
-    images: dict[str, tuple[int, int, str] | str] = {}  # image ident -> inspect_image result
+    images: dict[str, tuple[int, int, str, str] | str] = {}  # image ident -> inspect_image result
     kept: list[tuple[Row, str]] = []                     # (row, image ident: file path or "sha1:<bytes hash>")
     embedded: dict[str, bytes] = {}                      # one copy of each embedded image's bytes
+    column_errors = 0                                    # rows malformed for want of a named column
     for r in rows:
         read[r.split] += 1
         if r.error:
             problems["malformed_row"].add(r.where, r.error)
+            column_errors += r.error.startswith("no ") and " column (looked for: " in r.error
         elif r.skip:
             filtered[r.skip].add(r.where)
         elif not r.question:
@@ -234,6 +285,11 @@ def prepare(source: str, root: str | Path, out: str | Path, *, medthink: str | P
             else:
                 kept.append((r, ident))
 
+    if columns and read.total() and column_errors == read.total():
+        first = problems["malformed_row"].examples[0]
+        raise DataError(f"--columns {columns if isinstance(columns, str) else dict(columns)} matches no column "
+                        f"of {source} at {root}: all {read.total()} rows lack a named column; first: {first}")
+
     # splits: val joins train (or becomes test); a share of images becomes test
     val_to_test = split_test_from is not None and share is None
     if val_to_test and not read["val"]:
@@ -247,8 +303,11 @@ def prepare(source: str, root: str | Path, out: str | Path, *, medthink: str | P
         if share is not None and int(sha1_hex(r.image_key)[:8], 16) / 16**8 < share:
             r.split = "test"
 
-    # duplicates within a split (first kept), then train rows that repeat a test item
+    # duplicates within a split (same image file or embedded bytes, first kept), then train rows that
+    # repeat a test item; for leaks "same image" is same bytes, so copies of one image kept in
+    # per-split folders (VQA-Med's Train_images/ and VQAMed2019_Test_Images/) count
     first: dict[tuple[str, str, str], Row] = {}
+    test_items: dict[tuple[str, str], Row] = {}
     unique: list[tuple[Row, str]] = []
     for r, ident in kept:
         k = (r.split, ident, normalize_text(r.question))
@@ -259,9 +318,11 @@ def prepare(source: str, root: str | Path, out: str | Path, *, medthink: str | P
         else:
             first[k] = r
             unique.append((r, ident))
+            if r.split == "test":
+                test_items.setdefault((images[ident][3], normalize_text(r.question)), r)
     final: list[tuple[Row, str]] = []
     for r, ident in unique:
-        t = first.get(("test", ident, normalize_text(r.question))) if r.split == "train" else None
+        t = test_items.get((images[ident][3], normalize_text(r.question))) if r.split == "train" else None
         if t is not None:
             problems["test_leak"].add(r.where, f"same image and question as test row {t.where}")
         else:
@@ -271,7 +332,7 @@ def prepare(source: str, root: str | Path, out: str | Path, *, medthink: str | P
     if medthink is not None:
         medthink_report = align_medthink([r for r, _ in final],
                                          read_medthink(medthink, medthink_columns, medthink_key),
-                                         medthink_key, examples)
+                                         medthink_key, examples, medthink_image_folders(medthink))
         medthink_report["file"] = str(Path(medthink).expanduser().resolve())
 
     # records; embedded images and images over max_pixels get a file in OUT/images/
@@ -280,7 +341,7 @@ def prepare(source: str, root: str | Path, out: str | Path, *, medthink: str | P
     records: dict[str, list[dict[str, Any]]] = {"train": [], "test": []}
     ids: set[str] = set()
     for r, ident in final:
-        w, h, fmt = images[ident]
+        w, h, fmt, _ = images[ident]
         too_big = max_pixels is not None and w * h > max_pixels
         over_max += too_big
         if r.image_bytes is not None or too_big:
@@ -307,6 +368,7 @@ def prepare(source: str, root: str | Path, out: str | Path, *, medthink: str | P
         "split_test_from": split_test_from,
         "written": {s: len(v) for s, v in records.items()},
         "filtered": {reason: t.as_dict() for reason, t in filtered.items()},
+        "skipped_files": notes,
         "problems": {name: t.as_dict() for name, t in problems.items()},
         "problem_total": problem_total,
         "answer_types": {s: dict(Counter(rec["answer_type"] for rec in v)) for s, v in records.items()},
@@ -333,6 +395,92 @@ def prepare(source: str, root: str | Path, out: str | Path, *, medthink: str | P
             for rec in recs:
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
     return report
+
+
+# ----------------------------------------------------------------------------- the paper's data folder
+
+# (source, folder under Data_RAW/, MedThink folder) as dmis-lab/MRPO Data_code/Download_datasets.py lays
+# them out: DATA_DIR/Data_RAW/{vqa-rad,slake,pathvqa}/{train.json,test.json,images/}, DATA_DIR/Medthink/R-*
+PAPER_DATASETS = (("vqa_rad", "vqa-rad", "R-RAD"), ("slake", "slake", "R-SLAKE"), ("pathvqa", "pathvqa", "R-PathVQA"))
+
+
+def paper_folders(root: str | Path, medthink: str | Path | None = None) -> tuple[Path, Path | None]:
+    """(Data_RAW folder, MedThink folder or None) of the paper's DATA_DIR, or of its Data_RAW folder
+    (MedThink then beside it: DATA_DIR/Medthink); `medthink` overrides where the MedThink folders are."""
+    root = Path(root).expanduser().resolve()
+    raw = root / "Data_RAW" if (root / "Data_RAW").is_dir() else root
+    if not any((raw / folder).is_dir() for _, folder, _ in PAPER_DATASETS):
+        raise DataError(f"{root}: not the MRPO paper's data folder (no Data_RAW/ nor vqa-rad/, slake/, pathvqa/)")
+    if medthink is not None:
+        mt = Path(medthink).expanduser().resolve()
+        if not mt.is_dir():
+            raise DataError(f"{mt}: MedThink folder not found")
+        return raw, mt
+    for mt in (raw.parent / "Medthink", raw / "Medthink", raw.parent / "Medthink_Dataset"):
+        if mt.is_dir():
+            return raw, mt
+    return raw, None
+
+
+def prepare_paper(root: str | Path, out: str | Path, *, medthink: str | Path | None = None,
+                  strict: bool = False, **options: Any) -> dict[str, Any]:
+    """Convert the paper's data folder with one call: each data set found under Data_RAW/ goes through
+    `prepare` into OUT/<source>/ with its MedThink folder (R-RAD, R-SLAKE, R-PathVQA), then
+    OUT/train.jsonl and OUT/test.jsonl join them (the paper trains on the three together; image paths
+    relative to OUT/<source>/ are rewritten relative to OUT/) and
+    OUT/report.json holds every data set's report. options: as for `prepare` (max_pixels, examples,
+    medthink_key, split_test_from). Strict mode raises PrepareError after all data sets were tried.
+    """
+    raw, mt_root = paper_folders(root, medthink)
+    out = Path(out).expanduser().resolve()
+    reports: dict[str, Any] = {}
+    notes: list[str] = []
+    failed: list[str] = []
+    for source, folder, mt_name in PAPER_DATASETS:
+        if not (raw / folder).is_dir():
+            notes.append(f"{raw / folder}: not found, {source} skipped")
+            continue
+        mt = mt_root / mt_name if mt_root is not None and (mt_root / mt_name).is_dir() else None
+        if mt is None:
+            notes.append(f"{source}: no MedThink folder {mt_name} (looked in {mt_root or raw.parent}): "
+                         "no rationales attached")
+        try:
+            reports[source] = prepare(source, raw / folder, out / source, medthink=mt, strict=strict, **options)
+        except PrepareError as e:
+            failed.append(str(e))
+    written = {split: 0 for split in ("train", "test")}
+    if not failed:
+        for split in written:
+            with open(out / f"{split}.jsonl", "w", encoding="utf-8") as merged:
+                for source in reports:
+                    with open(out / source / f"{split}.jsonl", encoding="utf-8") as part:
+                        for line in part:
+                            rec = json.loads(line)
+                            if not Path(rec["image"]).is_absolute():  # OUT/<source>/images/... from OUT/
+                                rec["image"] = f"{source}/{rec['image']}"
+                            merged.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                            written[split] += 1
+    report = {"source": "mrpo_paper", "root": str(raw), "medthink_root": str(mt_root) if mt_root else None,
+              "out": str(out), "notes": notes, "written": written, "datasets": reports,
+              "files": {"train": str(out / "train.jsonl"), "test": str(out / "test.jsonl"),
+                        "report": str(out / "report.json")}}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    if failed:
+        for split in written:
+            (out / f"{split}.jsonl").unlink(missing_ok=True)
+        raise PrepareError("\n".join(failed))
+    return report
+
+
+def format_paper_summary(report: Mapping[str, Any]) -> str:
+    """Human summary of a `prepare_paper` report: each data set's summary, then the joined files."""
+    parts = [format_summary(r) for r in report["datasets"].values()]
+    parts += [f"note: {n}" for n in report["notes"]]
+    w, f = report["written"], report["files"]
+    parts.append(f"all data sets: written train {w['train']}, test {w['test']}: {f['train']}, {f['test']}, "
+                 f"{f['report']}")
+    return "\n".join(parts)
 
 
 # ----------------------------------------------------------------------------- summary
@@ -363,6 +511,8 @@ def format_summary(report: Mapping[str, Any]) -> str:
              f"  written: train {w['train']}, test {w['test']}"]
     for reason, f in report["filtered"].items():
         lines.append(f"  filtered ({reason}): {f['count']}")
+    for note in report.get("skipped_files", []):
+        lines.append(f"  file {note}")
     lines.append(f"  problems: {report['problem_total']}" + (" (none)" if not report["problem_total"] else ""))
     problems = format_problems({"problems": report["problems"]})
     if problems:
@@ -372,7 +522,9 @@ def format_summary(report: Mapping[str, Any]) -> str:
         lines.append(f"  MedThink ({mt['file']}, key {'+'.join(mt['key'])}): {mt['rationales_read']} rationale rows; "
                      f"matched {mt['matched']['total']}, unmatched {mt['unmatched']['total']}, "
                      f"ambiguous {mt['ambiguous']['total']}, unused {mt['unused']['count']}, "
-                     f"malformed {mt['malformed']['count']}")
+                     f"malformed {mt['malformed']['count']}"
+                     + (f" ({mt['matched_by_image_content']} matched by image content)"
+                        if mt.get("matched_by_image_content") else ""))
     im = report["images"]
     lines.append(f"  images: {im['unique']} checked, {im['unreadable']} unreadable"
                  + (f", {im['rows_over_max_pixels']} rows over max_pixels={im['max_pixels']} (downscaled copies)"

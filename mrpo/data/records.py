@@ -2,7 +2,9 @@
 
 Bad rows (invalid JSON, missing problem/solution/image, empty answer, missing or unreadable image)
 are skipped and counted in a RecordReport, which keeps the first few row ids and line numbers for
-the log; strict=True raises instead, naming the file, the line and the key.
+the log; strict=True raises instead, naming the file, the line and the key. Images are fully decoded
+once per file when records are loaded (not only their headers checked), so a file with valid PNG
+chunks but a broken pixel stream is skipped and named here instead of failing a training step.
 """
 from __future__ import annotations
 
@@ -56,21 +58,26 @@ def load_image(path: str | Path, max_pixels: int | None = None) -> Image.Image:
     return fit_max_pixels(image, max_pixels)
 
 
-def _check_image(path: Path) -> str | None:
-    """None when the file is a readable image, else the reason."""
+def check_image(path: Path) -> str | None:
+    """None when the file decodes completely as an image (as `load_image` will read it), else the reason.
+
+    Decodes the whole pixel stream (Image.load), not just the header: truncated files and broken
+    compressed data (valid PNG chunks, corrupt IDAT) fail here.
+    """
     if not path.is_file():
         return f"image file not found: {path}"
     try:
         with Image.open(path) as im:
-            im.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        return f"unreadable image {path}: {e}"
+            im.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        return f"unreadable image {path}: {type(e).__name__}: {e}"
     return None
 
 
-def _validate(row, base: Path) -> tuple[str, str]:
+def _validate(row, base: Path, checked: dict[Path, str | None]) -> tuple[str, str]:
     """(reason key, message naming the key) for a bad row; ("", "") when the row is fine.
-    Resolves row["image"] to an absolute path in place."""
+    Resolves row["image"] to an absolute path in place. checked: image path -> check_image result
+    (each file is decoded once per load)."""
     if not isinstance(row, dict):
         return "not_an_object", f"expected a JSON object, got {type(row).__name__}"
     for key in REQUIRED_KEYS:
@@ -87,7 +94,9 @@ def _validate(row, base: Path) -> tuple[str, str]:
         return "empty_problem", "empty question in key 'problem'"
     image = Path(row["image"]).expanduser()
     image = image if image.is_absolute() else base / image
-    if (msg := _check_image(image)) is not None:
+    if image not in checked:
+        checked[image] = check_image(image)
+    if (msg := checked[image]) is not None:
         return "bad_image", f"key 'image': {msg}"
     row["image"] = str(image)
     return "", ""
@@ -106,6 +115,7 @@ def load_records(path: str | Path, strict: bool = False) -> tuple[list[dict], Re
     base = path.resolve().parent
     report = RecordReport(path=str(path))
     records = []
+    checked: dict[Path, str | None] = {}
     with path.open(encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
@@ -119,7 +129,7 @@ def load_records(path: str | Path, strict: bool = False) -> tuple[list[dict], Re
             else:
                 if isinstance(row, dict) and row.get("id") is not None:
                     row_id = str(row["id"])
-                reason, msg = _validate(row, base)
+                reason, msg = _validate(row, base, checked)
             if reason:
                 if strict:
                     raise ValueError(f"{path}:{line_no}: row {row_id!r}: {msg}")

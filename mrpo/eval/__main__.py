@@ -9,12 +9,21 @@ from types import SimpleNamespace
 
 
 def read_predictions(path: str | Path) -> list[dict]:
-    """Prediction JSONL (mrpo.infer output). A truncated last line is skipped with a warning; any other
-    bad line is an error naming the file and line."""
+    """Prediction JSONL (mrpo.infer output), or the paper's inference output (a JSON list of {image,
+    problem, solution, text, think, answer}; mrpo.eval.answers.paper_predictions). In JSONL a truncated
+    last line is skipped with a warning; any other bad line is an error naming the file and line."""
     path = Path(path)
     if not path.is_file():
         raise SystemExit(f"error: prediction file not found: {path}")
-    lines = path.read_text(encoding="utf-8").split("\n")
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        from mrpo.eval.answers import paper_predictions
+
+        try:
+            return paper_predictions(json.loads(text), path.name)
+        except ValueError as e:  # JSONDecodeError included
+            raise SystemExit(f"error: {path}: {e}")
+    lines = text.split("\n")
     last = max((i for i, ln in enumerate(lines) if ln.strip()), default=-1)
     rows = []
     for i, line in enumerate(lines):
@@ -78,22 +87,33 @@ def cmd_answers(args) -> None:
 
 
 def cmd_reasoning(args) -> None:
-    from mrpo.eval.reasoning import evaluate_reasoning, format_reasoning
+    from mrpo.eval.answers import rule_correct
+    from mrpo.eval.reasoning import evaluate_reasoning, format_reasoning, load_gold_reasoning, paper_filter
     from mrpo.judges import build_judge
 
     records = read_predictions(args.pred)
+    try:
+        gold = load_gold_reasoning(args.gold) if args.gold else None
+        records, input_counts = paper_filter(records, gold, dedup=args.dedup, gold_only=args.gold_only)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     if args.correct_from:
         verdicts = {str(r["id"]): r.get("llm_correct") for r in read_predictions_loose(args.correct_from)}
         missing = [r["id"] for r in records if str(r["id"]) not in verdicts]
         if missing:
             raise SystemExit(f"error: {args.correct_from}: no verdict for {len(missing)} ids, e.g. {missing[:3]}")
         records = [{**r, "correct": verdicts[str(r["id"])]} for r in records]
+    else:  # the rule verdict as `answers` gives it (integers spelled out first)
+        records = [{**r, "correct": rule_correct(r)} for r in records]
     judge = build_judge(_judge_cfg(args, args.judge))
     if judge is None:
         raise SystemExit("error: --judge none gives no step verdicts; pick rule, http, local or labels")
     out_dir = Path(args.out_dir) if args.out_dir else Path(args.pred).parent
     summary = evaluate_reasoning(records, judge, out_dir=out_dir, judge_all=args.judge_all,
-                                 batch_size=args.batch_size)
+                                 batch_size=args.batch_size, input_counts=input_counts)
+    c = input_counts
+    print(f"records: {c['input']} read, {c['after_dedup']} after dedup, {c['after_gold_overlap']} after gold "
+          f"overlap, {c['with_gold']} with a gold rationale")
     print(format_reasoning(summary))
     print(f"judge {summary['judge']}: {summary['sent_to_judge']} completions sent, {summary['unjudged']} unjudged")
     print(f"wrote {out_dir / 'reasoning.json'} and {out_dir / 'reasoning_steps.jsonl'}")
@@ -130,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     a = sub.add_parser("answers", help="accuracy per data set and answer type (rule, optional LLM judge)")
-    a.add_argument("--pred", required=True, help="prediction JSONL from python -m mrpo.infer")
+    a.add_argument("--pred", required=True, help="prediction JSONL from python -m mrpo.infer, or the paper's "
+                   "inference.py output (JSON list)")
     a.add_argument("--out-dir", help="where answers.json goes (default: the predictions' folder)")
     a.add_argument("--llm-judge", action="store_true", help="also score with an LLM answer judge")
     a.add_argument("--no-image", action="store_true", help="do not send the image to the LLM judge")
@@ -138,15 +159,19 @@ def main(argv: list[str] | None = None) -> int:
     a.set_defaults(func=cmd_answers)
 
     r = sub.add_parser("reasoning", help="step verdicts, First Failure Point, Failure Accumulation Rate")
-    r.add_argument("--pred", required=True)
+    r.add_argument("--pred", required=True, help="as for answers")
     r.add_argument("--out-dir", help="where reasoning.json goes (default: the predictions' folder)")
     r.add_argument("--judge", default="rule", choices=["http", "local", "rule", "labels"])
     r.add_argument("--labels-path", help="precomputed step labels (--judge labels)")
     r.add_argument("--local-model-path", help="local judge model folder (--judge local)")
     r.add_argument("--cache-dir", help="judge cache folder")
     r.add_argument("--judge-all", action="store_true", help="judge correct answers too (step validity)")
-    r.add_argument("--correct-from", help="answers_judged.jsonl: use the LLM answer verdicts for right/wrong")
+    r.add_argument("--correct-from", help="answers_judged.jsonl: use the LLM answer verdicts for right/wrong "
+                   "(default: the rule match, as `answers` scores it)")
     r.add_argument("--batch-size", type=int, default=64, help="requests per judge call")
+    r.add_argument("--gold", help="gold rationales: the paper's medthink_test.json or a prepared test.jsonl")
+    r.add_argument("--dedup", action="store_true", help="keep the first record per (image, question, answer)")
+    r.add_argument("--gold-only", action="store_true", help="keep only records with a --gold rationale")
     _add_judge_args(r)
     r.set_defaults(func=cmd_reasoning)
 

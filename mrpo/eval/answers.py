@@ -11,6 +11,11 @@ RuntimeError; a record still failing is "unjudged": counted, never scored (its d
 is over judged records only).
 Predictions without an extracted answer are wrong without asking the judge.
 
+Integer answers are spelled out before matching, as the paper's answer evaluation does
+(`to_words`: "3" -> "three" with num2words, for the prediction and the ground truth alike) before
+the rule match and in the judge prompt. The paper's inference output (dmis-lab/MRPO inference.py:
+a JSON list of {image, problem, solution, text, think, answer}) is read through `paper_predictions`.
+
 Accuracies are fractions in [0, 1]; None when nothing was scored.
 """
 from __future__ import annotations
@@ -45,12 +50,78 @@ def parse_verdict(content: str | None) -> bool | None:
     return _VERDICTS.get(s)
 
 
+def to_words(value) -> str:
+    """An integer answer spelled out ("21" -> "twenty-one", "-3" -> "minus three"), anything else as
+    its stripped text: the paper's normalisation (Eval_code/Answer_Evaluation.py `to_words`)."""
+    from num2words import num2words
+
+    text = str(value).strip()
+    try:
+        return num2words(int(text))
+    except (ValueError, TypeError, OverflowError):
+        return text
+
+
 def rule_correct(rec: dict) -> bool:
-    """Rule match of the record's extracted answer (or one extracted from "text") with "solution"."""
+    """Rule match of the record's extracted answer (or one extracted from "text") with "solution",
+    both through `to_words` first."""
     from mrpo.rewards.answer import answers_match, extract_answer
 
     answer = rec["answer"] if "answer" in rec else extract_answer(rec.get("text") or "")
-    return answer is not None and answers_match(answer, str(rec.get("solution", "")))
+    return answer is not None and answers_match(to_words(answer), to_words(rec.get("solution", "")))
+
+
+# data set named by a folder of the image path (the paper's Data_RAW/<folder>/...)
+_PAPER_DATASETS = {"vqa-rad": "vqa_rad", "vqa_rad": "vqa_rad", "slake": "slake", "pathvqa": "pathvqa",
+                   "path-vqa": "pathvqa"}
+
+
+def paper_reasoning(row: dict) -> str:
+    """Generated reasoning of a paper inference row: "think" (or Generated_Reasoning / reasoning), else
+    the <think>/<thinking> blocks of "text" (Eval_code/Reasoning_Evaluation.py's order)."""
+    import re
+
+    for key in ("think", "Generated_Reasoning", "generated_reasoning", "reasoning"):
+        value = row.get(key)
+        if value is not None and str(value).strip():
+            return str(value).strip()
+    found = re.findall(r"<think(?:ing)?>([\s\S]*?)</think(?:ing)?>", str(row.get("text") or ""), flags=re.I)
+    return " ".join(m.strip() for m in found if m.strip())
+
+
+def paper_predictions(rows: Sequence, name: str) -> list[dict]:
+    """Prediction records (mrpo.infer's fields) from the paper's inference output.
+
+    rows: the JSON list of {image, problem, solution, text?, think?, answer?} objects; name: the file
+    name, for ids "<name>:<1-based index>". dataset: the image path's Data_RAW folder (vqa-rad, slake,
+    pathvqa) else "unknown"; answer_type: closed for yes/no solutions; steps: the reasoning split into
+    sentences (mrpo.rewards.steps.split_steps); correct: `rule_correct`. Raises ValueError naming the
+    index of a row that is not an object with image, problem and solution.
+    """
+    from mrpo.data.prepare import answer_type
+    from mrpo.rewards.steps import split_steps
+
+    out = []
+    for i, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise ValueError(f"{name}: item {i}: expected a JSON object, got {type(row).__name__}")
+        missing = [k for k in ("image", "problem", "solution") if k not in row]
+        if missing:
+            raise ValueError(f"{name}: item {i}: missing key(s) {missing} (not the paper's inference output)")
+        image = str(row.get("image") or "")
+        folders = [p.lower() for p in image.replace("\\", "/").split("/")]
+        dataset = next((_PAPER_DATASETS[p] for p in reversed(folders) if p in _PAPER_DATASETS), "unknown")
+        answer = row.get("answer")
+        reasoning = paper_reasoning(row)
+        rec = {"id": f"{name}:{i}", "dataset": dataset, "answer_type": answer_type(str(row["solution"])),
+               "problem": str(row["problem"]), "solution": str(row["solution"]),
+               "gold_reasoning": str(row.get("gold_reasoning") or ""), "image": image or None,
+               "text": str(row.get("text") or ""), "reasoning": reasoning,
+               "answer": None if answer is None or not str(answer).strip() else str(answer).strip(),
+               "steps": [s.text for s in split_steps(reasoning)]}
+        rec["correct"] = rule_correct(rec)
+        out.append(rec)
+    return out
 
 
 def _strict_verdict(content: str) -> bool:
@@ -98,8 +169,8 @@ class AnswerJudge:
                 self.last_errors.append(error)
 
     def _messages(self, rec: dict) -> list[dict]:
-        text = ANSWER_JUDGE_USER.format(problem=rec.get("problem", ""), solution=rec.get("solution", ""),
-                                        answer=rec.get("answer"))
+        text = ANSWER_JUDGE_USER.format(problem=rec.get("problem", ""), solution=to_words(rec.get("solution", "")),
+                                        answer=to_words(rec.get("answer")))
         content: list[dict] | str = text
         image = rec.get("image")
         if self.include_image and image and os.path.isfile(image):

@@ -14,6 +14,18 @@ from the stage shares (shares are over wrong answers *with* a first failure):
 Records whose answer correctness is unknown (correct = None, e.g. the LLM answer judge failed) are
 counted as "answer_unjudged" and left out.
 
+Beside FFP/FAR the summary gives the paper's sentence-level figures (dmis-lab/MRPO
+Eval_code/Reasoning_Evaluation.py): over every judged sentence, mean alignment, mean contribution and
+mean score (score = 1 when the sentence is aligned or contributes). They cover the records sent to the
+judge: wrong answers only by default, every record with judge_all (the paper judges every record
+that has a gold rationale); unjudged records are counted, not scored as zeros.
+
+The paper's input handling is available (`paper_filter`): a gold rationale file (its
+medthink_test.json: a list of {image_path, question, answer, solution}, or our prepared JSONL with
+gold_reasoning) keyed by (image, question, answer) with case and whitespace folded and SLAKE's
+"xmlabN/source.jpg" = "xmlabN_source.jpg"; dedup keeps the first record per key; gold_only keeps
+only records whose key has a gold rationale.
+
 CLI: python -m mrpo.eval reasoning --pred PRED.jsonl --judge rule   (see mrpo/eval/__main__.py)
 """
 from __future__ import annotations
@@ -176,6 +188,100 @@ def failure_cascade_stats(records: Iterable[dict], correct_key: str = "correct",
     return summary_from_counts(cascade_counts(records, correct_key, valid_key))
 
 
+# ----------------------------------------------------------------------------- the paper's protocol
+
+
+def sentence_scores(rows: Iterable[dict]) -> dict:
+    """The paper's sentence-level figures over judged rows (alignment/contribution lists set).
+
+    Returns {records, sentences, mean_alignment, mean_contribution, mean_score} with means in [0, 1]
+    (None when no sentence was judged); score = alignment OR contribution per sentence.
+    """
+    records = sentences = aligned = contributing = scored = 0
+    for r in rows:
+        a, c = r.get("alignment"), r.get("contribution")
+        if a is None or c is None:
+            continue
+        records += 1
+        sentences += len(a)
+        aligned += sum(a)
+        contributing += sum(c)
+        scored += sum(1 for x, y in zip(a, c) if x or y)
+    div = lambda x: x / sentences if sentences else None  # noqa: E731
+    return {"records": records, "sentences": sentences, "mean_alignment": div(aligned),
+            "mean_contribution": div(contributing), "mean_score": div(scored)}
+
+
+def _fold(text) -> str:
+    """The paper's question/answer key normalisation: whitespace collapsed, lower case."""
+    return " ".join(str(text or "").split()).lower()
+
+
+def gold_key(image, question, answer) -> tuple[str, str, str]:
+    """(image key, question, answer) matching key of the paper's reasoning evaluation."""
+    from mrpo.data.readers.common import short_image_key
+
+    return short_image_key(str(image or "")), _fold(question), _fold(answer)
+
+
+def load_gold_reasoning(path: str | Path) -> dict[tuple[str, str, str], str]:
+    """gold_key -> rationale from the paper's medthink_test.json (list of {image_path, question, answer,
+    solution}) or a prepared JSONL (image, problem, solution, gold_reasoning); rows without a rationale
+    are left out. Raises ValueError naming the file (and line) when it cannot be read."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"gold reasoning file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if text.lstrip().startswith("["):
+            rows = json.loads(text)
+        else:
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except ValueError as e:
+        raise ValueError(f"{path}: not a JSON list or JSONL file: {e}") from None
+    gold = {}
+    for i, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: item {i}: expected a JSON object, got {type(row).__name__}")
+        if "gold_reasoning" in row:      # a prepared record
+            key, reasoning = gold_key(row.get("image"), row.get("problem"), row.get("solution")), row["gold_reasoning"]
+        else:                            # the paper's medthink_test.json
+            key = gold_key(row.get("image_path") or row.get("image"), row.get("question"), row.get("answer"))
+            reasoning = row.get("solution")
+        if key[0] and key[1] and reasoning and str(reasoning).strip():
+            gold.setdefault(key, " ".join(str(reasoning).split()))
+    return gold
+
+
+def paper_filter(records: Sequence[dict], gold: dict | None = None, dedup: bool = False,
+                 gold_only: bool = False) -> tuple[list[dict], dict]:
+    """The paper's input handling: attach gold rationales, dedup, keep gold overlaps.
+
+    records: prediction records (image, problem, solution). gold: from load_gold_reasoning; a matching
+    record gets its "gold_reasoning" (a record's own non-empty one is kept). dedup: keep the first record
+    per (image, question, answer) key; gold_only: drop records whose key has no gold rationale (needs
+    gold). Returns (records, counts {input, after_dedup, after_gold_overlap, with_gold}).
+    """
+    if gold_only and gold is None:
+        raise ValueError("gold_only needs a gold rationale file")
+    counts = {"input": len(records)}
+    out, seen = [], set()
+    for rec in records:
+        key = gold_key(rec.get("image"), rec.get("problem"), rec.get("solution"))
+        if dedup and key in seen:
+            continue
+        seen.add(key)
+        if gold is not None and key in gold and not (rec.get("gold_reasoning") or "").strip():
+            rec = {**rec, "gold_reasoning": gold[key]}
+        out.append((rec, gold is not None and key in gold))
+    counts["after_dedup"] = len(out)
+    if gold_only:
+        out = [(r, g) for r, g in out if g]
+    counts["after_gold_overlap"] = len(out)
+    counts["with_gold"] = sum(1 for r, _ in out if (r.get("gold_reasoning") or "").strip())
+    return [r for r, _ in out], counts
+
+
 # ----------------------------------------------------------------------------- judging records
 
 
@@ -237,14 +343,17 @@ def judge_records(records: Sequence[dict], judge, judge_all: bool = False,
 
 
 def evaluate_reasoning(records: Sequence[dict], judge, out_dir: str | Path | None = None,
-                       judge_all: bool = False, batch_size: int = 64) -> dict:
+                       judge_all: bool = False, batch_size: int = 64, input_counts: dict | None = None) -> dict:
     """Judge steps and compute failure-cascade stats; optionally write the eval files.
 
     Writes (when out_dir is given) out_dir/reasoning.json (the summary returned here) and
-    out_dir/reasoning_steps.jsonl (one judged row per record, see judge_records).
+    out_dir/reasoning_steps.jsonl (one judged row per record, see judge_records). input_counts (e.g.
+    paper_filter's) is stored in the summary as "input".
     """
     rows = judge_records(records, judge, judge_all=judge_all, batch_size=batch_size)
     summary = _summary(rows, judge, judge_all)
+    if input_counts is not None:
+        summary["input"] = input_counts
     if out_dir is not None:
         _write_jsonl(Path(out_dir) / "reasoning_steps.jsonl", rows)
         _write_json(Path(out_dir) / "reasoning.json", summary)
@@ -253,7 +362,7 @@ def evaluate_reasoning(records: Sequence[dict], judge, out_dir: str | Path | Non
 
 def _summary(rows: list[dict], judge, judge_all: bool) -> dict:
     stats_obj = getattr(judge, "stats", None)
-    return {"kind": "reasoning", **failure_cascade_stats(rows),
+    return {"kind": "reasoning", **failure_cascade_stats(rows), "sentence_level": sentence_scores(rows),
             "judge": None if judge is None else type(judge).__name__,
             "sent_to_judge": sum(r["sent"] for r in rows),
             "unjudged": sum(r["sent"] and r["valid"] is None for r in rows),
@@ -318,8 +427,14 @@ def format_reasoning(summary: dict) -> str:
     sh, w = summary["stage_shares"], summary["wrong"]
     pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
     far = ", ".join(f"{c:.1f}:{pct(m)}" for c, m in zip(summary["far"]["bin_centers"], summary["far"]["mean"]))
+    sl = summary.get("sentence_level")
+    fmt = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
+    sentences = ("" if not sl else
+                 f"\nsentences judged: {sl['sentences']} in {sl['records']} records: mean alignment "
+                 f"{fmt(sl['mean_alignment'])}, mean contribution {fmt(sl['mean_contribution'])}, "
+                 f"mean score {fmt(sl['mean_score'])}")
     return (f"wrong answers: {summary['n_wrong']} of {summary['n_records']} "
             f"(with failure {w['with_failure']}, no failure {w['no_failure']}, no steps {w['no_steps']}, "
             f"unjudged {w['unjudged']})\n"
             f"first failure stage: early {pct(sh['early'])} / mid {pct(sh['mid'])} / late {pct(sh['late'])}\n"
-            f"FAR by FFP bin: {far}; overall {pct(summary['far']['overall'])}")
+            f"FAR by FFP bin: {far}; overall {pct(summary['far']['overall'])}" + sentences)

@@ -173,7 +173,7 @@ def test_strict_mode_passes_on_clean_data(tmp_path):
 def test_slake_filtered_rows_and_val_split(tmp_path):
     base = tmp_path / "Slake1.0"
     for i in range(3):
-        make_image(base / "imgs" / f"xmlab{i}" / "source.jpg", color=(i, 0, 0))
+        make_image(base / "imgs" / f"xmlab{i}" / "source.jpg", color=(80 * i, 0, 0))  # distinct bytes
     rec = {"img_name": "xmlab0/source.jpg", "question": "What modality?", "answer": "MRI", "q_lang": "en"}
     (base / "train.json").write_text(json.dumps([rec, dict(rec, question="什么模态？", q_lang="zh")]))
     (base / "validate.json").write_text(json.dumps([dict(rec, img_name="xmlab1/source.jpg")]))

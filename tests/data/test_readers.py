@@ -250,7 +250,7 @@ def test_generic_json_jsonl_csv(tmp_path):
     assert errors == {"train.jsonl:2": "not valid JSON (Expecting property name enclosed in double quotes)",
                       "eval.csv:2": "unknown split value 'holdout'"}
     missing = list(READERS["generic"](tmp_path / "train.jsonl"))  # default aliases do not know "q"
-    assert missing[0].error == "no question column (looked for: question, problem, query, sent)"
+    assert missing[0].error == "no question column (looked for: question, problem, query, sent; the row has: img, q, a, why)"
 
 
 def test_mimic_and_rad_presets(tmp_path):

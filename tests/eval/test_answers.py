@@ -176,3 +176,15 @@ def test_cli_answers(tmp_path, capsys):
     s = json.loads((tmp_path / "answers.json").read_text())
     assert s["overall"]["rule_accuracy"] == 0.5 and s["predictions"] == str(pred)
     assert "vqa_rad" in capsys.readouterr().out
+
+
+def test_llm_judge_sees_integers_spelled_out():
+    """The paper's answer evaluation spells integers out (num2words) before asking the judge."""
+    recs = [_rec(0, "slake", "open", "2", "2"), _rec(1, "slake", "open", "left lung", "Left lung")]
+    with FakeOpenAI() as srv:
+        judge = AnswerJudge(base_url=srv.url, model="m", api_key_env="MRPO_UNSET_KEY", max_concurrency=1,
+                            timeout_s=5, max_retries=1, backoff_s=0.0)
+        assert judge.judge(recs) == [True, True]   # the fake server knows "two", never "2"
+    texts = [p["messages"][1]["content"] for p in srv.payloads]
+    assert any("ground truth): two\n- answer to be determined: two\n" in t for t in texts)
+    assert any("ground truth): Left lung\n" in t for t in texts)

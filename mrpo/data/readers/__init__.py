@@ -1,7 +1,8 @@
 """Readers of public medical VQA data sets in their published on-disk formats.
 
-`READERS[name](root, columns=None, *, image_root=None, files=None, ...) -> Iterator[Row]`; each
-module's docstring describes the layout it expects. Readers yield every row they meet (malformed
+`READERS[name](root, columns=None, *, image_root=None, files=None, notes=None, ...) -> Iterator[Row]`;
+each module's docstring describes the layout it expects; a reader that skips a whole file (not a data
+file of its format) appends one line naming it to `notes`. Readers yield every row they meet (malformed
 ones with `Row.error`, intentionally excluded ones with `Row.skip`); `mrpo.data.prepare` validates,
 aligns MedThink rationales and writes the project's JSONL records.
 """

@@ -81,16 +81,24 @@ def rationale_text(value: Any) -> str:
 
 
 _GENERIC_IMAGE_NAMES = {"source", "image", "img", "0", "1"}
+# SLAKE's image folder + file, on disk "xmlab102/source.jpg", flattened "xmlab102_source.jpg" by the MRPO
+# paper's code (dmis-lab/MRPO Data_code/Medthink_preprocessing.py flat_basename, Eval_code gold_image_key)
+_SLAKE_IMAGE = re.compile(r"(xmlab\d+)[/_]([^/]+)$")
 
 
 def short_image_key(key: str) -> str:
     """Image key for matching across files: lower-cased last path component without extension.
 
-    When that component is a generic name (SLAKE's "xmlab102/source.jpg") the parent folder is kept:
-    "xmlab102/source". Content hashes ("sha1:...") are returned unchanged.
+    When that component is a generic name the parent folder is kept; SLAKE's "xmlab102/source.jpg"
+    and the flattened "xmlab102_source.jpg" both give "xmlab102/source". Content hashes ("sha1:...")
+    are returned unchanged.
     """
     if key.startswith("sha1:"):
         return key
+    slake = _SLAKE_IMAGE.search(key.replace("\\", "/").lower())
+    if slake:
+        name = slake.group(2)
+        return f"{slake.group(1)}/{os.path.splitext(name)[0] if name.endswith(IMAGE_EXTS) else name}"
     parts = [p for p in key.replace("\\", "/").lower().split("/") if p not in ("", ".")]
     if not parts:
         return ""
@@ -324,7 +332,8 @@ def record_to_row(record: Any, file: str, row: str, split: str, columns: Mapping
     """Map one table record onto a `Row` by column names (user's `columns` first, then `aliases`).
 
     The image cell may be a path/name (resolved through `images`; `images=None` keeps only the key),
-    a list of them (first used) or a Hugging Face image struct {"bytes", "path"}. A "split" cell, when
+    a list of them (first used), a Hugging Face image struct {"bytes", "path"} or raw bytes; embedded
+    bytes are carried as they are (empty or undecodable ones are reported by `prepare` as unreadable). A "split" cell, when
     present, overrides `split`. A missing required column or an unknown split value makes an error row.
     """
     out = Row(file=file, row=row, split=split)
@@ -339,7 +348,7 @@ def record_to_row(record: Any, file: str, row: str, split: str, columns: Mapping
         found, value = pick(record, field, columns, aliases)
         if not found and field in required:
             tried = columns.get(field) or ", ".join(aliases.get(field, ()))
-            out.error = f"no {field} column (looked for: {tried})"
+            out.error = f"no {field} column (looked for: {tried}; the row has: {', '.join(map(str, record))})"
             return out
         values[field] = value if found else None
     if values["split"] not in (None, ""):
@@ -353,9 +362,11 @@ def record_to_row(record: Any, file: str, row: str, split: str, columns: Mapping
     image = values["image"]
     if isinstance(image, (list, tuple)):
         image = image[0] if image else None
+    if isinstance(image, (bytes, bytearray, memoryview)):  # a plain binary column: embedded, not a name
+        image = {"bytes": image, "path": None}
     if isinstance(image, Mapping):  # Hugging Face Image feature
         data, name = image.get("bytes"), image.get("path")
-        if data:
+        if data is not None:  # embedded, even when empty or undecodable: prepare reports unreadable_image
             out.image_bytes = bytes(data)
             out.image_key = name or f"sha1:{sha1_hex(out.image_bytes)[:16]}"
             return out

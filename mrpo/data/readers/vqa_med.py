@@ -3,10 +3,14 @@
     img_id|question|answer              e.g. All_QA_Pairs_train.txt, All_QA_Pairs_val.txt,
                                          VQAnswering_2020_Train_QA_Pairs.txt
     img_id|category|question|answer     e.g. VQAMed2019_Test_Questions_w_Ref_Answers.txt
-    img_id|question                     question-only test files: rows reported as filtered (no answer)
+    img_id|question                     a question-only line inside a QA file: filtered (no answer)
 
 Every *.txt under ROOT is read (or only `files`), except the per-category copies in a
-QAPairsByCategory/ folder whose parent also holds an All_QA_Pairs*.txt (they repeat its rows).
+QAPairsByCategory/ folder whose parent also holds an All_QA_Pairs*.txt (they repeat its rows), and
+files that are not QA files: image-id lists (train_ImageIDs.txt, VQAMed2019_Test_ImageIDs.txt: one
+field a line) and the answer-less test question file (VQAMed2019_Test_Questions.txt: no line with an
+answer). Those are told apart by content, skipped whole and named once in `notes` (never counted
+as rows).
 Split from the file name (train/val/test tokens; "Test" in VQAMed2019_Test_... -> test). Images are
 found by id ("synpic12345" -> synpic12345.jpg) under ROOT or `image_root`, preferring a folder named
 after the split (Train_images/, Val_images/, VQAMed2019_Test_Images/).
@@ -39,18 +43,40 @@ def _question_files(root: Path, files: Sequence[str] | str | None) -> list[Path]
     return out
 
 
+def file_kind(path: Path) -> str:
+    """"qa" when some line has 3+ '|'-separated fields, else "questions without answers" (two fields
+    at most), "image-id list" (one word a line) or "no '|'-separated fields" (any other text)."""
+    widest, one_word = 0, True
+    with open(path, encoding="utf-8-sig") as f:
+        for line in f:
+            if line.strip():
+                widest = max(widest, len(line.split("|")))
+                one_word = one_word and len(line.split()) == 1
+                if widest >= 3:
+                    return "qa"
+    if widest == 2:
+        return "questions without answers"
+    return "image-id list" if one_word else "no '|'-separated fields"
+
+
 def read_vqa_med(root: Path | str, columns: str | Mapping[str, str] | None = None, *,
                  files: Sequence[str] | str | None = None, image_root: Path | None = None,
-                 **_: Any) -> Iterator[Row]:
+                 notes: list[str] | None = None, **_: Any) -> Iterator[Row]:
+    """Rows of the QA files under `root`; files that are not QA files are named in `notes`."""
     root = Path(root).resolve()
     if not root.is_dir():
         raise DataError(f"{root}: VQA-Med root folder not found")
     images = ImageIndex(root, image_root)
     for path in _question_files(root, files):
+        rel = path.relative_to(root).as_posix()
+        kind = file_kind(path)
+        if kind != "qa":
+            if notes is not None:
+                notes.append(f"{rel}: skipped, {kind} (not a QA file)")
+            continue
         split = split_from_path(path, root)
         if split is None:
             raise DataError(f"{path}: cannot tell the split from the file name (train/val/test)")
-        rel = path.relative_to(root).as_posix()
         with open(path, encoding="utf-8-sig") as f:
             for i, line in enumerate(f, start=1):
                 line = line.rstrip("\r\n")

@@ -7,7 +7,10 @@
 
 Split: phrase_type "test_freeform" / "test_para" -> test (451 questions), every other phrase type
 ("freeform", "para", "frame", ...) -> train. Also read: the MEVF copy (trainset.json / testset.json
-with the same fields, split from the file name, images in images/) and the Hugging Face release
+with the same fields, split from the file name, images in images/), the MRPO paper's data folder
+(Data_RAW/vqa-rad/ as dmis-lab/MRPO Data_code/Download_datasets.py leaves it: train.json / test.json,
+lists of {"image": "images/synpic54610.jpg", "question", "answer"}, split at download by the same
+phrase_type rule, images in images/) and the Hugging Face release
 (flaviagiammarino/vqa-rad parquet: image, question, answer) through `read_hf`. Answers published as
 numbers are kept as their literal text.
 """
@@ -27,7 +30,9 @@ def _annotation_files(root: Path) -> list[tuple[Path, str | None]]:
     if public:
         return [(public[0], None)]
     mevf = [p for p in jsons if p.stem.lower() in ("trainset", "testset")]
-    return [(p, split_from_path(p)) for p in mevf]
+    if mevf:
+        return [(p, split_from_path(p)) for p in mevf]
+    return [(root / n, s) for n, s in (("train.json", "train"), ("test.json", "test")) if (root / n).is_file()]
 
 
 def read_vqa_rad(root: Path | str, columns: str | Mapping[str, str] | None = None, *,
@@ -40,8 +45,8 @@ def read_vqa_rad(root: Path | str, columns: str | Mapping[str, str] | None = Non
         if has_hf_files(root):
             yield from read_hf(root, columns, image_root=image_root)
             return
-        raise DataError(f"{root}: no 'VQA_RAD Dataset Public.json', trainset.json/testset.json "
-                        "or parquet/arrow files found")
+        raise DataError(f"{root}: no 'VQA_RAD Dataset Public.json', trainset.json/testset.json, "
+                        "train.json/test.json or parquet/arrow files found")
     images = ImageIndex(root, image_root)
     for path, forced_split in annotations:
         rel = path.relative_to(root).as_posix()
@@ -49,13 +54,14 @@ def read_vqa_rad(root: Path | str, columns: str | Mapping[str, str] | None = Non
             row = Row(file=rel, row=label)
             if isinstance(rec, dict) and rec.get("qid") is not None:
                 row.row = f"{label} (qid {rec['qid']})"
-            if not isinstance(rec, dict) or not {"image_name", "question", "answer"} <= rec.keys():
-                row.error = "expected an object with image_name, question, answer"
+            image_field = "image_name" if isinstance(rec, dict) and "image_name" in rec else "image"
+            if not isinstance(rec, dict) or not {image_field, "question", "answer"} <= rec.keys():
+                row.error = "expected an object with image_name (or image), question, answer"
                 yield row
                 continue
             phrase = as_text(rec.get("phrase_type")).lower()
             row.split = forced_split or ("test" if phrase.startswith("test") else "train")
             row.question, row.answer = as_text(rec["question"]), as_text(rec["answer"])
-            row.image_key = as_text(rec["image_name"])
+            row.image_key = as_text(rec[image_field])
             row.image_path = images.find(row.image_key, near=path, split=row.split)
             yield row
