@@ -318,19 +318,32 @@ def test_shipped_lora_config_loads():
     assert cfg.lora.rank == 64 and cfg.lora.alpha == 128 and cfg.loss.beta > 0 and cfg.lora.merge_on_export
 
 
-@pytest.mark.slow
-def test_fsdp2_lora_two_ranks(tiny_root):
-    """LoRA, then FSDP2 (apply_fsdp2) on 2 gloo ranks: one step through the fused loss; gradients only
-    on adapters and equal to an unsharded run; disabled adapters give the base model under sharding."""
+def _torchrun(worker: str, *args: str):
     import subprocess
     import sys
     from pathlib import Path
 
-    path = str(tiny_path(tiny_root))
-    worker = Path(__file__).with_name("lora_fsdp_worker.py")
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(worker), path], capture_output=True, text=True, timeout=600, env=env)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(Path(__file__).with_name(worker)), *args], capture_output=True, text=True,
+                          timeout=600, env=env)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_lora_two_ranks(tiny_root):
+    """LoRA, then ZeROEngine (ZeRO-3) on 2 gloo ranks: adapter-only gradients equal to an unsharded run,
+    only adapters move, disabled adapters through the engine == the base model, export state dicts."""
+    pytest.importorskip("deepspeed")
+    proc = _torchrun("lora_deepspeed_worker.py", str(tiny_path(tiny_root)))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert proc.stdout.count(" ok") == 2
+
+
+@pytest.mark.slow
+def test_fsdp2_lora_two_ranks(tiny_root):
+    """LoRA, then FSDP2 (apply_fsdp2) on 2 gloo ranks: one step through the fused loss; gradients only
+    on adapters and equal to an unsharded run; disabled adapters give the base model under sharding."""
+    proc = _torchrun("lora_fsdp_worker.py", str(tiny_path(tiny_root)))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert proc.stdout.count(" ok") == 2
 
