@@ -27,6 +27,20 @@ Export: `save_adapter` writes a peft adapter folder (adapter_config.json + adapt
 that `PeftModel.from_pretrained(base, folder)` loads; `merged_state_dict` folds W + scaling * B @ A
 into plain base-model keys for a Hugging Face folder. Both accept a gathered full state dict, so they
 work unchanged after FSDP2 (`get_model_state_dict(full_state_dict=True)`) or DeepSpeed consolidation.
+
+How a trainer / engine uses it (cfg = the run config, cfg.lora.rank > 0):
+  load       load_backbone -> install_passthrough_head -> apply_lora_from_config(model, cfg.lora, seed=cfg.seed)
+             -> (freeze_vision_tower: already frozen) -> gradient checkpointing -> model.train()
+             -> apply_fsdp2 / ZeROEngine -> optimizer over [p for p in model.parameters() if p.requires_grad]
+  reference  no reference copy (skip _load_reference); with beta > 0:
+             with torch.no_grad(), adapters_disabled(model): ref = <the policy's own log-prob path>
+  checkpoint FSDP2 / single: get_state_dict / set_state_dict with options=checkpoint_state_dict_options()
+             (adapters + their AdamW state only), then assert_adapters_loaded(model, result);
+             DeepSpeed: engine.save_checkpoint(..., exclude_frozen_parameters=True) and
+             load_checkpoint(..., load_module_strict=False)
+  export     full state dict on rank 0 (FSDP2: get_model_state_dict(full_state_dict=True, cpu_offload=True);
+             DeepSpeed: full_state_dict()) -> save_adapter(model, out/"adapter", sd) and, with
+             cfg.lora.merge_on_export, backbone.save(out, state_dict=merged_state_dict(model, sd))
 """
 from __future__ import annotations
 
@@ -111,7 +125,9 @@ def apply_lora(model: nn.Module, rank: int, alpha: float | None = None, dropout:
     (default float32 master weights even when the base is bf16: bf16 adapters lose small updates;
     None = the base layer's dtype); seed: makes lora_A's Kaiming init reproducible across ranks and runs
     (lora_B is zero, so the adapted model starts equal to the base).
-    Call before gradient checkpointing, FSDP2 / DeepSpeed wrapping and building the optimizer.
+    Call before FSDP2 / DeepSpeed wrapping and before building the optimizer (gradient checkpointing may
+    be enabled before or after). Under torchrun pass the same seed on every rank: FSDP2 keeps each
+    rank's own shard of its local initial values.
     """
     peft = _require_peft()
     if rank <= 0:
@@ -289,8 +305,18 @@ def load_adapter_merged(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
     cfg = json.loads((adapter_dir / ADAPTER_CONFIG_NAME).read_text())
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"adapter folder {adapter_dir}: peft_type {cfg.get('peft_type')!r} is not LORA")
+    from safetensors.torch import load_file
+
+    saved = load_file(str(adapter_dir / ADAPTER_WEIGHTS_NAME))
     wrapped = peft.PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
-    loaded = {k for k in wrapped.state_dict() if ".lora_" in k}
-    if not loaded:
-        raise ValueError(f"adapter folder {adapter_dir}: no LoRA layer matched {type(model).__name__}")
+    # peft only warns about adapter weights that match no module (they would be left at their init, B = 0:
+    # the base model, silently); check every saved tensor arrived
+    params = dict(wrapped.named_parameters())
+    tag = f".{ADAPTER_NAME}."
+    bad = [k for k, v in saved.items()
+           if (p := params.get(k.replace(".lora_A.", f".lora_A{tag}").replace(".lora_B.", f".lora_B{tag}"))) is None
+           or not torch.equal(p.detach().cpu().to(v.dtype), v)]
+    if bad or not saved:
+        raise ValueError(f"adapter folder {adapter_dir} does not fit {type(model).__name__}: "
+                         f"{len(bad)} of {len(saved)} adapter weights not loaded, e.g. {bad[:2]}")
     return wrapped.merge_and_unload()

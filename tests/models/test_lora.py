@@ -217,6 +217,19 @@ def test_saved_adapter_loads_with_peft(tiny_root, tmp_path):
         got = logprobs(merged, batch, comps)
     assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()
 
+    # an adapter whose weights match no module (here: saved without peft's key prefix) must not load
+    # silently as the base model
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    w = load_file(broken / "adapter_model.safetensors")
+    save_file({k.removeprefix("base_model.model."): v for k, v in w.items()}, broken / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=f"{len(w)} of {len(w)} adapter weights not loaded"):
+        load_adapter_merged(load_backbone(path).model, broken)
+
 
 def test_gradient_checkpointing_gives_the_same_adapter_gradients(tiny_root):
     path = tiny_path(tiny_root)
