@@ -236,7 +236,7 @@ def main(argv=None) -> int:
         "",
         f"Peak RSS method: {f['rss_method']}. The tiny policy's weights are {f['weights_bytes'] / 2**20:.1f} MiB, so "
         "the RSS rows mostly show activations, the interpreter and allocator behaviour; the byte rows are exact "
-        "and are the part that grows with the model: full fine-tuning holds weights + gradients + two fp32 Adam "
+        "and are the part that grows with the model: full fine-tuning holds weights + gradients + two Adam "
         "moments of every parameter plus a second copy of the model as the reference, LoRA one frozen copy and "
         "gradients / Adam state for the adapters only (~2% of the parameters for rank 64 on Qwen2.5-VL-7B). "
         f"Step time (LoRA / full = {lo['step_ms'][0] / f['step_ms'][0]:.2f}"

@@ -4,9 +4,11 @@ AdamW over the adapters only; one fused-loss micro-batch per rank through the tr
 forward with the passthrough head, lm_head gathered until backward). Checks: gradients only on adapters
 and equal to an unsharded run's averaged over ranks; the step moves only adapters; reference log-probs
 through the engine with adapters disabled == a separately loaded base model; the consolidated state
-dict gives the adapter and merged state dicts."""
+dict gives the adapter and merged state dicts; save / load resumes the next step exactly.
+Argv: scratch folder (shared by the ranks), then tiny model folders."""
 import os
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -37,7 +39,7 @@ def loss_of(hidden, weight, targets):
         torch.tensor([0, n], dtype=torch.int32), backend="torch")[0]
 
 
-def check(path: str, rank: int, world: int) -> None:
+def check(path: str, scratch: Path, rank: int, world: int) -> None:
     from deepspeed.utils import safe_get_full_grad
 
     bb, ref = lora_backbone(path, seed=0), lora_backbone(path, seed=0)
@@ -80,6 +82,22 @@ def check(path: str, rank: int, world: int) -> None:
         assert set(adapter_state_dict(model, after)) == set(adapter_state_dict(ref.model))
         assert set(merged_state_dict(model, after)) == set(load_backbone(path).model.state_dict())
 
+    # resume: ZeROEngine.save after the first step, one more step -> weights A; load, the same step -> A again
+    # (adapters and their AdamW moments restored; the frozen base is not optimizer state)
+    def one_step():
+        h, t, _ = hidden(bb, zero.runner(model))
+        zero.backward(loss_of(h, zero.lm_head_weight(model), t))
+        zero.step()
+        return zero.full_state_dict()
+
+    ckpt_dir = zero.save(scratch, 1, {"step": 1}, keep_last=1)
+    unbroken = one_step()
+    assert zero.load(ckpt_dir) == {"step": 1}
+    resumed = one_step()
+    if rank == 0:
+        assert all(torch.equal(unbroken[k], resumed[k]) for k in unbroken)
+        assert any(not torch.equal(unbroken[k], after[k]) for k in unbroken)
+
     base = load_backbone(path)
     with torch.no_grad():
         with adapters_disabled(model):
@@ -96,8 +114,9 @@ def main() -> None:
     os.environ["HF_HUB_OFFLINE"] = "1"
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    for path in sys.argv[1:]:
-        check(path, rank, world)
+    scratch = Path(sys.argv[1])
+    for path in sys.argv[2:]:
+        check(path, scratch / Path(path).name, rank, world)
         print(f"rank {rank}: {path} ok", flush=True)
     dist.destroy_process_group()
 

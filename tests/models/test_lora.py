@@ -343,11 +343,12 @@ def _torchrun(worker: str, *args: str):
 
 
 @pytest.mark.slow
-def test_deepspeed_zero3_lora_two_ranks(tiny_root):
+def test_deepspeed_zero3_lora_two_ranks(tiny_root, tmp_path):
     """LoRA, then ZeROEngine (ZeRO-3) on 2 gloo ranks: adapter-only gradients equal to an unsharded run,
-    only adapters move, disabled adapters through the engine == the base model, export state dicts."""
+    only adapters move, save / load resumes exactly, disabled adapters through the engine == the base
+    model, export state dicts."""
     pytest.importorskip("deepspeed")
-    proc = _torchrun("lora_deepspeed_worker.py", str(tiny_path(tiny_root)))
+    proc = _torchrun("lora_deepspeed_worker.py", str(tmp_path / "scratch"), str(tiny_path(tiny_root)))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert proc.stdout.count(" ok") == 2
 
