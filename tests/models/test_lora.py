@@ -161,10 +161,11 @@ def test_fresh_adapters_equal_the_base_model(tiny_root):
         assert torch.allclose(logprobs(bb, batch, comps), logprobs(base, batch, comps), atol=1e-6, rtol=0)
 
 
-def test_merged_export_equals_the_adapted_model(tiny_root, tmp_path):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_merged_export_equals_the_adapted_model(tiny_root, tmp_path, family):
     from transformers import AutoModelForImageTextToText
 
-    path = tiny_path(tiny_root)
+    path = tiny_path(tiny_root, family)
     bb = lora_backbone(path)
     install_passthrough_head(bb.model)                        # the trainer's model: export must not care
     batch, comps = inputs(bb)
@@ -186,10 +187,11 @@ def test_merged_export_equals_the_adapted_model(tiny_root, tmp_path):
     AutoModelForImageTextToText.from_pretrained(out)         # an ordinary Hugging Face folder
 
 
-def test_saved_adapter_loads_with_peft(tiny_root, tmp_path):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_saved_adapter_loads_with_peft(tiny_root, tmp_path, family):
     from peft import PeftModel
 
-    path = tiny_path(tiny_root)
+    path = tiny_path(tiny_root, family)
     bb = lora_backbone(path)
     install_passthrough_head(bb.model)
     batch, comps = inputs(bb)
@@ -208,7 +210,7 @@ def test_saved_adapter_loads_with_peft(tiny_root, tmp_path):
         got = logprobs(fresh, batch, comps, model=peft_model.base_model.model)
     assert torch.allclose(got, want, atol=1e-6, rtol=0), (got - want).abs().max()
     # the vision tower's own gate/up/down_proj were not adapted when loaded either
-    assert not any(".lora_" in n and "visual" in n for n, _ in peft_model.named_parameters())
+    assert not any(".lora_" in n and ("visual" in n or "vision" in n) for n, _ in peft_model.named_parameters())
 
     merged = load_backbone(path)                             # mrpo.infer --adapter: load + merge
     merged.model = load_adapter_merged(merged.model, folder)
