@@ -141,6 +141,20 @@ class OptimConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters on the language model (mrpo.models.lora, via peft). rank 0 = off (full fine-tuning).
+    With LoRA on, only the adapters train (vision tower, embeddings, lm_head frozen) and the reference
+    policy for the KL term (loss.beta > 0) is the same model with its adapters disabled: no second copy."""
+    rank: int = 0                        # r; 0 = LoRA off
+    alpha: Optional[float] = None        # scaling = alpha / rank; None = 2 * rank
+    dropout: float = 0.0                 # on the adapter input; > 0 makes old/new log-probs stochastic in RL
+    target_modules: list = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])  # inside decoder layers
+    use_rslora: bool = False             # scaling = alpha / sqrt(rank)
+    merge_on_export: bool = False        # export also writes a merged Hugging Face folder
+
+
+@dataclass
 class DistributedConfig:
     engine: Literal["fsdp2", "deepspeed", "none"] = "fsdp2"
     param_dtype: Literal["float32", "bfloat16"] = "float32"   # FSDP2 mixed precision (bf16 on GPU)
@@ -181,6 +195,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -322,6 +337,15 @@ def _validate(cfg: Config, source: str) -> None:
     need(cfg.data.max_prompt_length >= 16, "data.max_prompt_length", "must be >= 16")
     need(cfg.sft.steps >= 0, "sft.steps", "must be >= 0")
     need(cfg.logging.eval_every >= 0, "logging.eval_every", "must be >= 0")
+    need(cfg.lora.rank >= 0, "lora.rank", "must be >= 0 (0 = LoRA off)")
+    need(cfg.lora.alpha is None or cfg.lora.alpha > 0, "lora.alpha", "must be > 0 or null (= 2 * rank)")
+    need(0 <= cfg.lora.dropout < 1, "lora.dropout", "must be in [0, 1)")
+    need(len(cfg.lora.target_modules) > 0 and all(isinstance(t, str) and t for t in cfg.lora.target_modules),
+         "lora.target_modules", "a non-empty list of module names (e.g. [q_proj, v_proj])")
+    need(not {"lm_head", "embed_tokens"} & set(cfg.lora.target_modules), "lora.target_modules",
+         "lm_head / embed_tokens cannot be adapted (the fused loss reads lm_head.weight directly)")
+    need(not (cfg.lora.merge_on_export and cfg.lora.rank == 0), "lora.merge_on_export",
+         "needs lora.rank > 0 (without LoRA the export is already a full model)")
 
 
 def _get(cfg: Any, dotted: str) -> Any:

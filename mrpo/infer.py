@@ -2,6 +2,11 @@
 
     python -m mrpo.infer --model PATH --data test.jsonl --out RUN/eval/predictions.jsonl \
         [--batch-size 8] [--max-new-tokens 512] [--temperature 0] [--family qwen2_5_vl] [--limit N]
+        [--adapter RUN/final_model/adapter]
+
+--adapter: a LoRA adapter folder (peft: adapter_config.json + adapter_model.safetensors, as written by a
+run with lora.rank > 0) applied to the base model given by --model and merged into its weights before
+generation (no per-token adapter overhead).
 
 Prediction record: id, dataset, answer_type, problem, solution (gold), gold_reasoning, image, text (full
 completion, special tokens kept so <think>/<answer> survive), reasoning (inside the reasoning tag),
@@ -161,6 +166,8 @@ def run_inference(backbone, records: Sequence[dict], out_path: str | Path, batch
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mrpo.infer", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="local Hugging Face folder (base model or exported run)")
+    p.add_argument("--adapter", default=None,
+                   help="LoRA adapter folder (peft format) to apply to --model and merge for inference")
     p.add_argument("--data", required=True, help="record JSONL (mrpo/data format)")
     p.add_argument("--out", required=True, help="prediction JSONL (appended to; resumable)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -189,6 +196,11 @@ def main(argv: list[str] | None = None) -> int:
         records = records[:args.limit]
     backbone = load_backbone(args.model, family=args.family, dtype=getattr(torch, args.dtype), device=args.device,
                              max_pixels=args.max_pixels)
+    if args.adapter is not None:
+        from mrpo.models.lora import load_adapter_merged
+
+        backbone.model = load_adapter_merged(backbone.model, args.adapter)
+        print(f"infer: merged LoRA adapter {args.adapter} into {args.model}", file=sys.stderr)
     t0 = time.time()
     n = run_inference(backbone, records, args.out, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, top_p=args.top_p, max_prompt_length=args.max_prompt_length,

@@ -21,7 +21,7 @@ def test_shipped_configs_load(path):
         assert cfg.rollout.group_size == 8 and cfg.rollout.max_new_tokens == 512
         assert cfg.data.max_prompt_length == 1024 and cfg.data.max_pixels == 802816
         assert (cfg.optim.per_device_batch_size, cfg.optim.grad_accum_steps, cfg.optim.epochs) == (2, 8, 1)
-        assert cfg.optim.lr == 1e-6 and cfg.loss.beta == 0.04 and cfg.loss.eps_low == cfg.loss.eps_high == 0.2
+        assert cfg.optim.lr == (1e-5 if cfg.lora.rank else 1e-6) and cfg.loss.beta == 0.04   # LoRA: 10x and cfg.loss.eps_low == cfg.loss.eps_high == 0.2
         assert cfg.model.dtype == "bfloat16" and cfg.model.gradient_checkpointing
         assert cfg.model.attn_implementation == "flash_attention_2" and cfg.checkpoint.every_steps == 100
         assert cfg.model.reasoning_tag == ("thinking" if cfg.model.family == "qwen3_vl" else "think")
