@@ -10,6 +10,7 @@ from mrpo.data.records import load_records
 from mrpo.data.synthetic import generate_synthetic
 from mrpo.distributed import barrier
 from mrpo.models.load import load_backbone
+from mrpo.models.lora import apply_lora_from_config
 from mrpo.models.parallelize import freeze_vision_tower, install_passthrough_head
 from mrpo.models.tiny import build_tiny
 
@@ -57,13 +58,14 @@ def model_path(cfg, is_main: bool) -> Path:
 
 
 def load_policy(cfg, path: Path, device: torch.device):
-    """The trainable Backbone: pass-through lm_head (the fused loss reads hidden states), optional frozen
-    vision tower and gradient checkpointing."""
+    """The trainable Backbone: pass-through lm_head (the fused loss reads hidden states), LoRA adapters
+    (lora.rank > 0; everything else frozen), optional frozen vision tower and gradient checkpointing."""
     m = cfg.model
     backbone = load_backbone(path, family=m.family, dtype=DTYPES[m.dtype], attn_implementation=m.attn_implementation,
                              device=device)
     backbone.max_pixels = cfg.data.max_pixels
     install_passthrough_head(backbone.model)
+    apply_lora_from_config(backbone.model, cfg.lora, seed=cfg.seed)   # rank 0: no-op; same init on every rank
     if m.freeze_vision:
         freeze_vision_tower(backbone.model)
     if m.gradient_checkpointing:
@@ -72,8 +74,11 @@ def load_policy(cfg, path: Path, device: torch.device):
     return backbone
 
 
-def load_reference(cfg, path: Path, device: torch.device) -> torch.nn.Module:
-    """A frozen copy of the initial policy for the KL term (loss.beta > 0)."""
+def load_reference(cfg, path: Path, device: torch.device) -> torch.nn.Module | None:
+    """A frozen copy of the initial policy for the KL term (loss.beta > 0); None when not needed, or with
+    LoRA, whose reference is the policy with its adapters disabled (no second copy)."""
+    if cfg.loss.beta == 0 or cfg.lora.rank > 0:
+        return None
     m = cfg.model
     ref = load_backbone(path, family=m.family, dtype=DTYPES[m.dtype], attn_implementation=m.attn_implementation,
                         device=device).model

@@ -36,6 +36,7 @@ from mrpo.distributed import all_gather_rows, all_reduce_mean, all_reduce_sum, a
 from mrpo.engines import build_engine
 from mrpo.eval.reasoning import evaluate_generations
 from mrpo.judges import build_judge
+from mrpo.models.lora import adapters_disabled, merged_state_dict, save_adapter
 from mrpo.models.parallelize import hidden_states_mode, init_distributed
 from mrpo.rewards import RewardModel
 from mrpo.rollout import PromptPool, Rollout, first_failure_stage, micro_batches, score
@@ -67,7 +68,7 @@ class Trainer:
         self.backbone = build.load_policy(cfg, self.model_path, self.device)
         self.model = self.backbone.model
         self.reasoning_tag = cfg.model.reasoning_tag or self.backbone.reasoning_tag
-        self.ref_model = build.load_reference(cfg, self.model_path, self.device) if cfg.loss.beta > 0 else None
+        self.ref_model = build.load_reference(cfg, self.model_path, self.device)
         self.engine = build_engine(self.model, self.ref_model, cfg, self.device)
         self.pool = PromptPool(train, self.backbone, cfg.data, self.device)
         self.test_pool = PromptPool(test, self.backbone, cfg.data, self.device)
@@ -101,8 +102,8 @@ class Trainer:
         t.append(time.perf_counter())
         if cfg.algo.num_iterations > 1:
             rollout.old_logprobs = self.logprobs(self.model, rollout)
-        if self.ref_model is not None:
-            rollout.ref_logprobs = self.logprobs(self.ref_model, rollout)
+        if cfg.loss.beta > 0:
+            rollout.ref_logprobs = self.reference_logprobs(rollout)
         t.append(time.perf_counter())
         weights, micro = self.step_token_weights(rollout), self.micro_batches(rollout)
         sums, norms, skipped = 0, [], 0
@@ -207,6 +208,13 @@ class Trainer:
             out.extend(lp.split([len(rollout.completion_ids[i]) for i in seqs]))
         return out
 
+    def reference_logprobs(self, rollout: Rollout) -> list[torch.Tensor]:
+        """Log-probs under the reference policy: the frozen copy, or with LoRA the policy without adapters."""
+        if self.ref_model is not None:
+            return self.logprobs(self.ref_model, rollout)
+        with adapters_disabled(self.model):
+            return self.logprobs(self.model, rollout)
+
     # ------------------------------------------------------------------ warm-up and loop
     def sft_warmup(self) -> None:
         """Supervised warm-up on gold rationales, through the same fused loss (A = 1 gives the CE gradient)."""
@@ -305,7 +313,11 @@ class Trainer:
     def export(self, out_dir: Path) -> None:
         """Hugging Face folder (safetensors, config, tokenizer, image processor) of the current policy."""
         state = self.engine.full_state_dict()   # every rank takes part; filled on rank 0
-        if self.is_main:
+        if self.is_main and self.cfg.lora.rank > 0:   # adapter folder; the merged model on request
+            save_adapter(self.model, out_dir / "adapter", state)
+            if self.cfg.lora.merge_on_export:
+                self.backbone.save(out_dir, state_dict=merged_state_dict(self.model, state))
+        elif self.is_main:
             self.backbone.save(out_dir, state_dict=state)
         barrier()
 

@@ -37,6 +37,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from mrpo.models.lora import is_lora_model
+
 from .base import Engine
 
 
@@ -205,14 +207,16 @@ class ZeROEngine(Engine):
     def save_weights(self, folder: Path) -> None:
         """The DeepSpeed engine state (partitioned fp32 master weights + optimizer moments, per rank)
         under folder/deepspeed/."""
-        self.engine.save_checkpoint(str(folder), tag=DS_TAG, save_latest=False)
+        self.engine.save_checkpoint(str(folder), tag=DS_TAG, save_latest=False,
+                                    exclude_frozen_parameters=is_lora_model(self.model))   # LoRA: adapters only
 
     def load_weights(self, folder: Path) -> None:
         if not (folder / DS_TAG).is_dir():
             raise ValueError(f"{folder} was not written with distributed.engine=deepspeed (no {DS_TAG}/ folder); "
                              "resume it with the engine that wrote it")
         loaded, _ = self.engine.load_checkpoint(str(folder), tag=DS_TAG, load_optimizer_states=True,
-                                                load_lr_scheduler_states=False)
+                                                load_lr_scheduler_states=False,
+                                                load_module_strict=not is_lora_model(self.model))
         if loaded is None:
             raise RuntimeError(f"deepspeed could not load the checkpoint in {folder / DS_TAG}")
 

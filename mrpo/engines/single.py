@@ -18,6 +18,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from mrpo.models.lora import assert_adapters_loaded, checkpoint_state_dict_options, is_lora_model
+
 from .base import Engine
 
 log = logging.getLogger("mrpo")
@@ -46,15 +48,24 @@ class SingleEngine(Engine):
     def warmup_optimizer(self, lr: float, max_grad_norm: float = 1.0):
         return TorchWarmupOptimizer(self.trainable_parameters(), lr, max_grad_norm)
 
+    def _state_options(self) -> StateDictOptions | None:
+        """LoRA: only the adapters and their optimizer state go into checkpoints (the frozen base comes from
+        the model folder)."""
+        return checkpoint_state_dict_options() if is_lora_model(self.model) else None
+
     def save_weights(self, folder: Path) -> None:
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._state_options())
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder))
 
     def load_weights(self, folder: Path) -> None:
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        options = self._state_options()
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=options)
         state = {"model": model_sd, "optim": optim_sd}
         dcp.load(state, checkpoint_id=str(folder))
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        result = set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                                optim_state_dict=state["optim"], options=options)
+        if options is not None:
+            assert_adapters_loaded(self.model, result)
 
     def full_state_dict(self) -> dict | None:
         """Unsharded CPU state dict (filled on rank 0 under FSDP2; every rank calls)."""
