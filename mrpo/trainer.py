@@ -31,7 +31,7 @@ from mrpo_kernels import fused_linear_mrpo_loss, linear_logprobs
 from mrpo import checkpoint as ckpt
 from mrpo.algo.advantages import compute_advantages
 from mrpo.config import Config
-from mrpo.data.records import load_image, load_records
+from mrpo.data.records import load_record_images, load_records
 from mrpo.data.synthetic import generate_synthetic
 from mrpo.eval.reasoning import evaluate_generations, ffp_stage, first_failure_index
 from mrpo.judges import build_judge
@@ -244,12 +244,13 @@ class Trainer:
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     # ------------------------------------------------------------------ rollout + scoring
-    def _images(self, records: list[dict]):
-        return [load_image(r["image"], self.cfg.data.max_pixels) for r in records]
+    def _images(self, records: list[dict]) -> list[list]:
+        return [load_record_images(r, self.cfg.data.max_pixels) for r in records]
 
     def _encode(self, records: list[dict]) -> dict:
         batch = self.backbone.encode_prompts([r["problem"] for r in records], self._images(records),
-                                             max_prompt_length=self.cfg.data.max_prompt_length)
+                                             max_prompt_length=self.cfg.data.max_prompt_length,
+                                             prompt_template=self.cfg.data.prompt_template)
         return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def _prompt_fits(self, rec: dict) -> bool:

@@ -1,7 +1,7 @@
 """Backbone: one VL policy model (Qwen2.5-VL, Qwen3-VL or InternVL3) with its tokenizer and image processor.
 
 The three things training needs from a backbone:
-  encode_prompts           chat-template prompts + images -> a left-padded batch for generate
+  encode_prompts           questions (+ prompt template) + 0..n images per row -> a left-padded batch for generate
   generate                 batched HF generate with KV cache -> completion token ids (no padding)
   completion_hidden_states teacher-forced forward over prompt + completion through the inner model
                            (no lm_head): hidden states that predict each completion token, packed
@@ -17,6 +17,9 @@ InternVL (1-D RoPE) gets position_ids = cumsum(attention_mask) - 1, as generate 
 """
 from __future__ import annotations
 
+import functools
+import json
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,8 +28,48 @@ from PIL import Image
 
 from mrpo.data.records import fit_max_pixels
 
-INSTRUCTION = ("Think step-by-step and enclose your reasoning in <{tag}>...</{tag}> tags. "
-               "Then provide your answer in <answer>...</answer> tags.")
+# The instruction of the MRPO paper (dmis-lab/MRPO, grpo_vqa_MRPO.py QUESTION_TEMPLATE), for every backbone;
+# reasoning_tag is "thinking" for Qwen3-VL and "think" otherwise.
+DEFAULT_PROMPT_TEMPLATE = ("{question} Think step-by-step and enclose your reasoning in "
+                           "<{reasoning_tag}>...</{reasoning_tag}> tags. Then provide your answer in "
+                           "<{answer_tag}>...</{answer_tag}> tags.")
+PROMPT_FIELDS = ("question", "reasoning_tag", "answer_tag")
+ANSWER_TAG = "answer"   # what mrpo.rewards.answer extracts
+
+
+@functools.lru_cache(maxsize=32)
+def load_prompt_template(spec: str | None) -> str:
+    """The prompt template (data.prompt_template) as a format string.
+
+    spec: None = DEFAULT_PROMPT_TEMPLATE (the paper's instruction); a string holding "{question}" is the
+    template itself; any other string is the path of a UTF-8 text file holding one (read once; a
+    trailing newline is dropped). Fields: {question} (required), {reasoning_tag} ("think", or "thinking"
+    for Qwen3-VL), {answer_tag} ("answer"); write literal braces as {{ and }}.
+    Raises FileNotFoundError / ValueError naming the file, a missing {question} or an unknown field."""
+    if spec is None:
+        return DEFAULT_PROMPT_TEMPLATE
+    template, where = spec, "data.prompt_template"
+    if "{question}" not in spec:
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"data.prompt_template: {spec!r} holds no {{question}} field and is not a "
+                                    f"file (a template, or the path of a text file holding one)")
+        template, where = path.read_text(encoding="utf-8").removesuffix("\n"), f"data.prompt_template file {path}"
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as e:
+        raise ValueError(f"{where}: not a valid format string ({e}); write literal braces as {{{{ and }}}}") from None
+    unknown = sorted(fields - set(PROMPT_FIELDS))
+    if unknown or "question" not in fields:
+        why = f"unknown fields {unknown}" if unknown else "no {question} field"
+        raise ValueError(f"{where}: {why}; allowed fields: {', '.join('{' + f + '}' for f in PROMPT_FIELDS)}")
+    return template
+
+
+def format_prompt(prompt_template: str | None, question: str, reasoning_tag: str) -> str:
+    """The user turn's text for one question (see load_prompt_template)."""
+    return load_prompt_template(prompt_template).format(question=question, reasoning_tag=reasoning_tag,
+                                                        answer_tag=ANSWER_TAG)
 
 # Override a checkpoint's generation_config.json (e.g. Qwen's top_k=1, repetition_penalty=1.05): rollouts
 # must sample from the policy's own distribution (only temperature / top_p, as configured).
@@ -80,49 +123,69 @@ class Backbone:
     def image_token_id(self) -> int:
         return self.model.config.image_token_id
 
-    def chat_prompt(self, problem: str) -> str:
-        """Chat-template text: user turn = image + problem + the paper's reasoning instruction,
-        followed by the generation prompt (assistant turn opened)."""
-        text = f"{problem}\n{INSTRUCTION.format(tag=self.reasoning_tag)}"
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    def chat_prompt(self, question: str, num_images: int = 1, prompt_template: str | None = None) -> str:
+        """Chat-template text: one user turn = `num_images` image placeholders (in record order), then
+        the question formatted with the prompt template (None = the paper's instruction, see
+        load_prompt_template), followed by the generation prompt (assistant turn opened)."""
+        text = format_prompt(prompt_template, question, self.reasoning_tag)
+        content = [{"type": "image"}] * num_images + [{"type": "text", "text": text}]
+        messages = [{"role": "user", "content": content}]
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    def _expand_images(self, prompts: list[str], images: list[Image.Image]) -> tuple[list[str], dict]:
-        """Run the image processor and expand each prompt's single image placeholder into the number
-        of image tokens the model expects. Returns (expanded prompts, image tensors)."""
+    def _expand_images(self, prompts: list[str], images: list[list[Image.Image]]) -> tuple[list[str], dict]:
+        """Run the image processor over all images of the batch (row-major) and expand each image
+        placeholder, in order, into the number of image tokens the model expects for that image.
+        Returns (expanded prompts, image tensors; {} when the batch holds no image)."""
         placeholder = self.image_token
-        for i, p in enumerate(prompts):
-            if p.count(placeholder) != 1:
-                raise ValueError(f"prompt {i} must hold exactly one image placeholder {placeholder!r}, "
-                                 f"found {p.count(placeholder)}")
+        for i, (p, ims) in enumerate(zip(prompts, images)):
+            if p.count(placeholder) != len(ims):
+                raise ValueError(f"prompt {i} holds {p.count(placeholder)} image placeholders {placeholder!r} "
+                                 f"for {len(ims)} images")
+        flat = [im for ims in images for im in ims]
+        if not flat:
+            return list(prompts), {}
         if self.is_qwen:
             kwargs = {}
             if self.max_pixels is not None:   # smart_resize rounds to the patch grid within this budget
                 lo = min(self.image_processor.size["shortest_edge"], self.max_pixels)
                 kwargs["size"] = {"shortest_edge": lo, "longest_edge": self.max_pixels}
-            out = self.image_processor(images=images, return_tensors="pt", **kwargs)
+            out = self.image_processor(images=flat, return_tensors="pt", **kwargs)
             merge = self.image_processor.merge_size ** 2
-            counts = (out["image_grid_thw"].prod(-1) // merge).tolist()
-            expanded = [p.replace(placeholder, placeholder * n) for p, n in zip(prompts, counts)]
-            return expanded, {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
-        # InternVL: tiles (+ thumbnail) per image, image_seq_length tokens per tile, wrapped in <img>...</img>
-        out = self.image_processor(images=images, crop_to_patches=True, return_tensors="pt")
-        seq = self.model.config.image_seq_length
-        tok = self.tokenizer
-        expanded = [p.replace(placeholder, f"{tok.start_image_token}{placeholder * (seq * n)}{tok.end_image_token}")
-                    for p, n in zip(prompts, out["num_patches"].tolist())]
-        return expanded, {"pixel_values": out["pixel_values"]}
+            tokens = [placeholder * n for n in (out["image_grid_thw"].prod(-1) // merge).tolist()]
+            vision = {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+        else:
+            # InternVL: tiles (+ thumbnail) per image, image_seq_length tokens per tile, wrapped in <img>...</img>
+            out = self.image_processor(images=flat, crop_to_patches=True, return_tensors="pt")
+            seq, tok = self.model.config.image_seq_length, self.tokenizer
+            tokens = [f"{tok.start_image_token}{placeholder * (seq * n)}{tok.end_image_token}"
+                      for n in out["num_patches"].tolist()]
+            vision = {"pixel_values": out["pixel_values"]}
+        expanded, k = [], 0
+        for p, ims in zip(prompts, images):
+            parts = p.split(placeholder)
+            expanded.append(parts[0] + "".join(tokens[k + j] + parts[j + 1] for j in range(len(ims))))
+            k += len(ims)
+        return expanded, vision
 
-    def encode_prompts(self, problems: list[str], images: list[Image.Image],
-                       max_prompt_length: int | None = None) -> dict[str, torch.Tensor]:
-        """Left-padded batch for generate. Keys: input_ids [B, P], attention_mask [B, P], pixel_values
-        (Qwen: [sum patches, C*T*p*p] with image_grid_thw [B, 3] and mm_token_type_ids [B, P];
-        InternVL: [tiles, 3, H, W]). Images are downscaled to <= max_pixels first.
+    def encode_prompts(self, questions: list[str], images: list[list[Image.Image]] | list[Image.Image],
+                       max_prompt_length: int | None = None, prompt_template: str | None = None
+                       ) -> dict[str, torch.Tensor]:
+        """Left-padded batch for generate.
+
+        questions: B question texts (the prompt template adds the instruction); images: B lists of PIL
+        images, each list in the order the model sees them ([] = text-only row; a bare image counts as
+        [image]); prompt_template: see load_prompt_template (None = the paper's instruction).
+        Keys: input_ids [B, P], attention_mask [B, P]; when the batch holds N >= 1 images, pixel_values
+        (Qwen: [sum of patches, C*T*p*p] with image_grid_thw [N, 3], images row-major; InternVL:
+        [tiles, 3, H, W]); Qwen also mm_token_type_ids [B, P] (1 on image tokens). Images are
+        downscaled to <= max_pixels first.
         Raises PromptTooLongError when a prompt (image tokens included) exceeds max_prompt_length."""
-        if len(problems) != len(images):
-            raise ValueError(f"encode_prompts: {len(problems)} problems but {len(images)} images")
-        images = [fit_max_pixels(im.convert("RGB"), self.max_pixels) for im in images]
-        prompts, vision = self._expand_images([self.chat_prompt(p) for p in problems], images)
+        if len(questions) != len(images):
+            raise ValueError(f"encode_prompts: {len(questions)} questions but {len(images)} image lists")
+        images = [[ims] if isinstance(ims, Image.Image) else list(ims) for ims in images]
+        images = [[fit_max_pixels(im.convert("RGB"), self.max_pixels) for im in ims] for ims in images]
+        prompts = [self.chat_prompt(q, len(ims), prompt_template) for q, ims in zip(questions, images)]
+        prompts, vision = self._expand_images(prompts, images)
         enc = self.tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt",
                              add_special_tokens=False)
         if max_prompt_length is not None:
@@ -144,14 +207,30 @@ class Backbone:
         equal to encode_prompts of the selected rows."""
         idx = torch.as_tensor(list(rows), dtype=torch.long, device=batch["input_ids"].device)
         out = {k: batch[k][idx] for k in ("input_ids", "attention_mask", "mm_token_type_ids") if k in batch}
-        if self.is_qwen:   # pixel_values: flat patches, image i holds prod(image_grid_thw[i]) of them
-            per_row = batch["image_grid_thw"].prod(-1).tolist()
-            out["image_grid_thw"] = batch["image_grid_thw"][idx]
-        else:              # InternVL: tiles per row = image tokens / image_seq_length
-            per_row = ((batch["input_ids"] == self.image_token_id).sum(-1)
-                       // self.model.config.image_seq_length).tolist()
-        chunks = batch["pixel_values"].split(per_row)
-        out["pixel_values"] = torch.cat([chunks[r] for r in idx.tolist()])
+        if "pixel_values" in batch:
+            row_tokens = (batch["input_ids"] == self.image_token_id).sum(-1).tolist()
+            if self.is_qwen:   # flat patches; image i holds prod(image_grid_thw[i]) of them
+                grid = batch["image_grid_thw"]
+                per_image = grid.prod(-1).tolist()
+                tokens = (grid.prod(-1) // self.image_processor.merge_size ** 2).tolist()
+                images_of_row, k = [], 0   # images are row-major: consume them until the row's tokens are covered
+                for n in row_tokens:
+                    start = k
+                    while n > 0:
+                        n -= tokens[k]
+                        k += 1
+                    images_of_row.append(list(range(start, k)))
+                chunks = batch["pixel_values"].split(per_image)
+                picked = [i for r in idx.tolist() for i in images_of_row[r]]
+                if picked:
+                    out["image_grid_thw"] = grid[picked]
+                    out["pixel_values"] = torch.cat([chunks[i] for i in picked])
+            else:              # InternVL: tiles per row = image tokens / image_seq_length
+                per_row = [n // self.model.config.image_seq_length for n in row_tokens]
+                chunks = batch["pixel_values"].split(per_row)
+                picked = [chunks[r] for r in idx.tolist() if per_row[r]]
+                if picked:
+                    out["pixel_values"] = torch.cat(picked)
         lead = int((out["attention_mask"].cumsum(-1) == 0).sum(-1).min()) if len(idx) else 0
         for k in ("input_ids", "attention_mask", "mm_token_type_ids"):
             if k in out:
@@ -248,13 +327,34 @@ class Backbone:
         return self.model.get_output_embeddings().weight
 
     # ------------------------------------------------------------------ export
+    def processor_config(self) -> dict:
+        """processor_config.json as transformers 5 writes it for this family's processor (written by
+        `save`, since the processor object cannot be built without torchvision, see module docstring):
+        processor_class, the nested image_processor and video_processor configs (the video processor
+        shares the image processor's patching and normalisation) and, for InternVL, image_seq_length."""
+        image = self.image_processor.to_dict()
+        same = {k: image[k] for k in ("patch_size", "temporal_patch_size", "merge_size", "image_mean",
+                                      "image_std", "do_convert_rgb") if k in image}
+        if self.family == "internvl3":
+            return {"processor_class": "InternVLProcessor", "image_seq_length": self.model.config.image_seq_length,
+                    "image_processor": image,
+                    "video_processor": {"video_processor_type": "InternVLVideoProcessor", **same,
+                                        "size": dict(image["size"])}}
+        cls = "Qwen3VL" if self.family == "qwen3_vl" else "Qwen2_5_VL"
+        video = "Qwen3VLVideoProcessor" if self.family == "qwen3_vl" else "Qwen2VLVideoProcessor"
+        return {"processor_class": f"{cls}Processor", "image_processor": image,
+                "video_processor": {"video_processor_type": video, **same}}
+
     def save(self, out_dir: str | Path, state_dict: dict | None = None) -> Path:
-        """Write a Hugging Face folder (safetensors, config, generation config, tokenizer, image
-        processor) loadable by load_backbone and AutoModelForImageTextToText.from_pretrained.
+        """Write a Hugging Face folder (safetensors, config, generation config, tokenizer + chat
+        template, image processor, processor_config.json) loadable by load_backbone,
+        AutoModelForImageTextToText, AutoTokenizer, AutoImageProcessor and, where torchvision is
+        installed (transformers' video processors need it), AutoProcessor.
         state_dict: a full (gathered) state dict when the model is sharded (FSDP2)."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(out_dir, state_dict=state_dict)
         self.tokenizer.save_pretrained(out_dir)
         self.image_processor.save_pretrained(out_dir)
+        (out_dir / "processor_config.json").write_text(json.dumps(self.processor_config(), indent=2) + "\n")
         return out_dir
