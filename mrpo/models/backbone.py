@@ -6,10 +6,16 @@ The three things training needs from a backbone:
   completion_hidden_states teacher-forced forward over prompt + completion through the inner model
                            (no lm_head): hidden states that predict each completion token, packed
 The processor is assembled here by hand (image processor + placeholder expansion + tokenizer), as
-transformers' processor classes cannot be built without a video processor (see
-/work/shared/notes-offline-backbones.md). It follows their rules: Qwen puts prod(image_grid_thw) //
-merge_size**2 image tokens per image and marks them 1 in mm_token_type_ids; InternVL puts <img>, then
-image_seq_length <IMG_CONTEXT> per tile (tiles + thumbnail, crop_to_patches=True), then </img>.
+transformers' processor classes cannot be built without a video processor, which needs torchvision.
+It follows their rules: Qwen puts prod(image_grid_thw) // merge_size**2 image tokens per image and marks
+them 1 in mm_token_type_ids; InternVL puts <img>, then image_seq_length <IMG_CONTEXT> per tile (tiles +
+thumbnail, crop_to_patches=True), then </img>. A row holds 0..n images, placed before the question in
+the user turn; their tensors are concatenated row-major. `save` writes the processor_config.json those
+classes read, so AutoProcessor loads an exported folder where torchvision is installed.
+
+Under FSDP2 / ZeRO-3 over several ranks, a rank whose batch holds no image while another's does gets one
+throwaway blank-image row in generate and completion_hidden_states, so that every rank runs the vision
+tower and the ranks' collectives keep matching.
 
 Positions: Qwen's 3D M-RoPE index is computed by the model from `mm_token_type_ids` and the attention
 mask (so left padding of the prompt and right padding of the completion do not move any token);
@@ -24,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from PIL import Image
 
 from mrpo.data.records import fit_max_pixels
@@ -237,6 +244,50 @@ class Backbone:
                 out[k] = out[k][:, lead:]
         return out
 
+    # ------------------------------------------------------------------ sharded runs without images
+    @staticmethod
+    def _is_sharded(model) -> bool:
+        """FSDP2 or DeepSpeed ZeRO-3 over several processes: every rank must call the same modules."""
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return False
+        return hasattr(model, "_get_fsdp_state") or hasattr(next(model.parameters()), "ds_id")
+
+    def _vision_filler(self, batch: dict, model) -> dict | None:
+        """A one-row batch with a blank image, for a sharded rank whose batch holds no image while
+        another rank's does: that rank runs the vision tower (gathering its shards) and this one would
+        not, so their collectives would stop matching and hang. The caller appends the row to its batch
+        and drops the row's output. None when not needed (one flag all-reduced over the ranks)."""
+        if not self._is_sharded(model):
+            return None
+        has = torch.tensor([float("pixel_values" in batch)], device=batch["input_ids"].device)
+        dist.all_reduce(has, op=dist.ReduceOp.MAX)
+        if "pixel_values" in batch or has.item() == 0:
+            return None
+        proc = self.image_processor
+        side = proc.size["height"] if not self.is_qwen else proc.patch_size * proc.merge_size
+        messages = [{"role": "user", "content": [{"type": "image"}]}]
+        prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompt, vision = self._expand_images([prompt], [[Image.new("RGB", (side, side))]])
+        ids = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        filler = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **vision}
+        if self.is_qwen:
+            filler["mm_token_type_ids"] = (ids == self.image_token_id).int()
+        device, dtype = batch["input_ids"].device, self.model.dtype
+        return {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None) for k, v in filler.items()}
+
+    def _append_row(self, batch: dict, row: dict) -> dict:
+        """batch + one more row (left-padded to a common length); the row brings the only image tensors."""
+        P = max(batch["input_ids"].shape[1], row["input_ids"].shape[1])
+        out = {}
+        for k, pad in (("input_ids", self.pad_token_id), ("attention_mask", 0), ("mm_token_type_ids", 0)):
+            if k in batch:
+                a, b = batch[k], row[k]
+                a = torch.nn.functional.pad(a, (P - a.shape[1], 0), value=pad)
+                b = torch.nn.functional.pad(b, (P - b.shape[1], 0), value=pad)
+                out[k] = torch.cat([a, b.to(a.dtype)])
+        out.update({k: v for k, v in row.items() if k not in out})
+        return out
+
     # ------------------------------------------------------------------ generation
     def _init_fsdp_root(self, model=None) -> bool:
         """FSDP2 makes the first module that runs forward the root. HF generate runs the vision tower
@@ -259,6 +310,10 @@ class Backbone:
                       suppress_tokens=self.suppress_token_ids or None, synced_gpus=synced_gpus)
         if do_sample:
             kwargs.update(temperature=temperature, top_p=top_p)
+        rows = batch["input_ids"].shape[0]
+        filler = self._vision_filler(batch, self.model)
+        if filler is not None:
+            batch = self._append_row(batch, filler)
         sharded = self._init_fsdp_root()
         if sharded:   # generate encodes images outside the root's forward (InternVL's projector is root-owned)
             self.model.unshard()
@@ -267,7 +322,7 @@ class Backbone:
         finally:
             if sharded:
                 self.model.reshard()
-        new = seqs[:, batch["input_ids"].shape[1]:].tolist()
+        new = seqs[:rows, batch["input_ids"].shape[1]:].tolist()
         eos = set(self.eos_token_ids)
         out = []
         for row in new:
@@ -290,10 +345,15 @@ class Backbone:
         hidden states, through every FSDP2 hook; otherwise the inner model.model(...) runs, and under
         FSDP2 the caller calls model.unshard() before and model.reshard() after the backward.
         """
+        if len(completions) != batch["input_ids"].shape[0]:
+            raise ValueError(f"completion_hidden_states: {len(completions)} completions for a batch of "
+                             f"{batch['input_ids'].shape[0]}")
+        rows = len(completions)
+        filler = self._vision_filler(batch, self.model if model is None else model)
+        if filler is not None:   # its empty completion adds no hidden state; its cu_seqlens entry is dropped
+            batch, completions = self._append_row(batch, filler), list(completions) + [[]]
         input_ids, prompt_mask = batch["input_ids"], batch["attention_mask"]
         B, P = input_ids.shape
-        if len(completions) != B:
-            raise ValueError(f"completion_hidden_states: {len(completions)} completions for a batch of {B}")
         device = input_ids.device
         lengths = torch.tensor([len(c) for c in completions], dtype=torch.long, device=device)
         T = int(lengths.max()) if B else 0
@@ -319,7 +379,7 @@ class Backbone:
         hidden = hidden[:, P - 1 : P - 1 + T]                                             # [B, T, D]
         cu_seqlens = torch.zeros(B + 1, dtype=torch.int32, device=device)
         cu_seqlens[1:] = torch.cumsum(lengths, 0).to(torch.int32)
-        return hidden[comp_mask], comp[comp_mask], cu_seqlens
+        return hidden[comp_mask], comp[comp_mask], cu_seqlens[: rows + 1]
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
