@@ -82,3 +82,42 @@ def test_answer_judge_sends_every_image(images):
     rec = {"problem": "Did it grow?", "solution": "yes", "answer": "yes", "image": images}
     assert _decoded(judge._messages(rec)[1]["content"]) == [b"image-0", b"image-1", b"image-2"]
     assert isinstance(judge._messages({**rec, "image": []})[1]["content"], str)
+
+
+def test_local_judge_prompt_and_images(tmp_path):
+    """LocalJudge with a VLM processor (needs torchvision, so a recording stand-in here): one image
+    placeholder per image in the chat messages, and all images of the batch, row-major, to the processor."""
+    from PIL import Image
+
+    from mrpo.judges.local import LocalJudge
+
+    paths = []
+    for i in range(3):
+        paths.append(str(tmp_path / f"p{i}.png"))
+        Image.new("RGB", (8, 8), (i * 50, 0, 0)).save(paths[-1])
+
+    class Stop(Exception):
+        pass
+
+    class Recorder:
+        chat_template = "x"
+
+        def __init__(self):
+            self.messages, self.images = [], None
+
+        def apply_chat_template(self, messages, **kw):
+            self.messages.append(messages)
+            return "prompt"
+
+        def __call__(self, text, images, **kw):
+            self.images = images
+            raise Stop
+
+    judge = LocalJudge.__new__(LocalJudge)
+    judge.processor, judge.with_image, judge.cfg = Recorder(), True, None
+    with pytest.raises(Stop):
+        judge._generate([_req(paths, "a"), _req([], "b"), _req(paths[1], "c")], sample=False)
+    kinds = [[part["type"] for part in m[1]["content"]] if isinstance(m[1]["content"], list) else "text"
+             for m in judge.processor.messages]
+    assert kinds == [["image", "image", "image", "text"], "text", ["image", "text"]]
+    assert [im.getpixel((0, 0))[0] for im in judge.processor.images] == [0, 50, 100, 50]
