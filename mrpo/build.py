@@ -64,6 +64,7 @@ def load_policy(cfg, path: Path, device: torch.device):
     backbone = load_backbone(path, family=m.family, dtype=DTYPES[m.dtype], attn_implementation=m.attn_implementation,
                              device=device)
     backbone.max_pixels = cfg.data.max_pixels
+    backbone.reasoning_tag = m.reasoning_tag or backbone.reasoning_tag   # the prompt and the rewards agree
     install_passthrough_head(backbone.model)
     apply_lora_from_config(backbone.model, cfg.lora, seed=cfg.seed)   # rank 0: no-op; same init on every rank
     if m.freeze_vision:

@@ -49,6 +49,11 @@ class DataConfig:
     synthetic_seed: int = 0
     max_pixels: int = 802816
     max_prompt_length: int = 1024
+    # User turn per record: a format string with {question} (required), {reasoning_tag} ("think", or
+    # "thinking" for qwen3_vl) and {answer_tag} ("answer"), or the path of a text file holding one;
+    # null = the MRPO paper's instruction "{question} Think step-by-step and enclose your reasoning in
+    # <{reasoning_tag}>...</{reasoning_tag}> tags. Then provide your answer in <{answer_tag}>...</{answer_tag}> tags."
+    prompt_template: Optional[str] = None
     on_bad_row: Literal["skip", "error"] = "skip"
     shuffle: bool = True
 
@@ -335,6 +340,13 @@ def _validate(cfg: Config, source: str) -> None:
     need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
     need(cfg.data.max_pixels >= 28 * 28, "data.max_pixels", "must be at least one 28x28 patch")
     need(cfg.data.max_prompt_length >= 16, "data.max_prompt_length", "must be >= 16")
+    if cfg.data.prompt_template is not None:
+        from mrpo.models.backbone import load_prompt_template
+
+        try:
+            load_prompt_template(cfg.data.prompt_template)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{source}: {e}") from None
     need(cfg.sft.steps >= 0, "sft.steps", "must be >= 0")
     need(cfg.logging.eval_every >= 0, "logging.eval_every", "must be >= 0")
     need(cfg.lora.rank >= 0, "lora.rank", "must be >= 0 (0 = LoRA off)")
@@ -355,12 +367,17 @@ def _get(cfg: Any, dotted: str) -> Any:
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
-    """'algo.tau=0.6' -> (['algo', 'tau'], 0.6); the value is parsed as YAML."""
+    """'algo.tau=0.6' -> (['algo', 'tau'], 0.6); the value is parsed as YAML, and text that is not valid
+    YAML (e.g. a prompt template "{question} ...") is kept as a string."""
     item = item[2:] if item.startswith("--") else item
     if "=" not in item:
         raise ConfigError(f"command line: override '{item}' must look like section.key=value")
     key, raw = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:

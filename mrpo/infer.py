@@ -2,13 +2,15 @@
 
     python -m mrpo.infer --model PATH --data test.jsonl --out RUN/eval/predictions.jsonl \
         [--batch-size 8] [--max-new-tokens 512] [--temperature 0] [--family qwen2_5_vl] [--limit N]
+        [--prompt-template TEMPLATE_OR_FILE]
         [--adapter RUN/final_model/adapter]
 
 --adapter: a LoRA adapter folder (peft: adapter_config.json + adapter_model.safetensors, as written by a
 run with lora.rank > 0) applied to the base model given by --model and merged into its weights before
 generation (no per-token adapter overhead).
 
-Prediction record: id, dataset, answer_type, problem, solution (gold), gold_reasoning, image, text (full
+Prediction record: id, dataset, answer_type, problem, solution (gold), gold_reasoning, image (as in the
+input: a path, a list of paths or []), text (full
 completion, special tokens kept so <think>/<answer> survive), reasoning (inside the reasoning tag),
 answer (extracted from <answer>, None if absent), steps (list of sentence strings), correct (rule
 match of answer and solution), num_tokens, and facts when the input record has them.
@@ -92,17 +94,19 @@ def _decode(tokenizer, ids: Sequence[int], stop: set[int]) -> str:
 def run_inference(backbone, records: Sequence[dict], out_path: str | Path, batch_size: int = 8,
                   max_new_tokens: int = 512, temperature: float = 0.0, top_p: float = 1.0,
                   max_prompt_length: int | None = None, max_pixels: int | None = None,
-                  progress: bool = True) -> int:
+                  progress: bool = True, prompt_template: str | None = None) -> int:
     """Generate for every record whose id is not yet in out_path and append predictions; returns
     the number of records written by this call.
 
     backbone: mrpo.models.backbone.Backbone (encode_prompts, generate, tokenizer, reasoning_tag,
         eos_token_ids, pad_token_id). records: input records (id, image path, problem, solution, ...).
-    temperature 0 = greedy. max_pixels: image budget (None = the backbone's).
+    temperature 0 = greedy. max_pixels: image budget (None = the backbone's). prompt_template: as
+    data.prompt_template (None = the paper's instruction). A record's "image" is a path, a list of
+    paths or [] (text-only).
     Records whose image cannot be read or whose prompt exceeds max_prompt_length are skipped, counted
     and named on stderr (not written, so a rerun retries them).
     """
-    from mrpo.data.records import load_image
+    from mrpo.data.records import load_record_images
     from mrpo.models.backbone import PromptTooLongError
 
     out_path = Path(out_path)
@@ -128,16 +132,15 @@ def run_inference(backbone, records: Sequence[dict], out_path: str | Path, batch
             chunk, images = [], []
             for r in todo[start:start + batch_size]:
                 try:
-                    if not r.get("image"):
-                        raise ValueError("record has no image")
-                    images.append(load_image(r["image"], max_pixels))
+                    images.append(load_record_images(r, max_pixels))
                     chunk.append(r)
                 except (OSError, ValueError) as e:
-                    bad.append(f"{r['id']}: {e}")
+                    bad.append(str(e))
             while chunk:
                 try:
                     batch = backbone.encode_prompts([r["problem"] for r in chunk], images,
-                                                    max_prompt_length=max_prompt_length)
+                                                    max_prompt_length=max_prompt_length,
+                                                    prompt_template=prompt_template)
                     break
                 except PromptTooLongError as e:
                     bad += [f"{chunk[i]['id']}: prompt of {n} tokens > max_prompt_length={e.limit}"
@@ -178,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=None, help="only the first N records")
     p.add_argument("--max-pixels", type=int, default=None, help="image pixel budget (default: the model's)")
     p.add_argument("--max-prompt-length", type=int, default=None)
+    p.add_argument("--prompt-template", default=None,
+                   help="format string with {question} (and {reasoning_tag}, {answer_tag}) or a file holding one; "
+                        "use the one the model was trained with (default: the MRPO paper's instruction)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--no-progress", action="store_true")
@@ -204,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     n = run_inference(backbone, records, args.out, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, top_p=args.top_p, max_prompt_length=args.max_prompt_length,
-                      max_pixels=args.max_pixels, progress=not args.no_progress)
+                      max_pixels=args.max_pixels, progress=not args.no_progress,
+                      prompt_template=args.prompt_template)
     print(f"infer: wrote {n} new predictions ({len(records)} records, {len(records) - n} already done or "
           f"skipped) to {args.out} in {time.time() - t0:.1f}s")
     return 0

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from mrpo_kernels import LossInputs
 
-from mrpo.data.records import load_image
+from mrpo.data.records import load_record_images
 from mrpo.eval.reasoning import ffp_stage, first_failure_index
 from mrpo.models.backbone import PromptTooLongError
 from mrpo.rewards.steps import token_offsets, token_step_index
@@ -39,10 +39,12 @@ class PromptPool:
         self.fits_ok: set[str] = set()      # ids whose prompt length was checked
 
     def encode(self, records: list[dict]) -> dict:
-        """Left-padded prompt batch (input ids, masks, pixel values, grid sizes) on the device."""
-        images = [load_image(r["image"], self.cfg.max_pixels) for r in records]
+        """Left-padded prompt batch (input ids, masks, pixel values, grid sizes; 0..n images per record,
+        data.prompt_template) on the device."""
+        images = [load_record_images(r, self.cfg.max_pixels) for r in records]
         batch = self.backbone.encode_prompts([r["problem"] for r in records], images,
-                                             max_prompt_length=self.cfg.max_prompt_length)
+                                             max_prompt_length=self.cfg.max_prompt_length,
+                                             prompt_template=self.cfg.prompt_template)
         return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def fits(self, rec: dict) -> bool:

@@ -67,7 +67,7 @@ class Trainer:
         self.model_path = build.model_path(cfg, self.is_main)
         self.backbone = build.load_policy(cfg, self.model_path, self.device)
         self.model = self.backbone.model
-        self.reasoning_tag = cfg.model.reasoning_tag or self.backbone.reasoning_tag
+        self.reasoning_tag = self.backbone.reasoning_tag
         self.ref_model = build.load_reference(cfg, self.model_path, self.device)
         self.engine = build_engine(self.model, self.ref_model, cfg, self.device)
         self.pool = PromptPool(train, self.backbone, cfg.data, self.device)

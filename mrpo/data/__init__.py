@@ -2,7 +2,8 @@
 
 Record format (one JSON object per line in a JSONL file; image paths relative to the JSONL's folder
 or absolute):
-    {"id": str (stable), "image": str (path), "problem": str, "solution": str (gold answer),
+    {"id": str (stable), "image": str (path) | list[str] (several images, in order; [] = text-only),
+     "problem": str, "solution": str (gold answer),
      "gold_reasoning": str ("" when unknown), "dataset": str, "split": "train" | "test",
      "answer_type": "closed" | "open", "facts": dict (synthetic data only, for the rule judge)}
 """

@@ -1,9 +1,10 @@
 """Read and validate the project's JSONL records (format: mrpo/data/__init__.py) and load images.
 
-Bad rows (invalid JSON, missing problem/solution/image, empty answer, missing or unreadable image)
-are skipped and counted in a RecordReport, which keeps the first few row ids and line numbers for
-the log; strict=True raises instead, naming the file, the line and the key. Images are fully decoded
-once per file when records are loaded (not only their headers checked), so a file with valid PNG
+`image` is one path, a list of paths (several images, in the order the model sees them) or [] (a
+text-only question). Bad rows (invalid JSON, missing problem/solution/image, empty answer, missing or
+unreadable image) are skipped and counted in a RecordReport, which keeps the first few row ids and line numbers for
+the log; strict=True raises instead, naming the file, the line and the key. Images are fully
+decoded once per file when records are loaded (not only their headers checked), so a file with valid PNG
 chunks but a broken pixel stream is skipped and named here instead of failing a training step.
 """
 from __future__ import annotations
@@ -58,6 +59,26 @@ def load_image(path: str | Path, max_pixels: int | None = None) -> Image.Image:
     return fit_max_pixels(image, max_pixels)
 
 
+def record_image_paths(record: dict) -> list[str]:
+    """The record's image paths in order: [] for a text-only record, [path] for a single image."""
+    image = record.get("image")
+    if image is None:
+        return []
+    return [image] if isinstance(image, str) else list(image)
+
+
+def load_record_images(record: dict, max_pixels: int | None = None) -> list[Image.Image]:
+    """All images of a record as RGB, each downscaled to <= max_pixels; [] for a text-only record.
+    Raises OSError / ValueError naming the record id and the image path."""
+    images = []
+    for path in record_image_paths(record):
+        try:
+            images.append(load_image(path, max_pixels))
+        except (OSError, ValueError) as e:
+            raise type(e)(f"record {record.get('id')!r}: cannot read image {path}: {e}") from e
+    return images
+
+
 def check_image(path: Path) -> str | None:
     """None when the file decodes completely as an image (as `load_image` will read it), else the reason.
 
@@ -85,20 +106,26 @@ def _validate(row, base: Path, checked: dict[Path, str | None]) -> tuple[str, st
             return "missing_key", f"missing key '{key}'"
     if isinstance(row["solution"], (int, float)) and not isinstance(row["solution"], bool):
         row["solution"] = str(row["solution"])   # numeric answers ("How many ...?") as text
-    for key in REQUIRED_KEYS:
+    for key in ("problem", "solution"):
         if not isinstance(row[key], str):
             return "bad_type", f"key '{key}' must be a string, got {type(row[key]).__name__}"
+    image = row["image"]
+    if not (isinstance(image, str) or (isinstance(image, list) and all(isinstance(p, str) for p in image))):
+        return "bad_type", f"key 'image' must be a path or a list of paths, got {type(image).__name__}"
     if not row["solution"].strip():
         return "empty_answer", "empty answer in key 'solution'"
     if not row["problem"].strip():
         return "empty_problem", "empty question in key 'problem'"
-    image = Path(row["image"]).expanduser()
-    image = image if image.is_absolute() else base / image
-    if image not in checked:
-        checked[image] = check_image(image)
-    if (msg := checked[image]) is not None:
-        return "bad_image", f"key 'image': {msg}"
-    row["image"] = str(image)
+    resolved = []
+    for i, p in enumerate([image] if isinstance(image, str) else image):
+        path = Path(p).expanduser()
+        path = path if path.is_absolute() else base / path
+        if path not in checked:
+            checked[path] = check_image(path)
+        if (msg := checked[path]) is not None:
+            return "bad_image", f"key 'image'{'' if isinstance(image, str) else f'[{i}]'}: {msg}"
+        resolved.append(str(path))
+    row["image"] = resolved[0] if isinstance(image, str) else resolved
     return "", ""
 
 

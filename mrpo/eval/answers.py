@@ -172,10 +172,11 @@ class AnswerJudge:
         text = ANSWER_JUDGE_USER.format(problem=rec.get("problem", ""), solution=to_words(rec.get("solution", "")),
                                         answer=to_words(rec.get("answer")))
         content: list[dict] | str = text
-        image = rec.get("image")
-        if self.include_image and image and os.path.isfile(image):
-            content = [{"type": "text", "text": text},
-                       {"type": "image_url", "image_url": {"url": image_data_url(image)}}]
+        image = rec.get("image") or []
+        paths = [p for p in ([image] if isinstance(image, str) else image) if os.path.isfile(p)]
+        if self.include_image and paths:
+            content = [{"type": "text", "text": text}] + [
+                {"type": "image_url", "image_url": {"url": image_data_url(p)}} for p in paths]
         return [{"role": "system", "content": ANSWER_JUDGE_SYSTEM}, {"role": "user", "content": content}]
 
     def judge_one(self, rec: dict) -> bool | None:

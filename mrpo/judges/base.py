@@ -1,6 +1,6 @@
 """The step-judge interface shared by training (process reward, MRPO shaping) and evaluation (FFP/FAR).
 
-A judge receives, per completion, the problem, image, gold answer, gold rationale and the list of
+A judge receives, per completion, the problem, its images (0..n), gold answer, gold rationale and the list of
 reasoning steps, and returns per step `alignment` (consistent with the gold rationale) and
 `contribution` (helps derive the gold answer). A step is valid when either is 1.
 A judge that still fails after its retries returns None for that request: the caller marks the
@@ -16,11 +16,18 @@ from typing import Protocol, Sequence
 class JudgeRequest:
     sample_id: str                 # stable id of the data record (for logs and caches)
     problem: str                   # question text
-    image: str | None              # path to the image file (None for text-only)
+    image: str | list[str] | None  # image file path(s) of the record, in order (None or [] for text-only)
     gold_answer: str
     gold_reasoning: str            # gold rationale (MedThink-style), "" when unknown
     steps: list[str]               # reasoning steps of one completion, in order
     facts: dict | None = None      # ground-truth facts (synthetic data only; used by the rule judge)
+
+    @property
+    def image_paths(self) -> list[str]:
+        """All image paths, in order ([] for text-only)."""
+        if not self.image:
+            return []
+        return [self.image] if isinstance(self.image, str) else list(self.image)
 
 
 @dataclass

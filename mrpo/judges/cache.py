@@ -1,6 +1,6 @@
 """On-disk cache of step verdicts, so reruns and resumes do not pay a judge twice.
 
-Key: sha256 of (judge model name, prompt version, problem, sha256 of the image file's bytes, gold
+Key: sha256 of (judge model name, prompt version, problem, sha256 of each image file's bytes, gold
 answer, gold rationale, steps). The sample id, API keys and URLs are not part of it. One JSON file per
 entry, sharded by the key's first two hex digits: <cache_dir>/ab/ab12...ef.json; writes are atomic
 (temporary file + os.replace), so concurrent writers and crashes never leave a torn file.
@@ -46,7 +46,10 @@ class JudgeCache:
 
     def key(self, model: str, req: JudgeRequest, prompt_version: str = PROMPT_VERSION) -> str:
         """Hex sha256 of the judge's inputs (see module docstring)."""
-        material = [model, prompt_version, req.problem, self._image_hash(req.image, req.sample_id),
+        hashes = [self._image_hash(p, req.sample_id) for p in req.image_paths]
+        # one image keeps the key of the single-image format, so existing caches stay valid
+        images = hashes[0] if len(hashes) == 1 else hashes if hashes else ""
+        material = [model, prompt_version, req.problem, images,
                     req.gold_answer, req.gold_reasoning, list(req.steps)]
         return hashlib.sha256(json.dumps(material, ensure_ascii=False).encode("utf-8")).hexdigest()
 

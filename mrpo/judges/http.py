@@ -62,7 +62,7 @@ class HTTPJudge:
                 self.stats.retries += 1
 
         verdict = self.client.complete(
-            build_messages(req, with_image=req.image is not None), lambda text: parse_verdict(text, len(req.steps)),
+            build_messages(req, with_image=True), lambda text: parse_verdict(text, len(req.steps)),
             on_retry=on_retry, on_error=lambda msg: log.warning("HTTPJudge: sample %s %s", req.sample_id, msg),
             temperature=self.cfg.temperature, response_format={"type": "json_object"})
         if verdict is None:

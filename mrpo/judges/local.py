@@ -60,8 +60,9 @@ class LocalJudge:
 
     def _prompt(self, req: JudgeRequest) -> str:
         messages = build_messages(req, with_image=False)
-        if self.with_image and req.image:
-            messages[1]["content"] = [{"type": "image"}, {"type": "text", "text": messages[1]["content"]}]
+        if self.with_image and req.image_paths:
+            messages[1]["content"] = ([{"type": "image"}] * len(req.image_paths)
+                                      + [{"type": "text", "text": messages[1]["content"]}])
         templater = self.processor if self.with_image else self.tokenizer
         if getattr(templater, "chat_template", None):
             return templater.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -70,10 +71,10 @@ class LocalJudge:
     @torch.no_grad()
     def _generate(self, batch: list[JudgeRequest], sample: bool) -> list[str]:
         texts = [self._prompt(r) for r in batch]
-        if self.with_image and any(r.image for r in batch):
+        if self.with_image and any(r.image_paths for r in batch):
             from PIL import Image
 
-            images = [Image.open(r.image).convert("RGB") for r in batch if r.image]
+            images = [Image.open(p).convert("RGB") for r in batch for p in r.image_paths]
             inputs = self.processor(text=texts, images=images, padding=True, return_tensors="pt")
         else:
             inputs = self.tokenizer(texts, padding=True, return_tensors="pt")

@@ -51,12 +51,12 @@ def image_data_url(path: str) -> str:
 
 
 def build_messages(req: JudgeRequest, with_image: bool) -> list[dict]:
-    """OpenAI chat messages [system, user]; the user turn carries the image as a data URL when
-    with_image and req.image is set, else it is plain text."""
+    """OpenAI chat messages [system, user]; with_image and a request with images: the user turn carries
+    every image of the record, in order, as data URLs before the text; else it is plain text."""
     text = user_text(req)
-    if with_image and req.image:
-        content: str | list = [{"type": "image_url", "image_url": {"url": image_data_url(req.image)}},
-                               {"type": "text", "text": text}]
+    if with_image and req.image_paths:
+        content: str | list = [{"type": "image_url", "image_url": {"url": image_data_url(p)}}
+                               for p in req.image_paths] + [{"type": "text", "text": text}]
     else:
         content = text
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": content}]

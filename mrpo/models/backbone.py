@@ -1,15 +1,21 @@
 """Backbone: one VL policy model (Qwen2.5-VL, Qwen3-VL or InternVL3) with its tokenizer and image processor.
 
 The three things training needs from a backbone:
-  encode_prompts           chat-template prompts + images -> a left-padded batch for generate
+  encode_prompts           questions (+ prompt template) + 0..n images per row -> a left-padded batch for generate
   generate                 batched HF generate with KV cache -> completion token ids (no padding)
   completion_hidden_states teacher-forced forward over prompt + completion through the inner model
                            (no lm_head): hidden states that predict each completion token, packed
 The processor is assembled here by hand (image processor + placeholder expansion + tokenizer), as
-transformers' processor classes cannot be built without a video processor (see
-/work/shared/notes-offline-backbones.md). It follows their rules: Qwen puts prod(image_grid_thw) //
-merge_size**2 image tokens per image and marks them 1 in mm_token_type_ids; InternVL puts <img>, then
-image_seq_length <IMG_CONTEXT> per tile (tiles + thumbnail, crop_to_patches=True), then </img>.
+transformers' processor classes cannot be built without a video processor, which needs torchvision.
+It follows their rules: Qwen puts prod(image_grid_thw) // merge_size**2 image tokens per image and marks
+them 1 in mm_token_type_ids; InternVL puts <img>, then image_seq_length <IMG_CONTEXT> per tile (tiles +
+thumbnail, crop_to_patches=True), then </img>. A row holds 0..n images, placed before the question in
+the user turn; their tensors are concatenated row-major. `save` writes the processor_config.json those
+classes read, so AutoProcessor loads an exported folder where torchvision is installed.
+
+Under FSDP2 / ZeRO-3 over several ranks, a rank whose batch holds no image while another's does gets one
+throwaway blank-image row in generate and completion_hidden_states, so that every rank runs the vision
+tower and the ranks' collectives keep matching.
 
 Positions: Qwen's 3D M-RoPE index is computed by the model from `mm_token_type_ids` and the attention
 mask (so left padding of the prompt and right padding of the completion do not move any token);
@@ -17,16 +23,60 @@ InternVL (1-D RoPE) gets position_ids = cumsum(attention_mask) - 1, as generate 
 """
 from __future__ import annotations
 
+import functools
+import json
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from PIL import Image
 
 from mrpo.data.records import fit_max_pixels
 
-INSTRUCTION = ("Think step-by-step and enclose your reasoning in <{tag}>...</{tag}> tags. "
-               "Then provide your answer in <answer>...</answer> tags.")
+# The instruction of the MRPO paper (dmis-lab/MRPO, grpo_vqa_MRPO.py QUESTION_TEMPLATE), for every backbone;
+# reasoning_tag is "thinking" for Qwen3-VL and "think" otherwise.
+DEFAULT_PROMPT_TEMPLATE = ("{question} Think step-by-step and enclose your reasoning in "
+                           "<{reasoning_tag}>...</{reasoning_tag}> tags. Then provide your answer in "
+                           "<{answer_tag}>...</{answer_tag}> tags.")
+PROMPT_FIELDS = ("question", "reasoning_tag", "answer_tag")
+ANSWER_TAG = "answer"   # what mrpo.rewards.answer extracts
+
+
+@functools.lru_cache(maxsize=32)
+def load_prompt_template(spec: str | None) -> str:
+    """The prompt template (data.prompt_template) as a format string.
+
+    spec: None = DEFAULT_PROMPT_TEMPLATE (the paper's instruction); a string holding "{question}" is the
+    template itself; any other string is the path of a UTF-8 text file holding one (read once; a
+    trailing newline is dropped). Fields: {question} (required), {reasoning_tag} ("think", or "thinking"
+    for Qwen3-VL), {answer_tag} ("answer"); write literal braces as {{ and }}.
+    Raises FileNotFoundError / ValueError naming the file, a missing {question} or an unknown field."""
+    if spec is None:
+        return DEFAULT_PROMPT_TEMPLATE
+    template, where = spec, "data.prompt_template"
+    if "{question}" not in spec:
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"data.prompt_template: {spec!r} holds no {{question}} field and is not a "
+                                    f"file (a template, or the path of a text file holding one)")
+        template, where = path.read_text(encoding="utf-8").removesuffix("\n"), f"data.prompt_template file {path}"
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as e:
+        raise ValueError(f"{where}: not a valid format string ({e}); write literal braces as {{{{ and }}}}") from None
+    unknown = sorted(fields - set(PROMPT_FIELDS))
+    if unknown or "question" not in fields:
+        why = f"unknown fields {unknown}" if unknown else "no {question} field"
+        raise ValueError(f"{where}: {why}; allowed fields: {', '.join('{' + f + '}' for f in PROMPT_FIELDS)}")
+    return template
+
+
+def format_prompt(prompt_template: str | None, question: str, reasoning_tag: str) -> str:
+    """The user turn's text for one question (see load_prompt_template)."""
+    return load_prompt_template(prompt_template).format(question=question, reasoning_tag=reasoning_tag,
+                                                        answer_tag=ANSWER_TAG)
 
 # Override a checkpoint's generation_config.json (e.g. Qwen's top_k=1, repetition_penalty=1.05): rollouts
 # must sample from the policy's own distribution (only temperature / top_p, as configured).
@@ -80,49 +130,69 @@ class Backbone:
     def image_token_id(self) -> int:
         return self.model.config.image_token_id
 
-    def chat_prompt(self, problem: str) -> str:
-        """Chat-template text: user turn = image + problem + the paper's reasoning instruction,
-        followed by the generation prompt (assistant turn opened)."""
-        text = f"{problem}\n{INSTRUCTION.format(tag=self.reasoning_tag)}"
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    def chat_prompt(self, question: str, num_images: int = 1, prompt_template: str | None = None) -> str:
+        """Chat-template text: one user turn = `num_images` image placeholders (in record order), then
+        the question formatted with the prompt template (None = the paper's instruction, see
+        load_prompt_template), followed by the generation prompt (assistant turn opened)."""
+        text = format_prompt(prompt_template, question, self.reasoning_tag)
+        content = [{"type": "image"}] * num_images + [{"type": "text", "text": text}]
+        messages = [{"role": "user", "content": content}]
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    def _expand_images(self, prompts: list[str], images: list[Image.Image]) -> tuple[list[str], dict]:
-        """Run the image processor and expand each prompt's single image placeholder into the number
-        of image tokens the model expects. Returns (expanded prompts, image tensors)."""
+    def _expand_images(self, prompts: list[str], images: list[list[Image.Image]]) -> tuple[list[str], dict]:
+        """Run the image processor over all images of the batch (row-major) and expand each image
+        placeholder, in order, into the number of image tokens the model expects for that image.
+        Returns (expanded prompts, image tensors; {} when the batch holds no image)."""
         placeholder = self.image_token
-        for i, p in enumerate(prompts):
-            if p.count(placeholder) != 1:
-                raise ValueError(f"prompt {i} must hold exactly one image placeholder {placeholder!r}, "
-                                 f"found {p.count(placeholder)}")
+        for i, (p, ims) in enumerate(zip(prompts, images)):
+            if p.count(placeholder) != len(ims):
+                raise ValueError(f"prompt {i} holds {p.count(placeholder)} image placeholders {placeholder!r} "
+                                 f"for {len(ims)} images")
+        flat = [im for ims in images for im in ims]
+        if not flat:
+            return list(prompts), {}
         if self.is_qwen:
             kwargs = {}
             if self.max_pixels is not None:   # smart_resize rounds to the patch grid within this budget
                 lo = min(self.image_processor.size["shortest_edge"], self.max_pixels)
                 kwargs["size"] = {"shortest_edge": lo, "longest_edge": self.max_pixels}
-            out = self.image_processor(images=images, return_tensors="pt", **kwargs)
+            out = self.image_processor(images=flat, return_tensors="pt", **kwargs)
             merge = self.image_processor.merge_size ** 2
-            counts = (out["image_grid_thw"].prod(-1) // merge).tolist()
-            expanded = [p.replace(placeholder, placeholder * n) for p, n in zip(prompts, counts)]
-            return expanded, {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
-        # InternVL: tiles (+ thumbnail) per image, image_seq_length tokens per tile, wrapped in <img>...</img>
-        out = self.image_processor(images=images, crop_to_patches=True, return_tensors="pt")
-        seq = self.model.config.image_seq_length
-        tok = self.tokenizer
-        expanded = [p.replace(placeholder, f"{tok.start_image_token}{placeholder * (seq * n)}{tok.end_image_token}")
-                    for p, n in zip(prompts, out["num_patches"].tolist())]
-        return expanded, {"pixel_values": out["pixel_values"]}
+            tokens = [placeholder * n for n in (out["image_grid_thw"].prod(-1) // merge).tolist()]
+            vision = {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+        else:
+            # InternVL: tiles (+ thumbnail) per image, image_seq_length tokens per tile, wrapped in <img>...</img>
+            out = self.image_processor(images=flat, crop_to_patches=True, return_tensors="pt")
+            seq, tok = self.model.config.image_seq_length, self.tokenizer
+            tokens = [f"{tok.start_image_token}{placeholder * (seq * n)}{tok.end_image_token}"
+                      for n in out["num_patches"].tolist()]
+            vision = {"pixel_values": out["pixel_values"]}
+        expanded, k = [], 0
+        for p, ims in zip(prompts, images):
+            parts = p.split(placeholder)
+            expanded.append(parts[0] + "".join(tokens[k + j] + parts[j + 1] for j in range(len(ims))))
+            k += len(ims)
+        return expanded, vision
 
-    def encode_prompts(self, problems: list[str], images: list[Image.Image],
-                       max_prompt_length: int | None = None) -> dict[str, torch.Tensor]:
-        """Left-padded batch for generate. Keys: input_ids [B, P], attention_mask [B, P], pixel_values
-        (Qwen: [sum patches, C*T*p*p] with image_grid_thw [B, 3] and mm_token_type_ids [B, P];
-        InternVL: [tiles, 3, H, W]). Images are downscaled to <= max_pixels first.
+    def encode_prompts(self, questions: list[str], images: list[list[Image.Image]] | list[Image.Image],
+                       max_prompt_length: int | None = None, prompt_template: str | None = None
+                       ) -> dict[str, torch.Tensor]:
+        """Left-padded batch for generate.
+
+        questions: B question texts (the prompt template adds the instruction); images: B lists of PIL
+        images, each list in the order the model sees them ([] = text-only row; a bare image counts as
+        [image]); prompt_template: see load_prompt_template (None = the paper's instruction).
+        Keys: input_ids [B, P], attention_mask [B, P]; when the batch holds N >= 1 images, pixel_values
+        (Qwen: [sum of patches, C*T*p*p] with image_grid_thw [N, 3], images row-major; InternVL:
+        [tiles, 3, H, W]); Qwen also mm_token_type_ids [B, P] (1 on image tokens). Images are
+        downscaled to <= max_pixels first.
         Raises PromptTooLongError when a prompt (image tokens included) exceeds max_prompt_length."""
-        if len(problems) != len(images):
-            raise ValueError(f"encode_prompts: {len(problems)} problems but {len(images)} images")
-        images = [fit_max_pixels(im.convert("RGB"), self.max_pixels) for im in images]
-        prompts, vision = self._expand_images([self.chat_prompt(p) for p in problems], images)
+        if len(questions) != len(images):
+            raise ValueError(f"encode_prompts: {len(questions)} questions but {len(images)} image lists")
+        images = [[ims] if isinstance(ims, Image.Image) else list(ims) for ims in images]
+        images = [[fit_max_pixels(im.convert("RGB"), self.max_pixels) for im in ims] for ims in images]
+        prompts = [self.chat_prompt(q, len(ims), prompt_template) for q, ims in zip(questions, images)]
+        prompts, vision = self._expand_images(prompts, images)
         enc = self.tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt",
                              add_special_tokens=False)
         if max_prompt_length is not None:
@@ -144,18 +214,78 @@ class Backbone:
         equal to encode_prompts of the selected rows."""
         idx = torch.as_tensor(list(rows), dtype=torch.long, device=batch["input_ids"].device)
         out = {k: batch[k][idx] for k in ("input_ids", "attention_mask", "mm_token_type_ids") if k in batch}
-        if self.is_qwen:   # pixel_values: flat patches, image i holds prod(image_grid_thw[i]) of them
-            per_row = batch["image_grid_thw"].prod(-1).tolist()
-            out["image_grid_thw"] = batch["image_grid_thw"][idx]
-        else:              # InternVL: tiles per row = image tokens / image_seq_length
-            per_row = ((batch["input_ids"] == self.image_token_id).sum(-1)
-                       // self.model.config.image_seq_length).tolist()
-        chunks = batch["pixel_values"].split(per_row)
-        out["pixel_values"] = torch.cat([chunks[r] for r in idx.tolist()])
+        if "pixel_values" in batch:
+            row_tokens = (batch["input_ids"] == self.image_token_id).sum(-1).tolist()
+            if self.is_qwen:   # flat patches; image i holds prod(image_grid_thw[i]) of them
+                grid = batch["image_grid_thw"]
+                per_image = grid.prod(-1).tolist()
+                tokens = (grid.prod(-1) // self.image_processor.merge_size ** 2).tolist()
+                images_of_row, k = [], 0   # images are row-major: consume them until the row's tokens are covered
+                for n in row_tokens:
+                    start = k
+                    while n > 0:
+                        n -= tokens[k]
+                        k += 1
+                    images_of_row.append(list(range(start, k)))
+                chunks = batch["pixel_values"].split(per_image)
+                picked = [i for r in idx.tolist() for i in images_of_row[r]]
+                if picked:
+                    out["image_grid_thw"] = grid[picked]
+                    out["pixel_values"] = torch.cat([chunks[i] for i in picked])
+            else:              # InternVL: tiles per row = image tokens / image_seq_length
+                per_row = [n // self.model.config.image_seq_length for n in row_tokens]
+                chunks = batch["pixel_values"].split(per_row)
+                picked = [chunks[r] for r in idx.tolist() if per_row[r]]
+                if picked:
+                    out["pixel_values"] = torch.cat(picked)
         lead = int((out["attention_mask"].cumsum(-1) == 0).sum(-1).min()) if len(idx) else 0
         for k in ("input_ids", "attention_mask", "mm_token_type_ids"):
             if k in out:
                 out[k] = out[k][:, lead:]
+        return out
+
+    # ------------------------------------------------------------------ sharded runs without images
+    @staticmethod
+    def _is_sharded(model) -> bool:
+        """FSDP2 or DeepSpeed ZeRO-3 over several processes: every rank must call the same modules."""
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return False
+        return hasattr(model, "_get_fsdp_state") or hasattr(next(model.parameters()), "ds_id")
+
+    def _vision_filler(self, batch: dict, model) -> dict | None:
+        """A one-row batch with a blank image, for a sharded rank whose batch holds no image while
+        another rank's does: that rank runs the vision tower (gathering its shards) and this one would
+        not, so their collectives would stop matching and hang. The caller appends the row to its batch
+        and drops the row's output. None when not needed (one flag all-reduced over the ranks)."""
+        if not self._is_sharded(model):
+            return None
+        has = torch.tensor([float("pixel_values" in batch)], device=batch["input_ids"].device)
+        dist.all_reduce(has, op=dist.ReduceOp.MAX)
+        if "pixel_values" in batch or has.item() == 0:
+            return None
+        proc = self.image_processor
+        side = proc.size["height"] if not self.is_qwen else proc.patch_size * proc.merge_size
+        messages = [{"role": "user", "content": [{"type": "image"}]}]
+        prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompt, vision = self._expand_images([prompt], [[Image.new("RGB", (side, side))]])
+        ids = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        filler = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **vision}
+        if self.is_qwen:
+            filler["mm_token_type_ids"] = (ids == self.image_token_id).int()
+        device, dtype = batch["input_ids"].device, self.model.dtype
+        return {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None) for k, v in filler.items()}
+
+    def _append_row(self, batch: dict, row: dict) -> dict:
+        """batch + one more row (left-padded to a common length); the row brings the only image tensors."""
+        P = max(batch["input_ids"].shape[1], row["input_ids"].shape[1])
+        out = {}
+        for k, pad in (("input_ids", self.pad_token_id), ("attention_mask", 0), ("mm_token_type_ids", 0)):
+            if k in batch:
+                a, b = batch[k], row[k]
+                a = torch.nn.functional.pad(a, (P - a.shape[1], 0), value=pad)
+                b = torch.nn.functional.pad(b, (P - b.shape[1], 0), value=pad)
+                out[k] = torch.cat([a, b.to(a.dtype)])
+        out.update({k: v for k, v in row.items() if k not in out})
         return out
 
     # ------------------------------------------------------------------ generation
@@ -169,9 +299,13 @@ class Backbone:
                       suppress_tokens=self.suppress_token_ids or None, synced_gpus=synced_gpus)
         if do_sample:
             kwargs.update(temperature=temperature, top_p=top_p)
+        rows = batch["input_ids"].shape[0]
+        filler = self._vision_filler(batch, self.model)
+        if filler is not None:
+            batch = self._append_row(batch, filler)
         # a sharded model generates inside its engine's generation() context (mrpo/engines)
         seqs = self.model.generate(**batch, **kwargs)
-        new = seqs[:, batch["input_ids"].shape[1]:].tolist()
+        new = seqs[:rows, batch["input_ids"].shape[1]:].tolist()
         eos = set(self.eos_token_ids)
         out = []
         for row in new:
@@ -194,10 +328,15 @@ class Backbone:
         hidden states, through every FSDP2 hook; otherwise the inner model.model(...) runs, and under
         FSDP2 the caller calls model.unshard() before and model.reshard() after the backward.
         """
+        if len(completions) != batch["input_ids"].shape[0]:
+            raise ValueError(f"completion_hidden_states: {len(completions)} completions for a batch of "
+                             f"{batch['input_ids'].shape[0]}")
+        rows = len(completions)
+        filler = self._vision_filler(batch, self.model if model is None else model)
+        if filler is not None:   # its empty completion adds no hidden state; its cu_seqlens entry is dropped
+            batch, completions = self._append_row(batch, filler), list(completions) + [[]]
         input_ids, prompt_mask = batch["input_ids"], batch["attention_mask"]
         B, P = input_ids.shape
-        if len(completions) != B:
-            raise ValueError(f"completion_hidden_states: {len(completions)} completions for a batch of {B}")
         device = input_ids.device
         lengths = torch.tensor([len(c) for c in completions], dtype=torch.long, device=device)
         T = int(lengths.max()) if B else 0
@@ -222,7 +361,7 @@ class Backbone:
         hidden = hidden[:, P - 1 : P - 1 + T]                                             # [B, T, D]
         cu_seqlens = torch.zeros(B + 1, dtype=torch.int32, device=device)
         cu_seqlens[1:] = torch.cumsum(lengths, 0).to(torch.int32)
-        return hidden[comp_mask], comp[comp_mask], cu_seqlens
+        return hidden[comp_mask], comp[comp_mask], cu_seqlens[: rows + 1]
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -230,13 +369,34 @@ class Backbone:
         return self.model.get_output_embeddings().weight
 
     # ------------------------------------------------------------------ export
+    def processor_config(self) -> dict:
+        """processor_config.json as transformers 5 writes it for this family's processor (written by
+        `save`, since the processor object cannot be built without torchvision, see module docstring):
+        processor_class, the nested image_processor and video_processor configs (the video processor
+        shares the image processor's patching and normalisation) and, for InternVL, image_seq_length."""
+        image = self.image_processor.to_dict()
+        same = {k: image[k] for k in ("patch_size", "temporal_patch_size", "merge_size", "image_mean",
+                                      "image_std", "do_convert_rgb") if k in image}
+        if self.family == "internvl3":
+            return {"processor_class": "InternVLProcessor", "image_seq_length": self.model.config.image_seq_length,
+                    "image_processor": image,
+                    "video_processor": {"video_processor_type": "InternVLVideoProcessor", **same,
+                                        "size": dict(image["size"])}}
+        cls = "Qwen3VL" if self.family == "qwen3_vl" else "Qwen2_5_VL"
+        video = "Qwen3VLVideoProcessor" if self.family == "qwen3_vl" else "Qwen2VLVideoProcessor"
+        return {"processor_class": f"{cls}Processor", "image_processor": image,
+                "video_processor": {"video_processor_type": video, **same}}
+
     def save(self, out_dir: str | Path, state_dict: dict | None = None) -> Path:
-        """Write a Hugging Face folder (safetensors, config, generation config, tokenizer, image
-        processor) loadable by load_backbone and AutoModelForImageTextToText.from_pretrained.
+        """Write a Hugging Face folder (safetensors, config, generation config, tokenizer + chat
+        template, image processor, processor_config.json) loadable by load_backbone,
+        AutoModelForImageTextToText, AutoTokenizer, AutoImageProcessor and, where torchvision is
+        installed (transformers' video processors need it), AutoProcessor.
         state_dict: a full (gathered) state dict when the model is sharded (FSDP2)."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(out_dir, state_dict=state_dict)
         self.tokenizer.save_pretrained(out_dir)
         self.image_processor.save_pretrained(out_dir)
+        (out_dir / "processor_config.json").write_text(json.dumps(self.processor_config(), indent=2) + "\n")
         return out_dir

@@ -1,7 +1,8 @@
 """Tiny random-initialised Qwen2.5-VL / Qwen3-VL / InternVL3 backbones, built offline.
 
 `build_tiny` writes a complete Hugging Face folder (config + safetensors via save_pretrained,
-generation config, tokenizer with chat template, image processor config) that `load_backbone` (and
+generation config, tokenizer with chat template, image processor config, processor_config.json) that
+`load_backbone` (and
 `AutoModelForImageTextToText.from_pretrained`) loads exactly like a real checkpoint. Each model uses
 the real transformers classes at 2 text layers / hidden 128 / 2 vision layers (~1M parameters).
 
@@ -186,7 +187,12 @@ def build_tiny(family: str, out_dir: str | Path, seed: int = 0, corpus: list[str
             model = build_model(family, tok)
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        build_image_processor(family).save_pretrained(tmp)
+        image_processor = build_image_processor(family)
+        image_processor.save_pretrained(tmp)
+        from mrpo.models.backbone import Backbone   # processor_config.json, as Backbone.save writes it
+
+        config = Backbone(model=model, tokenizer=tok, image_processor=image_processor, family=family).processor_config()
+        (tmp / "processor_config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / MARKER).write_text(json.dumps(want))
         for _ in range(3):
             try:

@@ -62,8 +62,9 @@ class FakeBackbone:
         self.tokenizer = CharTokenizer()
         self.calls = []
 
-    def encode_prompts(self, problems, images, max_prompt_length=None):
-        assert len(problems) == len(images) and all(isinstance(im, Image.Image) for im in images)
+    def encode_prompts(self, problems, images, max_prompt_length=None, prompt_template=None):
+        assert len(problems) == len(images)
+        assert all(isinstance(ims, list) and all(isinstance(im, Image.Image) for im in ims) for ims in images)
         return {"problems": list(problems)}
 
     def generate(self, batch, max_new_tokens, temperature=1.0, top_p=1.0, do_sample=True):

@@ -1,9 +1,11 @@
 """Worker for test_fsdp2_sharded_backbone (run by torchrun with 2 gloo processes): for each tiny model
 folder given on the command line, shard it with FSDP2 (each decoder layer, the vision tower, the root),
 generate with synced_gpus at different lengths per rank, and check the teacher-forced log-probs and a
-decoder-layer gradient against an unsharded copy (gradients all-reduced / averaged)."""
+decoder-layer gradient against an unsharded copy (gradients all-reduced / averaged); then the same with a
+text-only prompt on rank 0 next to an image prompt on rank 1."""
 import os
 import sys
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -91,13 +93,51 @@ def check(path: str, rank: int, world: int) -> None:
         g = dict(model.named_parameters())[pname].grad.full_tensor()
         assert torch.allclose(g, g_ref / world, atol=1e-5), (pname, (g - g_ref / world).abs().max())
 
+def check_text_only_rank(path: str, rank: int, world: int) -> None:
+    """Rank 0 holds a text-only prompt, the others one with an image: rank 0 must still run the vision
+    tower (Backbone appends a throwaway image row), or the ranks' all-gathers stop matching and hang.
+    Rank 0's log-probs equal the unsharded model's, and the vision tower's gradient is the average of
+    the ranks' (rank 0 adds zero)."""
+    bb, ref = load_backbone(path), load_backbone(path)
+    model = bb.model
+    install_passthrough_head(model)
+    for layer in model.model.language_model.layers:
+        fully_shard(layer)
+    visual = model.model.visual if bb.is_qwen else model.model.vision_tower
+    fully_shard(visual)
+    fully_shard(model)
+    images = [] if rank == 0 else [make_example(0, "train", rank, 56)[1]]
+    batch = bb.encode_prompts(["Is 2 larger than 1?"], [images])
+    assert ("pixel_values" in batch) == (rank != 0)
+    comps = bb.generate(batch, max_new_tokens=3 + 3 * rank, do_sample=False, synced_gpus=True)
+    assert comps == ref.generate(batch, max_new_tokens=3 + 3 * rank, do_sample=False)
+    with hidden_states_mode(model):
+        hidden, targets, cu = bb.completion_hidden_states(batch, comps, model=model)
+    assert cu.tolist() == [0, len(comps[0])] and targets.tolist() == comps[0]
+    lp = torch.log_softmax(hidden @ model.get_output_embeddings().weight.T, -1).gather(-1, targets[:, None])[:, 0]
+    lp.sum().backward()
+    h2, t2, _ = ref.completion_hidden_states(batch, comps)
+    lp2 = torch.log_softmax(h2 @ ref.lm_head_weight.T, -1).gather(-1, t2[:, None])[:, 0]
+    lp2.sum().backward()
+    assert torch.allclose(lp.detach(), lp2.detach(), atol=1e-5), (lp - lp2).abs().max()
+    prefix = "model.visual." if bb.is_qwen else "model.vision_tower."
+    name = next(n for n, _ in ref.model.named_parameters() if n.startswith(prefix) and ".0." in n)   # block 0
+    g_ref = ref.model.get_parameter(name).grad
+    g_ref = torch.zeros_like(ref.model.get_parameter(name)) if g_ref is None else g_ref.clone()
+    assert (g_ref.abs().sum() == 0) == (rank == 0)
+    dist.all_reduce(g_ref)
+    g = model.get_parameter(name).grad.full_tensor()
+    assert g_ref.abs().sum() > 0 and torch.allclose(g, g_ref / world, atol=1e-5), (g - g_ref / world).abs().max()
+
+
 def main() -> None:
     torch.set_num_threads(1)
     os.environ["HF_HUB_OFFLINE"] = "1"
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", timeout=timedelta(seconds=120))   # a collective mismatch fails, not hangs
     rank, world = dist.get_rank(), dist.get_world_size()
     for path in sys.argv[1:]:
         check(path, rank, world)
+        check_text_only_rank(path, rank, world)
         print(f"rank {rank}: {path} ok", flush=True)
     dist.destroy_process_group()
 
