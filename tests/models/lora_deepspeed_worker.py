@@ -1,5 +1,5 @@
 """Worker for test_deepspeed_zero3_lora_two_ranks (torchrun, 2 gloo processes on CPU): LoRA applied, then the
-policy wrapped in mrpo.models.deepspeed_engine.ZeROEngine (ZeRO-3, every parameter partitioned) with an
+policy wrapped in mrpo.engines.deepspeed.ZeROEngine (ZeRO-3, every parameter partitioned) with an
 AdamW over the adapters only; one fused-loss micro-batch per rank through the trainer's path (engine
 forward with the passthrough head, lm_head gathered until backward). Checks: gradients only on adapters
 and equal to an unsharded run's averaged over ranks; the step moves only adapters; reference log-probs
@@ -17,7 +17,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(__file__))
 from test_lora import inputs, lora_backbone  # noqa: E402
 
-from mrpo.models.deepspeed_engine import ZeROEngine  # noqa: E402
+from mrpo.engines.deepspeed import ZeROEngine  # noqa: E402
 from mrpo.models.load import load_backbone  # noqa: E402
 from mrpo.models.lora import adapter_state_dict, adapters_disabled, merged_state_dict  # noqa: E402
 from mrpo.models.parallelize import hidden_states_mode, install_passthrough_head  # noqa: E402
@@ -48,7 +48,7 @@ def check(path: str, scratch: Path, rank: int, world: int) -> None:
         b.model.train()
     model = bb.model
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    zero = ZeROEngine(model, opt, cfg_ns(), torch.device("cpu"),
+    zero = ZeROEngine(model, None, cfg_ns(), torch.device("cpu"), optimizer=opt,
                       overrides={"zero_optimization": {"stage3_param_persistence_threshold": 0}})
     batch, comps = inputs(bb)
     sub, comps = bb.select_rows(batch, [rank]), [comps[rank]]
