@@ -50,7 +50,8 @@ def _rl_steps(out) -> list[int]:
     return [r["step"] for r in rows if "phase" not in r]
 
 
-def test_second_run_into_a_locked_folder_exits_naming_the_holder(shared_data, tmp_path):
+def test_second_run_into_a_locked_folder_exits_naming_the_holder(tmp_path):
+    shared_data = tmp_path / "data" / "synthetic"   # own copy: the first run is killed, maybe mid-write
     out = tmp_path / "run"
     long_run = tiny_overrides(shared_data, out, **{"optim.max_steps": 1000, "sft.steps": 1000})
     first = subprocess.Popen(_cmd(long_run), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -90,7 +91,8 @@ def test_resume_with_a_changed_experiment_is_refused(shared_data, tmp_path):
     assert (out / ".lock").read_text() == ""                        # released on the error path
 
 
-def test_launcher_sigkill_leaves_no_worker_alive(shared_data, tmp_path):
+def test_launcher_sigkill_leaves_no_worker_alive(tmp_path):
+    shared_data = tmp_path / "data" / "synthetic"   # own copy: the worker is killed, maybe mid-write
     out = tmp_path / "run"
     args = tiny_overrides(shared_data, out, **{"optim.max_steps": 1000, "sft.steps": 1000})
     launcher = subprocess.Popen(_cmd(args, nproc=1), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
