@@ -393,6 +393,21 @@ class GracefulStop:
         return left is None or left > estimate_s + margin_s
 
 
+def agree_all(flag: bool, device: Any = None) -> bool:
+    """True only if `flag` is true on every rank (all_reduce MIN; collective when torch.distributed is
+    initialized): e.g. whether every rank expects a checkpoint to fit in its grace before all call save()."""
+    try:
+        import torch
+        import torch.distributed as dist
+    except ImportError:
+        return flag
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([float(flag)], device=device or "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
 def stop_message(what: str, phase: str, step: int, checkpoint: str | os.PathLike | None,
                  why_not: str | None = None) -> str:
     """The line printed after a stop: what stopped the run (e.g. "SIGINT"), in which phase (warm-up,
@@ -443,4 +458,4 @@ def describe_outputs(output_dir: str | os.PathLike) -> str:
 
 __all__ = ["OutputLock", "OutputLockedError", "ResumeConfigError", "RESUME_ALLOWED", "config_differences",
            "check_resume_config", "saved_config_path", "archive_config", "watch_launcher", "launcher_alive",
-           "GracefulStop", "stop_message", "describe_outputs", "EXIT_LAUNCHER_DIED"]
+           "GracefulStop", "agree_all", "stop_message", "describe_outputs", "EXIT_LAUNCHER_DIED"]
