@@ -290,7 +290,7 @@ def watch_launcher(poll_s: float = 0.5, force: bool = False) -> int | None:
                 log.debug("prctl(PR_SET_PDEATHSIG) failed: errno %d; polling only", ctypes.get_errno())
         except (OSError, AttributeError):
             pass
-    if not launcher_alive(launcher) or launcher == 1:   # died before prctl took effect
+    if not launcher_alive(launcher):   # died between getppid() and prctl (torchrun may itself be PID 1)
         _exit_launcher_died(launcher)
 
     def poll() -> None:
