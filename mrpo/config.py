@@ -3,7 +3,8 @@
     python -m mrpo.train --config configs/qwen2_5_vl_7b_mrpo.yaml algo.tau=0.6 optim.lr=2e-6
 
 No --config means the embedded default, configs/tiny_cpu.yaml; the dataclass defaults below follow the
-paper's recipe (G=8, 512 new tokens, lr 1e-6, ...) and fill every key a YAML file leaves out.
+paper's recipe (G=8, 512 new tokens, lr 1e-6, ...) and fill every key a YAML file leaves out. A config
+without output_dir writes to runs/<config file name>.
 Unknown keys, wrong types and impossible values fail at start-up with the key, the file and the
 closest valid key.
 """
@@ -27,122 +28,135 @@ class ConfigError(ValueError):
     """A bad configuration value; the message names the key and where it came from."""
 
 
+def _f(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field with its meaning (units included) in metadata["help"]; --help prints it."""
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class ModelConfig:
-    family: Literal["qwen2_5_vl", "qwen3_vl", "internvl3"] = "qwen2_5_vl"
-    path: Optional[str] = None          # local HF folder; None = build the tiny random model (offline)
-    tiny_seed: int = 0
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"
-    gradient_checkpointing: bool = False
-    freeze_vision: bool = False
-    reasoning_tag: Optional[str] = None  # None = family default ("thinking" for qwen3_vl, else "think")
+    family: Literal["qwen2_5_vl", "qwen3_vl", "internvl3"] = _f("qwen2_5_vl", "backbone family (chat template, vision tower, reasoning tag)")
+    path: Optional[str] = _f(None, "local Hugging Face folder; null = build the tiny random model (offline)")
+    tiny_seed: int = _f(0, "seed of the tiny random model's weights (model.path=null)")
+    dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "dtype of the policy weights")
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = _f("sdpa", "attention kernel")
+    gradient_checkpointing: bool = _f(False, "recompute activations in backward (less memory, ~30% slower)")
+    freeze_vision: bool = _f(False, "train the language model only; the vision tower stays fixed")
+    reasoning_tag: Optional[str] = _f(None, "tag around the reasoning; null = family default "
+                                            "(\"thinking\" for qwen3_vl, else \"think\")")
 
 
 @dataclass
 class DataConfig:
-    train_path: Optional[str] = None     # prepared JSONL (python -m mrpo.data prepare); None = synthetic
-    test_path: Optional[str] = None
-    synthetic_dir: str = "data/synthetic"
-    synthetic_train: int = 512
-    synthetic_test: int = 64
-    synthetic_seed: int = 0
-    max_pixels: int = 802816
-    max_prompt_length: int = 1024
-    # User turn per record: a format string with {question} (required), {reasoning_tag} ("think", or
-    # "thinking" for qwen3_vl) and {answer_tag} ("answer"), or the path of a text file holding one;
-    # null = the MRPO paper's instruction "{question} Think step-by-step and enclose your reasoning in
-    # <{reasoning_tag}>...</{reasoning_tag}> tags. Then provide your answer in <{answer_tag}>...</{answer_tag}> tags."
-    prompt_template: Optional[str] = None
-    on_bad_row: Literal["skip", "error"] = "skip"
-    shuffle: bool = True
+    train_path: Optional[str] = _f(None, "prepared JSONL (python -m mrpo.data prepare); null = synthetic data")
+    test_path: Optional[str] = _f(None, "held-out JSONL for evaluation; null = the synthetic test split (if any)")
+    synthetic_dir: str = _f("data/synthetic", "where the synthetic data set is generated")
+    synthetic_train: int = _f(512, "synthetic training records")
+    synthetic_test: int = _f(64, "synthetic held-out records")
+    synthetic_seed: int = _f(0, "seed of the synthetic data generator")
+    max_pixels: int = _f(802816, "images are resized to at most this many pixels")
+    max_prompt_length: int = _f(1024, "prompt tokens (text + image); longer prompts are skipped or an error")
+    prompt_template: Optional[str] = _f(None, "user turn per record: a format string with {question} (required), "
+                                        "{reasoning_tag} and {answer_tag}, or a file holding one; null = the "
+                                        "paper's instruction")
+    on_bad_row: Literal["skip", "error"] = _f("skip", "bad or over-long records: skip (counted) or stop")
+    shuffle: bool = _f(True, "seeded shuffle of the training prompts each epoch")
 
 
 @dataclass
 class RolloutConfig:
-    group_size: int = 8                  # G completions per prompt
-    max_new_tokens: int = 512            # max completion length
-    temperature: float = 1.0
-    top_p: float = 1.0
+    group_size: int = _f(8, "G: completions sampled per prompt")
+    max_new_tokens: int = _f(512, "max completion length (tokens)")
+    temperature: float = _f(1.0, "sampling temperature of the rollouts")
+    top_p: float = _f(1.0, "nucleus sampling threshold of the rollouts")
 
 
 @dataclass
 class RewardConfig:
-    answer_weight: float = 1.0           # a reward is enabled when its weight > 0
-    process_weight: float = 1.0
-    length_weight: float = 1.0
-    format_weight: float = 0.0
-    k_min: int = 4
-    k_max: int = 10
-    bert_model_path: Optional[str] = None  # local BERT (e.g. BiomedBERT) for BERTScore; None = fallback
+    answer_weight: float = _f(1.0, "weight of the answer reward (a reward is enabled when its weight > 0)")
+    process_weight: float = _f(1.0, "weight of the process reward (share of valid steps, from the step judge)")
+    length_weight: float = _f(1.0, "weight of the length reward (penalty outside [k_min, k_max] steps)")
+    format_weight: float = _f(0.0, "weight of the format reward (1 for exactly <think>...</think><answer>...</answer>)")
+    k_min: int = _f(4, "fewest reasoning steps without a length penalty")
+    k_max: int = _f(10, "most reasoning steps without a length penalty")
+    bert_model_path: Optional[str] = _f(None, "local BERT (e.g. BiomedBERT) for BERTScore of open answers; "
+                                              "null = token-overlap fallback")
 
 
 @dataclass
 class JudgeConfig:
-    kind: Literal["http", "local", "rule", "labels", "none"] = "rule"
-    model: str = "gpt-5-mini"
-    base_url: str = "https://api.openai.com/v1"
-    api_key_env: str = "OPENAI_API_KEY"  # name of the environment variable, never the key itself
-    max_concurrency: int = 8
-    timeout_s: float = 60.0
-    max_retries: int = 3
-    backoff_s: float = 1.0
-    temperature: float = 0.0
-    cache_dir: Optional[str] = None
-    labels_path: Optional[str] = None
-    local_model_path: Optional[str] = None
-    max_new_tokens: int = 512
+    kind: Literal["http", "local", "rule", "labels", "none"] = _f(
+        "rule", "step judge: http (OpenAI-compatible), local (HF model), rule (synthetic facts), labels (file), none")
+    model: str = _f("gpt-5-mini", "judge model name (http)")
+    base_url: str = _f("https://api.openai.com/v1", "OpenAI-compatible endpoint (http)")
+    api_key_env: str = _f("OPENAI_API_KEY", "name of the environment variable holding the key, never the key itself")
+    max_concurrency: int = _f(8, "parallel judge requests (http) or requests per generate batch (local)")
+    timeout_s: float = _f(60.0, "per-request timeout (seconds)")
+    max_retries: int = _f(3, "extra attempts after the first for a failed request")
+    backoff_s: float = _f(1.0, "first retry waits about this long (seconds), doubling each retry")
+    temperature: float = _f(0.0, "judge sampling temperature")
+    cache_dir: Optional[str] = _f(None, "on-disk verdict cache folder; null = no cache")
+    labels_path: Optional[str] = _f(None, "precomputed step labels JSONL (kind=labels)")
+    local_model_path: Optional[str] = _f(None, "local judge model folder (kind=local)")
+    max_new_tokens: int = _f(512, "max tokens of a local judge's reply")
+    max_unjudged_fraction: float = _f(0.5, "stop the run (checkpoint, error) when more than this share of the "
+                                           "completions sent to the judge went unjudged over unjudged_window "
+                                           "steps; 1.0 = never stop")
+    unjudged_window: int = _f(5, "RL steps over which judge.max_unjudged_fraction is measured")
 
 
 @dataclass
 class AlgoConfig:
-    name: Literal["mrpo", "grpo", "gdpo", "dr_grpo"] = "mrpo"
-    tau: float = 0.6                     # answer counts as correct for shaping when R_ans > tau
-    num_iterations: int = 1              # policy-update passes over each batch of rollouts
-    advantage_scale: Literal["group", "batch", "none"] = "group"
-    # valid steps of a wrong answer: "abs" +|A| (the paper), "signed" keep A (a negative advantage, e.g.
-    # from the length penalty, stays negative), "zero" no credit
-    valid_step_credit: Literal["abs", "signed", "zero"] = "abs"
+    name: Literal["mrpo", "grpo", "gdpo", "dr_grpo"] = _f("mrpo", "advantage and shaping: mrpo, grpo, gdpo, dr_grpo")
+    tau: float = _f(0.6, "an answer counts as correct for shaping when R_ans > tau")
+    num_iterations: int = _f(1, "policy-update passes over each batch of rollouts")
+    advantage_scale: Literal["group", "batch", "none"] = _f("group", "advantages divided by the reward std of the group, "
+                                                                     "of the batch, or not at all")
+    valid_step_credit: Literal["abs", "signed", "zero"] = _f(
+        "abs", "valid steps of a wrong answer get +|A| (abs, the paper), keep A's sign (signed: a negative "
+               "advantage, e.g. from the length penalty, stays negative) or 0 (zero)")
 
 
 @dataclass
 class LossConfig:
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    beta: float = 0.0                    # k3 KL to the reference policy; > 0 loads a frozen reference
-    # log-probs of the ratio/gradient at this temperature; None = rollout.temperature (the distribution
-    # that sampled the tokens); another value needs allow_temperature_mismatch=true
-    temperature: Optional[float] = None
-    allow_temperature_mismatch: bool = False
-    # normalisation over the whole optimizer step (all micro-batches, all ranks); None = by algorithm:
-    # dr_grpo -> seq-mean-token-sum-norm, otherwise seq-mean-token-mean
-    loss_agg: Optional[Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"]] = None
-    max_tokens_per_micro_batch: int = 0  # token budget (prompt + completion) per micro-batch; 0 = by count
-    backend: Literal["auto", "triton", "torch"] = "auto"
-    chunk_size: Optional[int] = None
+    eps_low: float = _f(0.2, "ratio clip below: 1 - eps_low")
+    eps_high: float = _f(0.2, "ratio clip above: 1 + eps_high")
+    beta: float = _f(0.0, "k3 KL weight to the reference policy; > 0 loads a frozen reference")
+    temperature: Optional[float] = _f(None, "log-probs of the ratio and gradient at this temperature; null = "
+                                            "rollout.temperature (the distribution that sampled the tokens)")
+    allow_temperature_mismatch: bool = _f(False, "accept a loss.temperature other than rollout.temperature")
+    loss_agg: Optional[Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"]] = _f(
+        None, "token-loss averaging over the whole optimizer step (all micro-batches, all ranks); null = "
+              "seq-mean-token-sum-norm for dr_grpo, else seq-mean-token-mean")
+    max_tokens_per_micro_batch: int = _f(0, "token budget (prompt + completion) per micro-batch; 0 = by count "
+                                            "(optim.per_device_batch_size)")
+    backend: Literal["auto", "triton", "torch"] = _f("auto", "fused loss kernel: triton on GPU, torch elsewhere")
+    chunk_size: Optional[int] = _f(None, "rows (tokens) per chunk of the fused loss's logits buffer; null = sized automatically")
 
 
 @dataclass
 class SFTConfig:
     """Supervised warm-up on the gold rationales before RL (used by the tiny default)."""
-    steps: int = 0
-    lr: float = 1e-3
-    batch_size: int = 16
+    steps: int = _f(0, "supervised warm-up steps on gold rationales before RL (0 = none)")
+    lr: float = _f(1e-3, "learning rate of the warm-up")
+    batch_size: int = _f(16, "records per warm-up step (over all ranks)")
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-6
-    weight_decay: float = 0.0
-    adam_betas: list = field(default_factory=lambda: [0.9, 0.999])
-    adam_eps: float = 1e-8
-    max_grad_norm: float = 1.0
-    schedule: Literal["constant", "cosine"] = "constant"
-    warmup_steps: int = 0
-    per_device_batch_size: int = 2       # completions per micro-batch per device
-    grad_accum_steps: int = 8            # micro-batches per optimizer step
-    epochs: int = 1
-    max_steps: Optional[int] = None      # stop after this many RL steps (None = epochs)
+    lr: float = _f(1e-6, "AdamW learning rate of RL")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    adam_betas: list = _f(help="AdamW betas", factory=lambda: [0.9, 0.999])
+    adam_eps: float = _f(1e-8, "AdamW epsilon")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm")
+    schedule: Literal["constant", "cosine"] = _f("constant", "learning-rate schedule after warm-up")
+    warmup_steps: int = _f(0, "linear learning-rate warm-up (RL steps)")
+    per_device_batch_size: int = _f(2, "completions per micro-batch per device")
+    grad_accum_steps: int = _f(8, "micro-batches per optimizer step")
+    epochs: int = _f(1, "passes over the training prompts (when max_steps is null)")
+    max_steps: Optional[int] = _f(None, "stop after this many RL steps; null = epochs")
 
 
 @dataclass
@@ -150,60 +164,67 @@ class LoraConfig:
     """LoRA adapters on the language model (mrpo.models.lora, via peft). rank 0 = off (full fine-tuning).
     With LoRA on, only the adapters train (vision tower, embeddings, lm_head frozen) and the reference
     policy for the KL term (loss.beta > 0) is the same model with its adapters disabled: no second copy."""
-    rank: int = 0                        # r; 0 = LoRA off
-    alpha: Optional[float] = None        # scaling = alpha / rank; None = 2 * rank
-    dropout: float = 0.0                 # on the adapter input; > 0 makes old/new log-probs stochastic in RL
-    target_modules: list = field(default_factory=lambda: [
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])  # inside decoder layers
-    use_rslora: bool = False             # scaling = alpha / sqrt(rank)
-    merge_on_export: bool = False        # export also writes a merged Hugging Face folder
+    rank: int = _f(0, "LoRA rank r; 0 = LoRA off")
+    alpha: Optional[float] = _f(None, "scaling = alpha / rank; null = 2 * rank")
+    dropout: float = _f(0.0, "dropout on the adapter input; > 0 makes old/new log-probs stochastic in RL")
+    target_modules: list = _f(help="module names adapted inside the decoder layers", factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    use_rslora: bool = _f(False, "rank-stabilised scaling alpha / sqrt(rank)")
+    merge_on_export: bool = _f(False, "the export also writes a merged Hugging Face folder")
 
 
 @dataclass
 class DistributedConfig:
-    engine: Literal["fsdp2", "deepspeed", "none"] = "fsdp2"
-    param_dtype: Literal["float32", "bfloat16"] = "float32"   # FSDP2 mixed precision (bf16 on GPU)
-    reduce_dtype: Literal["float32", "bfloat16"] = "float32"
-    deepspeed_zero_stage: int = 3
-    gather_for_generation: bool = True   # DeepSpeed ZeRO-3: full weights on each device during generate
+    engine: Literal["fsdp2", "deepspeed", "none"] = _f("fsdp2", "sharding engine with several processes")
+    param_dtype: Literal["float32", "bfloat16"] = _f("float32", "FSDP2 mixed-precision compute dtype (bf16 on GPU)")
+    reduce_dtype: Literal["float32", "bfloat16"] = _f("float32", "FSDP2 gradient reduction dtype")
+    deepspeed_zero_stage: int = _f(3, "DeepSpeed ZeRO stage")
+    gather_for_generation: bool = _f(True, "DeepSpeed ZeRO-3: full weights on each device during generate")
 
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 100
-    keep_last: int = 2
-    resume: str = "auto"                 # "auto" (newest complete checkpoint), "none", or a path
-    export_final: bool = True            # write a Hugging Face folder at the end
+    every_steps: int = _f(100, "RL steps between checkpoints (0 = only at the end)")
+    keep_last: int = _f(2, "complete checkpoints kept")
+    resume: str = _f("auto", "auto (newest complete checkpoint in output_dir), none, or a checkpoint folder")
+    resume_ignore_config: bool = _f(False, "resume even when the saved config differs in keys that change the "
+                                           "experiment (algorithm, rewards, G, model, data, loss)")
+    export_final: bool = _f(True, "write a Hugging Face folder (final_model/) at the end")
 
 
 @dataclass
 class LoggingConfig:
-    tensorboard: bool = True
-    wandb: bool = False
-    progress: bool = True
-    eval_every: int = 0                  # RL steps between held-out evaluations (0 = only at the end)
-    eval_at_start: bool = False          # evaluate once before RL (after the SFT warm-up): the baseline
-    eval_at_end: bool = True
-    eval_limit: Optional[int] = None     # evaluate on at most this many test records
+    tensorboard: bool = _f(True, "write tensorboard/<run name>/ event files")
+    wandb: bool = _f(False, "log to Weights & Biases (pip install wandb)")
+    wandb_project: str = _f("mrpo", "W&B project")
+    wandb_entity: Optional[str] = _f(None, "W&B entity (user or team); null = your default")
+    run_name: Optional[str] = _f(None, "run name in W&B and tensorboard; null = the output folder's name")
+    tags: list = _f(help="W&B tags", factory=list)
+    group: Optional[str] = _f(None, "W&B group (e.g. one per sweep)")
+    progress: bool = _f(True, "progress bars")
+    eval_every: int = _f(0, "RL steps between held-out evaluations (0 = only at the end)")
+    eval_at_start: bool = _f(False, "evaluate once before RL (after the SFT warm-up): the baseline")
+    eval_at_end: bool = _f(True, "evaluate after the last step")
+    eval_limit: Optional[int] = _f(None, "evaluate on at most this many test records; null = all")
 
 
 @dataclass
 class Config:
-    seed: int = 0
-    output_dir: str = "runs/tiny_cpu"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    judge: JudgeConfig = field(default_factory=JudgeConfig)
-    algo: AlgoConfig = field(default_factory=AlgoConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    sft: SFTConfig = field(default_factory=SFTConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    distributed: DistributedConfig = field(default_factory=DistributedConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    seed: int = _f(0, "seed of sampling, shuffling and initialisation")
+    output_dir: Optional[str] = _f(None, "run folder (locked while a run uses it); null = runs/<config file name>")
+    model: ModelConfig = _f(help="policy model", factory=ModelConfig)
+    data: DataConfig = _f(help="training and held-out data", factory=DataConfig)
+    rollout: RolloutConfig = _f(help="sampling of the completions", factory=RolloutConfig)
+    reward: RewardConfig = _f(help="reward weights", factory=RewardConfig)
+    judge: JudgeConfig = _f(help="step judge", factory=JudgeConfig)
+    algo: AlgoConfig = _f(help="RL algorithm", factory=AlgoConfig)
+    loss: LossConfig = _f(help="policy loss", factory=LossConfig)
+    sft: SFTConfig = _f(help="supervised warm-up", factory=SFTConfig)
+    optim: OptimConfig = _f(help="optimizer and schedule", factory=OptimConfig)
+    lora: LoraConfig = _f(help="LoRA adapters (rank 0 = full fine-tuning)", factory=LoraConfig)
+    distributed: DistributedConfig = _f(help="multi-process engine", factory=DistributedConfig)
+    checkpoint: CheckpointConfig = _f(help="checkpoints and resume", factory=CheckpointConfig)
+    logging: LoggingConfig = _f(help="metrics, evaluation cadence", factory=LoggingConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -358,6 +379,10 @@ def _validate(cfg: Config, source: str) -> None:
          "lm_head / embed_tokens cannot be adapted (the fused loss reads lm_head.weight directly)")
     need(not (cfg.lora.merge_on_export and cfg.lora.rank == 0), "lora.merge_on_export",
          "needs lora.rank > 0 (without LoRA the export is already a full model)")
+    need(all(isinstance(t, str) for t in cfg.logging.tags), "logging.tags", "a list of strings")
+    need(0 <= cfg.judge.max_unjudged_fraction <= 1, "judge.max_unjudged_fraction", "a share in [0, 1] (1 = never stop)")
+    need(cfg.judge.unjudged_window >= 1, "judge.unjudged_window", "must be >= 1 (RL steps)")
+    need(bool(cfg.output_dir), "output_dir", "must name a folder")
 
 
 def _get(cfg: Any, dotted: str) -> Any:
@@ -402,9 +427,59 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
         for k in reversed(keys):
             nested = {k: nested}
         _apply(cfg, nested, "", "command line")
+    if cfg.output_dir is None:   # never a shared default: two configs must not resume each other's runs
+        cfg.output_dir = default_output_dir(path)
     _resolve(cfg)
     _validate(cfg, source if not overrides else f"{source} + command line")
     return cfg
+
+
+def default_output_dir(config_path: str | Path) -> str:
+    """runs/<config file name without .yaml>, e.g. configs/my_lr_sweep.yaml -> runs/my_lr_sweep."""
+    return str(Path("runs") / Path(config_path).stem)
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """{'algo.tau': 0.6, ...} of a Config (or a nested dict such as a saved config.yaml)."""
+    if dataclasses.is_dataclass(obj):
+        obj = dataclasses.asdict(obj)
+    out: dict[str, Any] = {}
+    for key, value in obj.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def describe_keys(obj: Any = None, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted key, default, meaning) for every key, from the dataclass fields' metadata["help"]."""
+    obj = Config() if obj is None else obj
+    rows: list[tuple[str, Any, str]] = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            rows.extend(describe_keys(value, f"{prefix}{f.name}."))
+        else:
+            rows.append((f"{prefix}{f.name}", value, f.metadata.get("help", "")))
+    return rows
+
+
+def help_text() -> str:
+    """--help: usage, then every key with its default and meaning, grouped by section."""
+    lines = [__doc__.strip(), "", "Keys (dataclass default; configs/tiny_cpu.yaml overrides some of them):"]
+    section = None
+    for key, default, meaning in describe_keys():
+        head = key.split(".")[0] if "." in key else ""
+        if head != section:
+            section = head
+            lines.append("")
+            if head:
+                doc = next(f.metadata.get("help", "") for f in dataclasses.fields(Config) if f.name == head)
+                lines.append(f"{head}:  {doc}")
+        shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+        lines.append(f"  {key} = {shown}\n      {meaning}")
+    return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
@@ -425,9 +500,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         if arg.startswith("--config="):
             path = arg.split("=", 1)[1]
         elif arg in ("-h", "--help"):
-            print(__doc__)
-            print("Every key with its dataclass default (the paper's recipe; configs/tiny_cpu.yaml overrides "
-                  "some of them):\n" + Config().to_yaml())
+            print(help_text())
             raise SystemExit(0)
         else:
             rest.append(arg)

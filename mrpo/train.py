@@ -2,15 +2,58 @@
 
 With no arguments it runs the embedded default (configs/tiny_cpu.yaml): a tiny Qwen2.5-VL-shaped model on
 generated medical VQA, on CPU: supervised warm-up, MRPO with the rule judge, held-out evaluation.
+`--help` lists every key with its default and meaning.
+
+Before training, rank 0 locks the output folder (a second run into it exits with code 3, naming the
+holder), checks that a resumed checkpoint was trained with the same experiment (exit 2 with the differing
+keys otherwise, see checkpoint.resume_ignore_config), moves metrics rows that the resumed run will write
+again to metrics.dropped.jsonl, and checks an http judge's key and endpoint (exit 4). Workers started by
+torchrun exit when torchrun dies. Exit codes: 0 done, 2 configuration, 3 output folder in use, 4 judge
+unavailable or outage, 75 stopped by a signal (resumable).
 """
 from __future__ import annotations
 
 import logging
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+EXIT_CONFIG, EXIT_LOCKED, EXIT_JUDGE, EXIT_STOPPED = 2, 3, 4, 75
+
+log = logging.getLogger("mrpo")
+
+
+def prepare_output(cfg) -> dict:
+    """Rank 0, with the output lock held, before the Trainer exists: check the resume against the saved
+    config (raises ResumeConfigError), keep a config.yaml the run will overwrite when it differs
+    (config_history/), and truncate metrics.jsonl back to the resumed step. Returns {"checkpoint": path or
+    None, "step": int, "sft_done": bool, "dropped_rows": int, "config_changes": [(key, old, new)]}."""
+    from mrpo import checkpoint as ckpt
+    from mrpo.metrics_log import MetricsLogger
+    from mrpo.run_safety import archive_config, check_resume_config
+
+    out = Path(cfg.output_dir)
+    path = ckpt.resolve_resume(cfg.checkpoint.resume, out / "checkpoints")
+    info = {"checkpoint": path, "step": 0, "sft_done": False, "dropped_rows": 0, "config_changes": []}
+    if path is not None:
+        info["config_changes"] = check_resume_config(cfg, path)
+        state_file = Path(path) / "trainer_state.pt"
+        if state_file.is_file():
+            import torch
+
+            state = torch.load(state_file, weights_only=False)
+            info["step"], info["sft_done"] = int(state.get("step", 0)), bool(state.get("sft_done", False))
+            info["sft_step"] = int(state.get("sft_step", 0))
+    saved = out / "config.yaml"
+    if saved.is_file() and saved.read_text() != cfg.to_yaml():
+        kept = archive_config(out)
+        log.info("kept the previous %s as %s", saved, kept)
+    logger = MetricsLogger(out, cfg)
+    info["dropped_rows"] = logger.truncate_after(info["step"], info["sft_done"], info.get("sft_step", 0))
+    return info
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,11 +65,44 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse_args(argv)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     rank = int(os.environ.get("RANK", "0"))
-    if rank == 0:
-        print("resolved config:\n" + cfg.to_yaml(), flush=True)
 
+    from mrpo.judges.outage import JudgeOutageError
+    from mrpo.judges.preflight import JudgeUnavailableError, check_endpoint
+    from mrpo.run_safety import (OutputLock, OutputLockedError, ResumeConfigError, describe_outputs,
+                                 stop_message, watch_launcher)
+
+    watch_launcher()
+    lock = None
+    if rank == 0:
+        try:
+            lock = OutputLock(cfg.output_dir).acquire()
+        except OutputLockedError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return EXIT_LOCKED
+    try:
+        if rank == 0:
+            print("resolved config:\n" + cfg.to_yaml(), flush=True)
+            try:
+                prepare_output(cfg)
+                if cfg.judge.kind == "http":
+                    log.info("judge preflight: %s", check_endpoint(cfg.judge.base_url, cfg.judge.model,
+                                                                   cfg.judge.api_key_env,
+                                                                   min(cfg.judge.timeout_s, 10.0)))
+            except ResumeConfigError as e:
+                print(f"error: {e}", file=sys.stderr, flush=True)
+                return EXIT_CONFIG
+            except JudgeUnavailableError as e:
+                print(f"error: step judge unavailable: {e}", file=sys.stderr, flush=True)
+                return EXIT_JUDGE
+        return _train(cfg, rank, JudgeOutageError, describe_outputs, stop_message)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg, rank: int, JudgeOutageError, describe_outputs, stop_message) -> int:
     import torch
 
     threads = os.environ.get("OMP_NUM_THREADS")
@@ -34,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
 
+    from mrpo.checkpoint import complete_checkpoints
     from mrpo.trainer import Trainer
 
     trainer = Trainer(cfg)
@@ -43,17 +120,32 @@ def main(argv: list[str] | None = None) -> int:
 
         module, _, name = hook.partition(":")
         getattr(importlib.import_module(module), name)(trainer)
+    code = 0
     try:
         final = trainer.train()
+    except JudgeOutageError as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            print(describe_outputs(cfg.output_dir), flush=True)
+        return EXIT_JUDGE
     finally:
         trainer.close()
+    stop = getattr(trainer, "stop", None)
+    stopped = bool(getattr(trainer, "stop_requested", False) or (stop is not None and stop.requested))
     if rank == 0:
         keys = ["step", "reward", "accuracy", "early_failure_share", "eval/accuracy", "eval/early_failure_share"]
         print("done: " + ", ".join(f"{k}={final[k]:.4g}" if isinstance(final.get(k), float) else f"{k}={final.get(k)}"
                                    for k in keys if k in final), flush=True)
-        print(f"outputs in {cfg.output_dir}: config.yaml, metrics.jsonl, tensorboard/, checkpoints/, "
-              f"final_model/, eval/", flush=True)
-    return 0
+        if stopped:
+            ckpts = complete_checkpoints(Path(cfg.output_dir) / "checkpoints")
+            saved = ckpts[-1] if ckpts and ckpts[-1].name == f"step_{trainer.step:06d}" else None
+            what = (getattr(stop, "signal_name", None) or getattr(stop, "reason", None)) if stop else None
+            print(stop_message(what or "a signal", getattr(trainer, "stop_phase", "training"), trainer.step, saved,
+                               getattr(trainer, "stop_why_not", None)), flush=True)
+        print(describe_outputs(cfg.output_dir), flush=True)
+    if stopped:
+        code = EXIT_STOPPED
+    return code
 
 
 if __name__ == "__main__":

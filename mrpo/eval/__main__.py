@@ -71,11 +71,23 @@ def _add_judge_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backoff-s", type=float)
 
 
+def _preflight(cfg) -> None:
+    """Fail fast, naming the cause, when the judge's key is missing or its endpoint does not answer."""
+    from mrpo.judges.preflight import JudgeUnavailableError, check_endpoint
+
+    try:
+        check_endpoint(cfg.base_url, cfg.model, cfg.api_key_env, timeout_s=min(float(cfg.timeout_s), 10.0))
+    except JudgeUnavailableError as e:
+        raise SystemExit(f"error: LLM judge unavailable: {e}") from None
+
+
 def cmd_answers(args) -> None:
     from mrpo.eval.answers import AnswerJudge, evaluate_answers, format_answers
 
     records = read_predictions(args.pred)
     judge = AnswerJudge(_judge_cfg(args, "http"), include_image=not args.no_image) if args.llm_judge else None
+    if judge is not None:
+        _preflight(judge)
     out_dir = Path(args.out_dir) if args.out_dir else Path(args.pred).parent
     summary = evaluate_answers(records, judge, out_dir=out_dir, predictions=str(args.pred))
     print(format_answers(summary))
@@ -105,6 +117,8 @@ def cmd_reasoning(args) -> None:
         records = [{**r, "correct": verdicts[str(r["id"])]} for r in records]
     else:  # the rule verdict as `answers` gives it (integers spelled out first)
         records = [{**r, "correct": rule_correct(r)} for r in records]
+    if args.judge == "http":
+        _preflight(_judge_cfg(args, "http"))
     judge = build_judge(_judge_cfg(args, args.judge))
     if judge is None:
         raise SystemExit("error: --judge none gives no step verdicts; pick rule, http, local or labels")

@@ -8,7 +8,7 @@ sample "unjudged" (process reward excluded, plain advantage kept) and counts it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
 
@@ -40,15 +40,44 @@ class StepVerdict:
         return [bool(a) or bool(c) for a, c in zip(self.alignment, self.contribution)]
 
 
+# Why a request ended unjudged; a fixed set, so every rank reports the same metric keys.
+FAILURE_CAUSES = ("timeout", "connection", "rate_limited", "server_error", "rejected", "invalid_reply",
+                  "no_label", "other")
+
+
+@dataclass
+class Unjudged:
+    """What a judge's inner `run` returns instead of a verdict when a request failed (see judge_cached)."""
+    cause: str                     # one of FAILURE_CAUSES
+    detail: str = ""               # the last error, for the summarised warning (never holds a secret)
+
+
 @dataclass
 class JudgeStats:
     requests: int = 0
     cache_hits: int = 0
     retries: int = 0
     failures: int = 0              # requests that ended unjudged (None)
+    causes: dict = field(default_factory=lambda: dict.fromkeys(FAILURE_CAUSES, 0))   # failures by cause
+    last_error: str = ""           # detail of the latest failure
+
+    def add_failure(self, cause: str, detail: str = "") -> None:
+        self.failures += 1
+        cause = cause if cause in FAILURE_CAUSES else "other"
+        self.causes[cause] = self.causes.get(cause, 0) + 1
+        if detail:
+            self.last_error = detail
 
     def as_dict(self) -> dict:
-        return dict(self.__dict__)
+        """The four counters (requests, cache_hits, retries, failures); causes are in `causes`."""
+        return {"requests": self.requests, "cache_hits": self.cache_hits, "retries": self.retries,
+                "failures": self.failures}
+
+
+def format_causes(causes: dict) -> str:
+    """'connection 40, timeout 3' (non-zero counts, largest first)."""
+    items = sorted(((c, n) for c, n in causes.items() if n), key=lambda x: (-x[1], x[0]))
+    return ", ".join(f"{c} {int(n) if float(n).is_integer() else round(n, 2)}" for c, n in items) or "none"
 
 
 class StepJudge(Protocol):

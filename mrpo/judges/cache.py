@@ -15,7 +15,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from mrpo.judges.base import JudgeRequest, StepVerdict
+from mrpo.judges.base import JudgeRequest, StepVerdict, Unjudged
 from mrpo.judges.prompt import PROMPT_VERSION
 
 log = logging.getLogger(__name__)
@@ -87,8 +87,9 @@ class JudgeCache:
 def judge_cached(requests, cache: JudgeCache | None, model: str, stats, run) -> list[StepVerdict | None]:
     """The common judge loop: K = 0 -> empty verdict (no call), cache hits, `run` on the misses.
 
-    run: callable(list[JudgeRequest]) -> list[StepVerdict | None] (None = failed after retries).
-    Updates stats (requests, cache_hits, failures) and stores new verdicts in the cache.
+    run: callable(list[JudgeRequest]) -> list[StepVerdict | Unjudged | None] (Unjudged(cause) or None =
+    failed after retries; None counts as cause "other"). Updates stats (requests, cache_hits, failures
+    and their causes) and stores new verdicts in the cache. Failed requests come back as None.
     """
     results: list[StepVerdict | None] = [None] * len(requests)
     keys: list[str | None] = [None] * len(requests)
@@ -108,9 +109,11 @@ def judge_cached(requests, cache: JudgeCache | None, model: str, stats, run) -> 
         todo.append(i)
     if todo:
         for i, verdict in zip(todo, run([requests[i] for i in todo])):
+            if verdict is None or isinstance(verdict, Unjudged):
+                failed = verdict or Unjudged("other")
+                stats.add_failure(failed.cause, failed.detail)
+                continue
             results[i] = verdict
-            if verdict is None:
-                stats.failures += 1
-            elif cache is not None:
+            if cache is not None:
                 cache.put(keys[i], verdict)
     return results

@@ -7,7 +7,9 @@ backoff_s * U(0.5, 1.5), doubling each retry), temperature, cache_dir (None = no
 Retry policy (mrpo.judges.openai_client.ChatCompletionClient): network errors and timeouts, HTTP 429
 and 5xx, replies that are not a valid verdict are retried; other 4xx are not; 401/403/404 raise (wrong
 key, model or URL is a configuration error). A request that still fails returns None (unjudged) and
-counts in stats.failures; each retry counts in stats.retries.
+counts in stats.failures and, by cause, in stats.causes; each retry counts in stats.retries.
+Failed attempts are logged at DEBUG; each judge() call with failures logs one WARNING summarising them
+(counts by cause, retries, the last error), not one line per sample and attempt.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
-from mrpo.judges.base import JudgeRequest, JudgeStats, StepVerdict
+from mrpo.judges.base import JudgeRequest, JudgeStats, StepVerdict, Unjudged, format_causes
 from mrpo.judges.cache import JudgeCache, judge_cached
 from mrpo.judges.openai_client import ChatCompletionClient
 from mrpo.judges.prompt import build_messages, parse_verdict
@@ -50,9 +52,17 @@ class HTTPJudge:
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="judge") as pool:
                 return list(pool.map(self._judge_one, todo))
 
-        return judge_cached(list(requests), self.cache, self.model, self.stats, run)
+        before_failures, before_retries = self.stats.failures, self.stats.retries
+        before_causes = dict(self.stats.causes)
+        out = judge_cached(list(requests), self.cache, self.model, self.stats, run)
+        failed = self.stats.failures - before_failures
+        if failed:
+            causes = {c: n - before_causes.get(c, 0) for c, n in self.stats.causes.items()}
+            log.warning("HTTPJudge: %d of %d requests unjudged (%s), %d retries; last error: %s", failed,
+                        len(out), format_causes(causes), self.stats.retries - before_retries, self.stats.last_error)
+        return out
 
-    def _judge_one(self, req: JudgeRequest) -> StepVerdict | None:
+    def _judge_one(self, req: JudgeRequest) -> StepVerdict | Unjudged:
         attempts = 1
 
         def on_retry() -> None:
@@ -61,10 +71,13 @@ class HTTPJudge:
             with self._lock:
                 self.stats.retries += 1
 
+        gave_up: list[Unjudged] = []
         verdict = self.client.complete(
             build_messages(req, with_image=True), lambda text: parse_verdict(text, len(req.steps)),
-            on_retry=on_retry, on_error=lambda msg: log.warning("HTTPJudge: sample %s %s", req.sample_id, msg),
+            on_retry=on_retry, on_error=lambda msg: log.debug("HTTPJudge: sample %s %s", req.sample_id, msg),
+            on_give_up=lambda cause, msg: gave_up.append(
+                Unjudged(cause, f"sample {req.sample_id} unjudged after {attempts} attempts: {msg}")),
             temperature=self.cfg.temperature, response_format={"type": "json_object"})
         if verdict is None:
-            log.warning("HTTPJudge: sample %s unjudged after %d attempts", req.sample_id, attempts)
+            return gave_up[0] if gave_up else Unjudged("other", f"sample {req.sample_id} unjudged")
         return verdict

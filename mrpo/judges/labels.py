@@ -13,7 +13,7 @@ import json
 import logging
 from typing import Sequence
 
-from mrpo.judges.base import JudgeRequest, JudgeStats, StepVerdict
+from mrpo.judges.base import JudgeRequest, JudgeStats, StepVerdict, Unjudged
 from mrpo.judges.cache import judge_cached
 
 log = logging.getLogger(__name__)
@@ -77,10 +77,11 @@ class LabelsJudge:
     def judge(self, requests: Sequence[JudgeRequest]) -> list[StepVerdict | None]:
         """Verdicts looked up by (sample id, steps); None (counted) when no row matches."""
         def run(todo: list[JudgeRequest]) -> list[StepVerdict | None]:
-            out = [self.labels.get((r.sample_id, steps_hash(r.steps))) for r in todo]
-            if any(v is None for v in out):
-                log.warning("LabelsJudge: %d of %d requests have no labels in %s",
-                            sum(v is None for v in out), len(out), self.path)
+            out = [self.labels.get((r.sample_id, steps_hash(r.steps))) or
+                   Unjudged("no_label", f"sample {r.sample_id}: no row with these steps in {self.path}") for r in todo]
+            missing = sum(isinstance(v, Unjudged) for v in out)
+            if missing:
+                log.warning("LabelsJudge: %d of %d requests have no labels in %s", missing, len(out), self.path)
             return out
 
         return judge_cached(list(requests), None, "labels", self.stats, run)

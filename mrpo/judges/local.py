@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from mrpo.judges.base import JudgeRequest, JudgeStats, StepVerdict
+from mrpo.judges.base import JudgeRequest, JudgeStats, StepVerdict, Unjudged
 from mrpo.judges.cache import JudgeCache, judge_cached
 from mrpo.judges.prompt import SYSTEM_PROMPT, JudgeResponseError, build_messages, parse_verdict, user_text
 
@@ -88,8 +88,8 @@ class LocalJudge:
         new = out[:, inputs["input_ids"].shape[1]:]
         return self.tokenizer.batch_decode(new, skip_special_tokens=True)
 
-    def _run(self, todo: list[JudgeRequest]) -> list[StepVerdict | None]:
-        results: list[StepVerdict | None] = [None] * len(todo)
+    def _run(self, todo: list[JudgeRequest]) -> list[StepVerdict | Unjudged]:
+        results: list[StepVerdict | Unjudged] = [Unjudged("invalid_reply")] * len(todo)
         pending = list(range(len(todo)))
         bs = max(1, int(self.cfg.max_concurrency))
         for attempt in range(int(self.cfg.max_retries) + 1):
@@ -103,8 +103,9 @@ class LocalJudge:
                     try:
                         results[i] = parse_verdict(reply, len(todo[i].steps))
                     except JudgeResponseError as e:
-                        log.warning("LocalJudge: sample %s attempt %d invalid reply: %s", todo[i].sample_id,
-                                    attempt + 1, e)
+                        detail = f"sample {todo[i].sample_id} attempt {attempt + 1} invalid reply: {e}"
+                        log.debug("LocalJudge: %s", detail)
+                        results[i] = Unjudged("invalid_reply", detail)
                         failed.append(i)
             pending = failed
             if not pending:
@@ -113,4 +114,9 @@ class LocalJudge:
 
     def judge(self, requests: Sequence[JudgeRequest]) -> list[StepVerdict | None]:
         """One verdict per request, in order; None = no valid reply after greedy + max_retries samples."""
-        return judge_cached(list(requests), self.cache, self.model_name, self.stats, self._run)
+        before = self.stats.failures
+        out = judge_cached(list(requests), self.cache, self.model_name, self.stats, self._run)
+        if self.stats.failures > before:
+            log.warning("LocalJudge: %d of %d requests unjudged (invalid_reply) after %d attempts; last error: %s",
+                        self.stats.failures - before, len(out), int(self.cfg.max_retries) + 1, self.stats.last_error)
+        return out

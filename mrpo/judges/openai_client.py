@@ -24,11 +24,21 @@ T = TypeVar("T")
 
 
 class _Retryable(Exception):
+    def __init__(self, message: str, cause: str):
+        super().__init__(message)
+        self.cause = cause         # one of mrpo.judges.base.FAILURE_CAUSES
+
+
+class _NotRetried(_Retryable):
     pass
 
 
-class _NotRetried(Exception):
-    pass
+def _network_cause(err: BaseException) -> str:
+    """timeout or connection, for an exception raised while talking to the endpoint."""
+    reason = getattr(err, "reason", err)
+    if isinstance(err, TimeoutError) or isinstance(reason, TimeoutError) or "timed out" in str(reason):
+        return "timeout"
+    return "connection"
 
 
 class ChatCompletionClient:
@@ -64,27 +74,31 @@ class ChatCompletionClient:
                 raise RuntimeError(f"{self.name}: POST {self.url} -> HTTP {e.code} ({detail!r}); check "
                                    f"judge.base_url, judge.model={self.model!r} and the key in "
                                    f"${self.api_key_env}") from None
-            if e.code == 429 or e.code >= 500:
-                raise _Retryable(f"HTTP {e.code}: {detail!r}") from None
-            raise _NotRetried(f"HTTP {e.code}: {detail!r}") from None
+            if e.code == 429:
+                raise _Retryable(f"HTTP {e.code}: {detail!r}", "rate_limited") from None
+            if e.code >= 500:
+                raise _Retryable(f"HTTP {e.code}: {detail!r}", "server_error") from None
+            raise _NotRetried(f"HTTP {e.code}: {detail!r}", "rejected") from None
         except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as e:
-            raise _Retryable(f"{type(e).__name__}: {getattr(e, 'reason', e)}") from None
+            raise _Retryable(f"{type(e).__name__}: {getattr(e, 'reason', e)}", _network_cause(e)) from None
         try:
             content = json.loads(raw)["choices"][0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError):
             content = None
         if not isinstance(content, str):   # also a null content (e.g. a refusal)
-            raise _Retryable(f"malformed chat completion: {raw[:200]!r}")
+            raise _Retryable(f"malformed chat completion: {raw[:200]!r}", "invalid_reply")
         return content
 
     def complete(self, messages: list[dict], parse: Callable[[str], T], *,
                  on_retry: Callable[[], None] | None = None, on_error: Callable[[str], None] | None = None,
-                 **params) -> T | None:
+                 on_give_up: Callable[[str, str], None] | None = None, **params) -> T | None:
         """parse(reply text) for POST {model, messages, **params} (params: temperature, response_format, ...).
 
         parse raises ValueError for an invalid reply (retried) and must not return None.
         on_retry(): called before each retry. on_error(message): called for each failed attempt, e.g.
         "attempt 1/3 failed: HTTP 503: ...", "attempt 2/3 invalid reply: ...", "rejected, not retried: HTTP 400: ...".
+        on_give_up(cause, message): called once when None is returned, with the cause of the last
+        failed attempt (mrpo.judges.base.FAILURE_CAUSES) and its message.
         Returns None when every attempt failed or the request was rejected; 401/403/404 raise RuntimeError.
         """
         body = json.dumps({"model": self.model, "messages": messages, **params}).encode("utf-8")
@@ -96,14 +110,18 @@ class ChatCompletionClient:
                 self._sleep(self.backoff_s * 2 ** (attempt - 1) * random.uniform(0.5, 1.5))
             try:
                 return parse(self._post(body))
-            except _Retryable as e:
-                error = f"attempt {attempt + 1}/{attempts} failed: {e}"
             except _NotRetried as e:
                 if on_error is not None:
                     on_error(f"rejected, not retried: {e}")
+                if on_give_up is not None:
+                    on_give_up(e.cause, f"rejected, not retried: {e}")
                 return None
+            except _Retryable as e:
+                error, cause = f"attempt {attempt + 1}/{attempts} failed: {e}", e.cause
             except ValueError as e:
-                error = f"attempt {attempt + 1}/{attempts} invalid reply: {e}"
+                error, cause = f"attempt {attempt + 1}/{attempts} invalid reply: {e}", "invalid_reply"
             if on_error is not None:
                 on_error(error)
+        if on_give_up is not None:
+            on_give_up(cause, error)
         return None

@@ -168,7 +168,7 @@ class RuleJudge:
         for req in requests:
             self.stats.requests += 1
             if not req.facts:
-                self.stats.failures += 1
+                self.stats.add_failure("no_label", f"sample {req.sample_id} has no ground-truth facts")
                 out.append(None)
                 continue
             out.append(self.judge_steps(req.steps, req.facts))

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mrpo.judges.base import JudgeRequest, StepVerdict
+from mrpo.judges.base import FAILURE_CAUSES, JudgeRequest, StepVerdict
 from mrpo.rewards.answer import AnswerScorer, extract_answer
 from mrpo.rewards.format import format_reward
 from mrpo.rewards.length import length_reward
@@ -67,8 +67,9 @@ class RewardModel:
 
         The judge is called once with every completion that has K > 0 steps (K = 0 is judged locally:
         process reward 0). Returns the scores and per-call counts: n, unjudged, zero_steps,
-        answer_correct, and the judge's stats for this call (judge_requests, judge_cache_hits,
-        judge_retries, judge_failures).
+        answer_correct, judge_sent (completions sent to the judge), unjudged_<cause> for every cause in
+        mrpo.judges.base.FAILURE_CAUSES (0 when none; the same keys on every call), and the judge's
+        stats for this call (judge_requests, judge_cache_hits, judge_retries, judge_failures).
         """
         if len(completions) != len(records):
             raise ValueError(f"RewardModel.score: {len(completions)} completions but {len(records)} records")
@@ -78,10 +79,12 @@ class RewardModel:
         r_answer = self.answer_scorer.score_many(answers, [r.gold_answer for r in requests])
 
         verdicts: list[StepVerdict | None] = [None] * len(completions)
-        stats = {"n": len(completions)}
+        stats = {"n": len(completions), "judge_sent": 0, **{f"unjudged_{c}": 0 for c in FAILURE_CAUSES}}
         if self.judge is not None:
             before = self.judge.stats.as_dict()
+            causes_before = dict(getattr(self.judge.stats, "causes", {}))
             ask = [i for i, st in enumerate(steps) if st]
+            stats["judge_sent"] = len(ask)
             got = self.judge.judge([requests[i] for i in ask]) if ask else []
             if len(got) != len(ask):
                 raise RuntimeError(f"RewardModel: judge {self.judge!r} returned {len(got)} verdicts for "
@@ -96,6 +99,9 @@ class RewardModel:
                     verdicts[i] = StepVerdict(alignment=[], contribution=[])
             after = self.judge.stats.as_dict()
             stats.update({f"judge_{k}": after[k] - before.get(k, 0) for k in after})
+            for cause, count in getattr(self.judge.stats, "causes", {}).items():
+                key = f"unjudged_{cause if cause in FAILURE_CAUSES else 'other'}"
+                stats[key] += count - causes_before.get(cause, 0)
 
         w = self.weights
         scored = []
@@ -126,4 +132,12 @@ class RewardModel:
         return out
 
 
-__all__ = ["REWARD_COLUMNS", "RewardModel", "ScoredCompletion", "Step"]
+def judge_metrics(stats: dict) -> dict:
+    """Per-step judge metrics from RewardModel.score's counts, with the same keys on every rank and step:
+    judge_sent, unjudged, unjudged/<cause> for each cause in FAILURE_CAUSES (counts of completions)."""
+    out = {"judge_sent": float(stats.get("judge_sent", 0)), "unjudged": float(stats.get("unjudged", 0))}
+    out.update({f"unjudged/{c}": float(stats.get(f"unjudged_{c}", 0)) for c in FAILURE_CAUSES})
+    return out
+
+
+__all__ = ["REWARD_COLUMNS", "RewardModel", "ScoredCompletion", "Step", "judge_metrics"]
