@@ -1,7 +1,10 @@
 """Builders the trainer calls once at start-up: data splits, the policy backbone, the reference policy."""
 from __future__ import annotations
 
+import json
 import logging
+import math
+import platform
 from pathlib import Path
 
 import torch
@@ -86,3 +89,29 @@ def load_reference(cfg, path: Path, device: torch.device) -> torch.nn.Module | N
     install_passthrough_head(ref)
     ref.requires_grad_(False).eval()
     return ref
+
+
+def write_run_files(cfg, out: Path) -> None:
+    """The resolved config and the library versions of the run (rank 0)."""
+    import transformers
+    import triton
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(cfg.to_yaml())
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+                "triton": triton.__version__, "cuda": torch.version.cuda, "platform": platform.platform()}
+    (out / "versions.json").write_text(json.dumps(versions, indent=1))
+
+
+def lr_schedule(optim_cfg, total_steps: int):
+    """LambdaLR factor per step: linear warm-up over optim.warmup_steps, then constant or cosine to 0."""
+    def factor(step: int) -> float:
+        warm = optim_cfg.warmup_steps
+        if step < warm:
+            return (step + 1) / warm
+        if optim_cfg.schedule == "constant":
+            return 1.0
+        progress = (step - warm) / max(1, total_steps - warm)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from mrpo_kernels import LossInputs
 
 from mrpo.data.records import load_record_images
 from mrpo.eval.reasoning import ffp_stage, first_failure_index
 from mrpo.models.backbone import PromptTooLongError
+from mrpo.rewards import judge_metrics
 from mrpo.rewards.steps import token_offsets, token_step_index
 
 log = logging.getLogger("mrpo")
@@ -122,6 +125,21 @@ class Rollout:
             ref_logprobs=packed(self.ref_logprobs)).to(device)
 
 
+@torch.no_grad()
+def sample_groups(engine, backbone, pool: PromptPool, prompts: list[dict], rollout_cfg) -> Rollout:
+    """G = rollout.group_size sampled completions per prompt (group-major); the prompts are encoded once
+    for the whole step, and generation runs in the engine's generation() context (weights gathered once)."""
+    batch = pool.encode(prompts)
+    rows = [i for i in range(len(prompts)) for _ in range(rollout_cfg.group_size)]
+    backbone.model.eval()
+    with engine.generation():
+        ids = backbone.generate(backbone.select_rows(batch, rows), max_new_tokens=rollout_cfg.max_new_tokens,
+                                temperature=rollout_cfg.temperature, top_p=rollout_cfg.top_p, do_sample=True,
+                                synced_gpus=dist.is_initialized() and dist.get_world_size() > 1)
+    backbone.model.train()
+    return Rollout(batch, rows, [prompts[i] for i in rows], ids)
+
+
 def score(rollout: Rollout, reward_model, tokenizer) -> tuple[list, dict]:
     """Rewards of every completion and its per-token step tensors (set on `rollout`).
     Returns (scored completions, rollout metrics)."""
@@ -157,7 +175,7 @@ def rollout_metrics(scored, stats: dict, completion_ids) -> dict:
         "num_steps": sum(len(s.steps) for s in scored) / n,
         "completion_len": sum(len(c) for c in completion_ids) / n,
         "early_failure_share": failed.count("early") / len(failed) if failed else float("nan"),
-        "unjudged": float(stats.get("unjudged", 0)),
+        **judge_metrics(stats),
     }
 
 
@@ -176,3 +194,40 @@ def micro_batches(lengths: list[int], max_seqs: int, max_tokens: int = 0) -> lis
     if cur:
         out.append(cur)
     return out
+
+
+def gold_rollout(pool: PromptPool, records: list[dict], tokenizer, tag: str, eos: int) -> Rollout:
+    """The gold rationale + answer of each record as its one completion, for the supervised warm-up:
+    advantage 1, no steps, answer right (the fused loss then gives the cross-entropy gradient)."""
+    targets = [tokenizer.encode(f"<{tag}>{r['gold_reasoning']}</{tag}><answer>{r['solution']}</answer>",
+                                add_special_tokens=False) + [eos] for r in records]
+    return Rollout(pool.encode(records), list(range(len(records))), records, targets,
+                   advantages=torch.ones(len(records)),
+                   step_index=[torch.full((len(c),), -1, dtype=torch.int32) for c in targets],
+                   num_steps=[0] * len(records), step_valid=[torch.zeros(len(c), dtype=torch.bool) for c in targets],
+                   answer_correct=[True] * len(records))
+
+
+@torch.no_grad()
+def greedy_texts(engine, backbone, pool: PromptPool, records: list[dict], max_new_tokens: int, batch_size: int,
+                 stop) -> list[str] | None:
+    """Greedy completions (decoded, special tokens kept) of `records`, the work split over ranks (rank r
+    takes records[r::world]) and gathered back in order on every rank. stop(): polled before each batch
+    (all ranks agree); None when it fired."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    mine, texts = records[rank::world], []
+    with engine.generation():
+        for b in range(math.ceil(len(records) / world / batch_size)):   # same number of generate calls per rank
+            if stop():
+                return None
+            chunk = mine[b * batch_size:(b + 1) * batch_size]
+            ids = backbone.generate(pool.encode(chunk or records[:1]), max_new_tokens=max_new_tokens,
+                                    do_sample=False, synced_gpus=world > 1)
+            if chunk:
+                texts.extend(backbone.tokenizer.decode(i, skip_special_tokens=False) for i in ids)
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, texts)
+        texts = [gathered[i % world][i // world] for i in range(len(records))]
+    return texts

@@ -17,33 +17,33 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import platform
 import random
-import signal
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from mrpo_kernels import mrpo_loss, step_token_weights
+from mrpo_kernels import linear_logprobs, mrpo_loss, step_token_weights
 
 from mrpo import build, checkpoint
 from mrpo.algo.advantages import compute_advantages
 from mrpo.config import Config
 from mrpo.data.sampler import PromptSampler
-from mrpo.distributed import all_gather_rows, all_reduce_mean, all_reduce_sum, any_rank, barrier
+from mrpo.distributed import all_gather_rows, all_reduce_mean, all_reduce_sum, barrier
 from mrpo.engines import build_engine
 from mrpo.eval.reasoning import evaluate_generations
 from mrpo.judges import build_judge
-from mrpo.models.lora import adapters_disabled, merged_state_dict, save_adapter
+from mrpo.judges.outage import JudgeOutageError, UnjudgedGuard
+from mrpo.metrics_log import MetricsLogger
+from mrpo.models.lora import adapters_disabled
 from mrpo.models.parallelize import hidden_states_mode, init_distributed
 from mrpo.rewards import RewardModel
-from mrpo.rollout import PromptPool, Rollout, first_failure_stage, micro_batches, score
+from mrpo.run_safety import GracefulStop, agree_all
+from mrpo.rollout import (PromptPool, Rollout, first_failure_stage, gold_rollout, greedy_texts, micro_batches,
+                          sample_groups, score)
 
 log = logging.getLogger("mrpo")
 
-ADVANTAGE_METHOD = {"mrpo": "grpo", "grpo": "grpo", "gdpo": "gdpo", "dr_grpo": "dr_grpo"}
 __all__ = ["Trainer", "PromptSampler", "first_failure_stage"]
 
 
@@ -53,14 +53,14 @@ class Trainer:
         self.rank, self.world, self.device = init_distributed()
         self.is_main = self.rank == 0
         self.out = Path(cfg.output_dir)
-        self.stop_requested = False
+        self.stop = GracefulStop()   # SIGTERM/SIGINT: every phase polls it; a checkpoint within the grace
+        self.stop_phase, self.stop_why_not, self._save_s = "training", None, 10.0
+        self.metrics = MetricsLogger(self.out, cfg, is_main=self.is_main)
         for seed_fn in (torch.manual_seed, random.seed, np.random.seed):
             seed_fn(cfg.seed + self.rank)
         self.prompts_per_rank = cfg.optim.per_device_batch_size * cfg.optim.grad_accum_steps // cfg.rollout.group_size
         if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(cfg.to_yaml())
-            (self.out / "versions.json").write_text(json.dumps(_versions(), indent=1))
+            build.write_run_files(cfg, self.out)
         barrier()
 
         train, test = build.load_splits(cfg, self.is_main, self.prompts_per_rank * self.world)
@@ -74,28 +74,23 @@ class Trainer:
         self.test_pool = PromptPool(test, self.backbone, cfg.data, self.device)
         self.test_pool.too_long = self.pool.too_long   # one count of skipped prompts
         self.total_steps = cfg.optim.max_steps or max(1, cfg.optim.epochs * len(train) // (self.prompts_per_rank * self.world))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.engine.lr_optimizer, self._lr_lambda)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.engine.lr_optimizer,
+                                                           build.lr_schedule(cfg.optim, self.total_steps))
         self.sampler = PromptSampler(len(train), cfg.seed, cfg.data.shuffle, self.rank, self.world)
         self.judge = build_judge(cfg.judge)
         self.reward_model = RewardModel(cfg.reward, self.judge, self.reasoning_tag, cfg.algo.tau)
-        self.step = 0
-        self.sft_done = cfg.sft.steps == 0
-        self._metrics_file = self._tb = self._wandb = None
+        self.judge_guard = UnjudgedGuard.from_config(cfg.judge, self.judge)
+        self.step, self.sft_step, self.sft_done = 0, 0, cfg.sft.steps == 0
 
-    def _lr_lambda(self, step: int) -> float:
-        warm = self.cfg.optim.warmup_steps
-        if step < warm:
-            return (step + 1) / warm
-        if self.cfg.optim.schedule == "constant":
-            return 1.0
-        progress = (step - warm) / max(1, self.total_steps - warm)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    def _stop_synced(self) -> bool:
+        """Whether any rank was asked to stop (all ranks agree)."""
+        return self.stop.sync(self.device if self.device.type == "cuda" else None)
 
     # ------------------------------------------------------------------ the RL step
     def train_step(self) -> dict:
         cfg, t = self.cfg, [time.perf_counter()]
         prompts = self.pool.usable(self.sampler.next(self.prompts_per_rank), self.prompts_per_rank)
-        rollout = self.rollout(prompts)
+        rollout = sample_groups(self.engine, self.backbone, self.pool, prompts, cfg.rollout)
         t.append(time.perf_counter())
         scored, metrics = score(rollout, self.reward_model, self.backbone.tokenizer)
         rollout.advantages = self.global_advantages(self.reward_model.reward_matrix(scored))
@@ -140,28 +135,13 @@ class Trainer:
             sums += torch.stack([loss.detach().double(), m["clip_fraction"].double() * n, m["kl"].double() * n])
         return sums
 
-    @torch.no_grad()
-    def rollout(self, prompts: list[dict]) -> Rollout:
-        """G completions per prompt (group-major); the prompts are encoded once for the whole step."""
-        g = self.cfg.rollout.group_size
-        batch = self.pool.encode(prompts)
-        rows = [i for i in range(len(prompts)) for _ in range(g)]
-        self.model.eval()
-        with self.engine.generation():
-            ids = self.backbone.generate(self.backbone.select_rows(batch, rows),
-                                         max_new_tokens=self.cfg.rollout.max_new_tokens,
-                                         temperature=self.cfg.rollout.temperature, top_p=self.cfg.rollout.top_p,
-                                         do_sample=True, synced_gpus=self.world > 1)
-        self.model.train()
-        return Rollout(batch, rows, [prompts[i] for i in rows], ids)
-
     def global_advantages(self, rewards: torch.Tensor) -> torch.Tensor:
         """This rank's advantages [n], computed over every rank's completions (GDPO's and scale=batch's
         batch statistics are global; group statistics are unchanged since groups never span ranks)."""
         n = rewards.shape[0]
         everyone = all_gather_rows(rewards.double(), self.device)
-        adv = compute_advantages(everyone, self.cfg.rollout.group_size, method=ADVANTAGE_METHOD[self.cfg.algo.name],
-                                 scale=self.cfg.algo.advantage_scale)
+        method = "grpo" if self.cfg.algo.name == "mrpo" else self.cfg.algo.name   # MRPO: GRPO advantages, shaped
+        adv = compute_advantages(everyone, self.cfg.rollout.group_size, method=method, scale=self.cfg.algo.advantage_scale)
         return adv[self.rank * n:(self.rank + 1) * n].float()
 
     def step_token_weights(self, rollout: Rollout) -> list[torch.Tensor]:
@@ -184,7 +164,8 @@ class Trainer:
         return dict(eps_low=c.eps_low, eps_high=c.eps_high, beta=c.beta, temperature=c.temperature,
                     loss_agg=c.loss_agg, max_completion_length=self.cfg.rollout.max_new_tokens,
                     shaping="mrpo" if self.cfg.algo.name == "mrpo" else "none",
-                    valid_step_credit=self.cfg.algo.valid_step_credit, backend=c.backend, chunk_size=c.chunk_size)
+                    valid_step_credit=self.cfg.algo.valid_step_credit, backend=c.backend, chunk_size=c.chunk_size,
+                    unit_grad_output=self.engine.direct_backward, validate=False)   # no host syncs
 
     def hidden_states(self, model, rollout: Rollout, seqs: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Packed completion hidden states [N, D] of the completions `seqs` and the lm_head weight [V, D]."""
@@ -197,8 +178,6 @@ class Trainer:
     @torch.no_grad()
     def logprobs(self, model, rollout: Rollout) -> list[torch.Tensor]:
         """Per completion, log-probs [T_i] of its tokens under `model` at the loss temperature."""
-        from mrpo_kernels import linear_logprobs
-
         out = []
         for seqs in self.micro_batches(rollout):
             hidden, weight = self.hidden_states(model, rollout, seqs)
@@ -218,22 +197,21 @@ class Trainer:
     # ------------------------------------------------------------------ warm-up and loop
     def sft_warmup(self) -> None:
         """Supervised warm-up on gold rationales, through the same fused loss (A = 1 gives the CE gradient)."""
-        cfg, tok, tag = self.cfg.sft, self.backbone.tokenizer, self.reasoning_tag
-        eos = self.backbone.eos_token_ids[0]
+        cfg = self.cfg.sft
         sampler = PromptSampler(len(self.pool.records), self.cfg.seed + 1, True, self.rank, self.world)
         opt = self.engine.warmup_optimizer(lr=cfg.lr, max_grad_norm=1.0)
         per_rank = max(1, cfg.batch_size // self.world)
-        bar = self._progress(cfg.steps, "sft")
-        for step in range(cfg.steps):
-            records = [self.pool.records[i] for i in sampler.next(per_rank)]
-            targets = [tok.encode(f"<{tag}>{r['gold_reasoning']}</{tag}><answer>{r['solution']}</answer>",
-                                  add_special_tokens=False) + [eos] for r in records]
-            rollout = Rollout(self.pool.encode(records), list(range(len(records))), records, targets,
-                              advantages=torch.ones(len(records)),
-                              step_index=[torch.full((len(c),), -1, dtype=torch.int32) for c in targets],
-                              num_steps=[0] * len(records), step_valid=[torch.zeros(len(c), dtype=torch.bool) for c in targets],
-                              answer_correct=[True] * len(records))
-            seqs = list(range(len(records)))
+        for _ in range(self.sft_step):   # resumed mid-warm-up: the same prompts as an unbroken run
+            sampler.next(per_rank)
+        bar = self._progress(cfg.steps, "sft", self.sft_step)
+        for step in range(self.sft_step, cfg.steps):
+            if self._stop_synced():
+                self.stop_phase = "warm-up"
+                break
+            self.sft_step = step + 1
+            rollout = gold_rollout(self.pool, [self.pool.records[i] for i in sampler.next(per_rank)],
+                                   self.backbone.tokenizer, self.reasoning_tag, self.backbone.eos_token_ids[0])
+            seqs = list(range(len(rollout.records)))
             hidden, weight = self.hidden_states(self.model, rollout, seqs)
             loss, m = mrpo_loss(hidden, weight, rollout.loss_inputs(seqs, None, self.device), loss_agg="token-mean",
                                 shaping="none", backend=self.cfg.loss.backend)
@@ -241,85 +219,91 @@ class Trainer:
             opt.step()
             if step % 10 == 0 or step == cfg.steps - 1:
                 nll = -float(m["logprobs"].mean())
-                if bar is not None:
-                    bar.set_postfix(nll=f"{nll:.3f}")
-                if self.is_main:
-                    self._write_metrics({"phase": "sft", "sft_step": step, "sft_nll": nll})
-            if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
+                bar.set_postfix(nll=f"{nll:.3f}")
+                self.metrics.log({"phase": "sft", "sft_step": step, "sft_nll": nll})
+            bar.update(1)
+        bar.close()
         opt.close()
-        self.sft_done = True
+        self.sft_done = not self.stop.requested
 
     def train(self) -> dict:
-        self._install_signal_handlers()
+        self.stop.install()
         self._resume()
+        self.metrics.truncate_after(self.step, self.sft_done, self.sft_step)
         if not self.sft_done:
             self.sft_warmup()
+            if self.stop.requested:
+                self._save_in_grace()
+                return {}
             self.save()
         if self.cfg.logging.eval_at_start and self.step == 0:
             self.evaluate("start")
-        bar = self._progress(self.total_steps, self.cfg.algo.name)
-        if bar is not None:
-            bar.update(self.step)
+        bar = self._progress(self.total_steps, self.cfg.algo.name, self.step)
         last = {}
-        while self.step < self.total_steps and not self.stop_requested:
+        while self.step < self.total_steps and not self.stop.requested:
+            self.stop_phase = "rollout"
             last = self.train_step()
             self.step += 1
             last["step"] = self.step
-            if self.is_main:
-                self._write_metrics(last)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(reward=f"{last['reward']:.3f}", acc=f"{last['accuracy']:.2f}",
-                                early=f"{last['early_failure_share']:.2f}", tok_s=f"{last['tokens_per_s']:.0f}")
-            self.stop_requested = any_rank(self.stop_requested, self.device)
+            self.metrics.log(last)
+            try:
+                self.judge_guard.update_from_metrics(self.step, last)
+            except JudgeOutageError:
+                self.save()
+                raise
+            bar.update(1)
+            bar.set_postfix(reward=f"{last['reward']:.3f}", acc=f"{last['accuracy']:.2f}",
+                            early=f"{last['early_failure_share']:.2f}", tok_s=f"{last['tokens_per_s']:.0f}")
+            self._stop_synced()
             every = self.cfg.checkpoint.every_steps
-            if (every and self.step % every == 0) or self.stop_requested:
+            saved = bool(every and self.step % every == 0)
+            if saved:
                 self.save()
             ev = self.cfg.logging.eval_every
             if ev and self.step % ev == 0 and self.step < self.total_steps:
-                self.evaluate(f"step_{self.step:06d}")
-        if bar is not None:
-            bar.close()
-        if self.stop_requested:
-            log.warning("stopped by signal at step %d; checkpoint saved, rerun with checkpoint.resume=auto", self.step)
+                self.evaluate(f"step_{self.step:06d}")   # returns at once when a stop is requested
+            if self.stop.requested and not saved:
+                self._save_in_grace()
+        bar.close()
+        if self.stop.requested:
             return last
         self.save()
-        if self.cfg.checkpoint.export_final:
-            self.export(self.out / "final_model")
-        if self.cfg.logging.eval_at_end:
+        if self.cfg.checkpoint.export_final and not self._stop_synced():
+            self.stop_phase = "export"
+            self.engine.export(self.backbone, self.out / "final_model", self.cfg.lora.merge_on_export)
+        if self.cfg.logging.eval_at_end and not self._stop_synced():
             last.update({f"eval/{k}": v for k, v in self.evaluate("final").items()})
         return last
 
     # ------------------------------------------------------------------ checkpoints, export, evaluation
     def save(self) -> Path:
-        state = {"step": self.step, "sft_done": self.sft_done, "sampler": self.sampler.state_dict(),
-                 "scheduler": self.scheduler.state_dict()}
-        return self.engine.save(self.out / "checkpoints", self.step, state, keep_last=self.cfg.checkpoint.keep_last)
+        t0 = time.perf_counter()
+        state = {"step": self.step, "sft_done": self.sft_done, "sft_step": self.sft_step,
+                 "sampler": self.sampler.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "judge_guard": self.judge_guard.state_dict()}
+        path = self.engine.save(self.out / "checkpoints", self.step, state, keep_last=self.cfg.checkpoint.keep_last)
+        self._save_s = time.perf_counter() - t0
+        return path
+
+    def _save_in_grace(self) -> Path | None:
+        """After a stop: save if every rank expects it to fit in the launcher's grace, else say why not."""
+        if agree_all(self.stop.can_save(self._save_s), self.device if self.device.type == "cuda" else None):
+            return self.save()
+        self.stop_why_not = (f"a checkpoint takes about {self._save_s:.0f} s, more than the "
+                             f"{max(0.0, self.stop.time_left() or 0):.0f} s of grace left")
+        return None
 
     def _resume(self) -> None:
         path = checkpoint.resolve_resume(self.cfg.checkpoint.resume, self.out / "checkpoints")
         if path is None:
             return
         state = self.engine.load(path)
-        self.step, self.sft_done = state["step"], state["sft_done"]
+        self.step, self.sft_done, self.sft_step = state["step"], state["sft_done"], state.get("sft_step", 0)
+        self.judge_guard.load_state_dict(state.get("judge_guard", {}))
         self.sampler.load_state_dict(state["sampler"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.is_main:
             log.info("resumed from %s (step %d)", path, self.step)
-
-    def export(self, out_dir: Path) -> None:
-        """Hugging Face folder (safetensors, config, tokenizer, image processor) of the current policy."""
-        state = self.engine.full_state_dict()   # every rank takes part; filled on rank 0
-        if self.is_main and self.cfg.lora.rank > 0:   # adapter folder; the merged model on request
-            save_adapter(self.model, out_dir / "adapter", state)
-            if self.cfg.lora.merge_on_export:
-                self.backbone.save(out_dir, state_dict=merged_state_dict(self.model, state))
-        elif self.is_main:
-            self.backbone.save(out_dir, state_dict=state)
-        barrier()
 
     @torch.no_grad()
     def evaluate(self, tag: str) -> dict:
@@ -328,21 +312,14 @@ class Trainer:
         records = [r for r in self.test_pool.records[:limit or None] if self.test_pool.fits(r)]
         if not records:
             return {}
-        mine, texts = records[self.rank::self.world], []
-        bs = max(1, self.cfg.optim.per_device_batch_size * 4)
         self.model.eval()
-        with self.engine.generation():
-            for b in range(math.ceil(len(records) / self.world / bs)):   # same number of generate calls per rank
-                chunk = mine[b * bs:(b + 1) * bs] or records[:1]
-                ids = self.backbone.generate(self.test_pool.encode(chunk), max_new_tokens=self.cfg.rollout.max_new_tokens,
-                                             do_sample=False, synced_gpus=self.world > 1)
-                if mine[b * bs:(b + 1) * bs]:
-                    texts.extend(self.backbone.tokenizer.decode(i, skip_special_tokens=False) for i in ids)
+        texts = greedy_texts(self.engine, self.backbone, self.test_pool, records, self.cfg.rollout.max_new_tokens,
+                             batch_size=max(1, self.cfg.optim.per_device_batch_size * 4), stop=self._stop_synced)
         self.model.train()
-        if self.world > 1:   # rank r generated records[r::world]: gather them back in order
-            gathered = [None] * self.world
-            torch.distributed.all_gather_object(gathered, texts)
-            texts = [gathered[i % self.world][i // self.world] for i in range(len(records))]
+        if texts is None:
+            self.stop_phase = "evaluation"
+            log.warning("evaluation %s interrupted by a stop: nothing written", tag)
+            return {}
         if not self.is_main:
             barrier()   # wait for rank 0's scoring and writing, so no rank runs ahead
             return {}
@@ -350,64 +327,23 @@ class Trainer:
         summary = evaluate_generations(records, texts, self.judge, self.reasoning_tag, out_dir=eval_dir)
         (eval_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
         flat = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
-        self._write_metrics({"phase": "eval", "tag": tag, "step": self.step, **flat})
+        self.metrics.log({"phase": "eval", "tag": tag, "step": self.step, **flat})
         log.info("eval %s: accuracy %.3f, early-failure share %.3f (%d wrong answers judged)", tag,
                  summary["accuracy"], summary["early_failure_share"], summary["wrong_judged"])
         barrier()
         return flat
 
-    # ------------------------------------------------------------------ logging and signals
-    def _progress(self, total: int, desc: str):
-        if not (self.is_main and self.cfg.logging.progress):
-            return None
+    # ------------------------------------------------------------------ progress and teardown
+    def _progress(self, total: int, desc: str, done: int = 0):
         from tqdm.auto import tqdm
 
-        return tqdm(total=total, desc=desc, dynamic_ncols=True)
-
-    def _write_metrics(self, metrics: dict) -> None:
-        if self._metrics_file is None:
-            self._metrics_file = open(self.out / "metrics.jsonl", "a")
-        self._metrics_file.write(json.dumps({"time": time.time(), **metrics}) + "\n")
-        self._metrics_file.flush()
-        if "step" not in metrics or metrics.get("phase") is not None:
-            return
-        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "step" and math.isfinite(v)}
-        if self.cfg.logging.tensorboard:
-            if self._tb is None:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(str(self.out / "tensorboard"))
-            for k, v in scalars.items():
-                self._tb.add_scalar(k, v, metrics["step"])
-        if self.cfg.logging.wandb:
-            if self._wandb is None:
-                import wandb
-
-                self._wandb = wandb.init(project="mrpo", name=self.out.name, dir=str(self.out), config=self.cfg.to_dict())
-            self._wandb.log(scalars, step=metrics["step"])
-
-    def _install_signal_handlers(self) -> None:
-        def handler(signum, frame):
-            log.warning("signal %d: saving a checkpoint after this step", signum)
-            self.stop_requested = True
-
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, handler)
+        return tqdm(total=total, initial=done, desc=desc, dynamic_ncols=True,
+                    disable=not (self.is_main and self.cfg.logging.progress))
 
     def close(self) -> None:
-        for f in (self._metrics_file, self._tb):
-            if f is not None:
-                f.close()
-        if self._wandb is not None:
-            self._wandb.finish()
+        self.metrics.close()
+        self.stop.uninstall()
         if torch.distributed.is_initialized():
             barrier()   # no rank tears the process group down while another still uses it
             torch.distributed.destroy_process_group()
 
-
-def _versions() -> dict:
-    import transformers
-    import triton
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "triton": triton.__version__, "cuda": torch.version.cuda, "platform": platform.platform()}

@@ -10,6 +10,7 @@ The trainer only ever talks to an `Engine`:
   warmup_optimizer(lr)       a fresh AdamW-like optimizer for the supervised warm-up (step/close)
   save(...) / load(path)     checkpoints in mrpo.checkpoint's atomic layout
   full_state_dict()          consolidated CPU state dict on rank 0, for the Hugging Face export
+  export(backbone, dir)      the Hugging Face folder (LoRA: adapter folder, merged model on request)
   grad_average_world         how many ranks data-parallel gradient reduction averages over
 
 Gradient reduction averages over ranks in every engine, so the trainer multiplies its per-token loss
@@ -25,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from mrpo import checkpoint as ckpt
+from mrpo.models.lora import is_lora_model, merged_state_dict, save_adapter
 
 
 class Engine:
@@ -44,6 +46,10 @@ class Engine:
     @property
     def grad_average_world(self) -> int:
         return self.world
+
+    # backward(loss) backpropagates the loss as it is (grad_output 1), so the fused loss may skip scaling
+    # its stored gradients; False where the framework rescales the loss itself (DeepSpeed)
+    direct_backward = True
 
     @property
     def lr_optimizer(self) -> torch.optim.Optimizer:
@@ -92,3 +98,17 @@ class Engine:
 
     def full_state_dict(self) -> dict | None:
         raise NotImplementedError
+
+    def export(self, backbone, out_dir: Path, merge_lora: bool = False) -> None:
+        """Hugging Face folder of the current policy (safetensors, config, tokenizer, processor; every rank
+        calls, rank 0 writes). With LoRA: the peft adapter folder out_dir/adapter, and with merge_lora the
+        merged model in out_dir."""
+        state = self.full_state_dict()
+        if self.rank == 0 and is_lora_model(self.model):
+            save_adapter(self.model, out_dir / "adapter", state)
+            if merge_lora:
+                backbone.save(out_dir, state_dict=merged_state_dict(self.model, state))
+        elif self.rank == 0:
+            backbone.save(out_dir, state_dict=state)
+        if dist.is_initialized():
+            dist.barrier()

@@ -99,6 +99,7 @@ class ZeROEngine(Engine):
     trainable parameters (default: AdamW from cfg.optim), which DeepSpeed wraps (fp32 master partitions)."""
 
     name = "deepspeed"
+    direct_backward = False   # engine.backward may rescale the loss (loss scaling, gradient accumulation)
 
     def __init__(self, model: torch.nn.Module, ref_model: torch.nn.Module | None, cfg, device: torch.device,
                  optimizer: torch.optim.Optimizer | None = None, overrides: dict | None = None):

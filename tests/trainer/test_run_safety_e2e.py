@@ -120,7 +120,8 @@ def test_no_duplicate_steps_in_metrics_after_resume(shared_data, tmp_path):
     out = tmp_path / "run"
     extra = {"optim.max_steps": 4, "checkpoint.every_steps": 2, "logging.eval_at_end": False,
              "checkpoint.export_final": False, "logging.tensorboard": False}
-    crashed = _run(tiny_overrides(shared_data, out, **extra), env_extra={"MRPO_FAULT_KILL_AT_STEP": "4"})
+    crashed = _run(tiny_overrides(shared_data, out, **extra), env_extra={"MRPO_TEST_HOOK": "tests.trainer.fault_hooks:sigkill_after_scoring",
+                                                                    "MRPO_FAULT_STEP": "4"})
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-3000:]
     assert _rl_steps(out) == [1, 2, 3]                    # checkpoint at 2; step 3 logged but not saved
     resumed = _run(tiny_overrides(shared_data, out, **extra))
@@ -137,7 +138,6 @@ def test_no_duplicate_steps_in_metrics_after_resume(shared_data, tmp_path):
 # ----------------------------------------------------------------------------- need the trainer to call in
 
 
-@pytest.mark.skip(reason="needs trainer integration: sft_warmup must poll GracefulStop and save (see report)")
 def test_sigint_during_warmup_saves_a_checkpoint(shared_data, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen(_cmd(tiny_overrides(shared_data, out, **{"sft.steps": 2000, "logging.eval_at_start": False})),
@@ -188,7 +188,6 @@ class _FailingJudge:
         self.httpd.server_close()
 
 
-@pytest.mark.skip(reason="needs trainer integration: train() must feed UnjudgedGuard and save on JudgeOutageError")
 def test_judge_outage_stops_the_run_with_a_checkpoint(shared_data, tmp_path, monkeypatch, caplog):
     import logging
 
