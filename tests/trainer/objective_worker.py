@@ -18,11 +18,11 @@ N_COMPLETIONS, G = 16, 2
 AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
-def build_trainer(data_dir, out_dir) -> Trainer:
+def build_trainer(data_dir, out_dir, **extra) -> Trainer:
     overrides = {"output_dir": str(out_dir), "data.synthetic_dir": str(data_dir), "data.synthetic_train": 32,
                  "data.synthetic_test": 8, "rollout.group_size": G, "rollout.max_new_tokens": 40,
                  "optim.per_device_batch_size": 2, "optim.grad_accum_steps": 2, "sft.steps": 0,
-                 "logging.progress": False, "logging.tensorboard": False, "checkpoint.resume": "none"}
+                 "logging.progress": False, "logging.tensorboard": False, "checkpoint.resume": "none", **extra}
     return Trainer(load_config(None, [f"{k}={v}" for k, v in overrides.items()]))
 
 

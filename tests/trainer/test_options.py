@@ -1,0 +1,67 @@
+"""Every training option runs in a test: reference policy (beta > 0) under each engine and with LoRA,
+num_iterations > 1 (old log-probs, clipping on the later passes), gradient checkpointing (same
+gradients as without)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from .objective_worker import build_trainer, fixed_rollout, layout_gradients
+
+HERE = Path(__file__).parent
+REPO = HERE.parents[1]
+
+
+def _reference_worker(tmp_path, data, engine, lora_rank=0, nproc=2):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(HERE / "reference_worker.py"), str(tmp_path), str(data), engine, str(lora_rank)]
+    run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    assert run.stdout.count(" ok") == nproc
+
+
+@pytest.mark.slow
+def test_reference_policy_under_fsdp2(shared_data, tmp_path):
+    _reference_worker(tmp_path, shared_data, "fsdp2")
+
+
+@pytest.mark.slow
+def test_reference_policy_under_deepspeed(shared_data, tmp_path):
+    pytest.importorskip("deepspeed")
+    _reference_worker(tmp_path, shared_data, "deepspeed")
+
+
+@pytest.mark.slow
+def test_lora_reference_is_the_policy_without_adapters_under_fsdp2(shared_data, tmp_path):
+    _reference_worker(tmp_path, shared_data, "fsdp2", lora_rank=4)
+
+
+def test_num_iterations_reuses_old_logprobs_and_clips_later_passes(shared_data, tmp_path):
+    trainer = build_trainer(shared_data, tmp_path / "run", **{"algo.num_iterations": 2, "optim.lr": 0.05,
+                                                               "loss.eps_low": 0.01, "loss.eps_high": 0.01})
+    rollout = fixed_rollout(trainer, 0, 1)
+    rollout.old_logprobs = trainer.logprobs(trainer.model, rollout)
+    weights, micro = trainer.step_token_weights(rollout), trainer.micro_batches(rollout)
+    first = trainer.accumulate_gradients(rollout, weights, micro)
+    trainer.engine.step()
+    second = trainer.accumulate_gradients(rollout, weights, micro)
+    trainer.close()
+    assert first[1].item() == 0, "first pass: the policy is the old policy, ratio 1, nothing clipped"
+    assert second[1].item() > 0, "second pass: the policy moved beyond 1 +- eps on some tokens"
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(shared_data, tmp_path):
+    grads = []
+    for on in (False, True):
+        trainer = build_trainer(shared_data, tmp_path / f"gc{on}", **{"model.gradient_checkpointing": on})
+        assert trainer.model.is_gradient_checkpointing == on
+        grads.append(layout_gradients(trainer, fixed_rollout(trainer, 0, 1), "token-mean", 4))
+        trainer.close()
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7)
