@@ -117,9 +117,10 @@ def _run_cli(args, env_extra=None, nproc=None):
 
 
 @pytest.mark.slow
-def test_sigkill_mid_step_then_resume_matches_unbroken_run(shared_data, tmp_path):
+@pytest.mark.parametrize("variant", [{}, {"lora.rank": 4, "loss.beta": 0.05}], ids=["full", "lora_kl"])
+def test_sigkill_mid_step_then_resume_matches_unbroken_run(shared_data, tmp_path, variant):
     extra = {"optim.max_steps": 4, "logging.eval_at_end": False, "checkpoint.export_final": False,
-             "checkpoint.keep_last": 5}
+             "checkpoint.keep_last": 5, **variant}
     unbroken = _run_cli(tiny_overrides(shared_data, tmp_path / "a", **extra))
     assert unbroken.returncode == 0, unbroken.stderr[-3000:]
     crashed = _run_cli(tiny_overrides(shared_data, tmp_path / "b", **extra),
@@ -187,3 +188,32 @@ def test_frozen_vision_tower_and_gradient_checkpointing(shared_data, tmp_path):
     assert all(named[k].grad is not None and named[k].grad.abs().sum() > 0 for k in language)
     assert trainer.model.is_gradient_checkpointing
     trainer.close()
+
+
+def test_lora_run_exports_adapter_and_merged_model(shared_data, tmp_path):
+    """LoRA through the trainer: only adapters train, no reference copy with beta > 0, and the export holds
+    the peft adapter folder and a merged model equal to the adapted policy."""
+    from transformers import AutoModelForImageTextToText
+
+    from mrpo.models.lora import merged_state_dict
+
+    cfg = load_config(None, tiny_overrides(shared_data, tmp_path, **{
+        "lora.rank": 4, "lora.merge_on_export": True, "loss.beta": 0.05, "optim.max_steps": 1, "sft.steps": 1,
+        "logging.eval_at_end": False}))
+    trainer = Trainer(cfg)
+    assert trainer.ref_model is None
+    frozen = {k: v.clone() for k, v in trainer.model.named_parameters() if not v.requires_grad}
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    for name, p in trainer.model.named_parameters():
+        assert p.requires_grad == ("lora_" in name), name
+        if name in frozen:
+            assert torch.equal(p, frozen[name]), name
+    assert math.isfinite(_rl_steps(tmp_path)[1]["kl"])
+    assert (tmp_path / "final_model" / "adapter" / "adapter_config.json").exists()
+    merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "final_model").state_dict()
+    for name, value in merged_state_dict(trainer.model).items():
+        if name in merged:
+            torch.testing.assert_close(merged[name], value, rtol=0, atol=1e-6)
