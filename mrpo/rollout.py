@@ -7,9 +7,11 @@ repeats each row G times and every log-prob / loss pass selects its rows from th
 """
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import logging
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -231,3 +233,17 @@ def greedy_texts(engine, backbone, pool: PromptPool, records: list[dict], max_ne
         dist.all_gather_object(gathered, texts)
         texts = [gathered[i % world][i // world] for i in range(len(records))]
     return texts
+
+
+_JUDGE_THREAD = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mrpo-judge")
+
+
+def in_background(fn, *args) -> concurrent.futures.Future:
+    """Run fn(*args) on the judge thread (HTTP judge calls, reward computation) while the caller's thread
+    keeps the accelerator busy with the old/reference log-prob passes. Its .result() is (fn's value,
+    seconds it ran) and re-raises fn's exception."""
+    def timed():
+        t0 = time.perf_counter()
+        return fn(*args), time.perf_counter() - t0
+
+    return _JUDGE_THREAD.submit(timed)

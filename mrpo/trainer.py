@@ -39,8 +39,8 @@ from mrpo.models.lora import adapters_disabled
 from mrpo.models.parallelize import hidden_states_mode, init_distributed
 from mrpo.rewards import RewardModel
 from mrpo.run_safety import GracefulStop, agree_all
-from mrpo.rollout import (PromptPool, Rollout, first_failure_stage, gold_rollout, greedy_texts, micro_batches,
-                          sample_groups, score)
+from mrpo.rollout import (PromptPool, Rollout, first_failure_stage, gold_rollout, greedy_texts, in_background,
+                          micro_batches, sample_groups, score)
 
 log = logging.getLogger("mrpo")
 
@@ -92,13 +92,14 @@ class Trainer:
         prompts = self.pool.usable(self.sampler.next(self.prompts_per_rank), self.prompts_per_rank)
         rollout = sample_groups(self.engine, self.backbone, self.pool, prompts, cfg.rollout)
         t.append(time.perf_counter())
-        scored, metrics = score(rollout, self.reward_model, self.backbone.tokenizer)
-        rollout.advantages = self.global_advantages(self.reward_model.reward_matrix(scored))
-        t.append(time.perf_counter())
+        judged = in_background(score, rollout, self.reward_model, self.backbone.tokenizer)   # overlaps the passes
         if cfg.algo.num_iterations > 1:
             rollout.old_logprobs = self.logprobs(self.model, rollout)
         if cfg.loss.beta > 0:
             rollout.ref_logprobs = self.reference_logprobs(rollout)
+        t.append(time.perf_counter())
+        (scored, metrics), judge_s = judged.result()
+        rollout.advantages = self.global_advantages(self.reward_model.reward_matrix(scored))
         t.append(time.perf_counter())
         weights, micro = self.step_token_weights(rollout), self.micro_batches(rollout)
         sums, norms, skipped = 0, [], 0
@@ -115,7 +116,7 @@ class Trainer:
             "loss": loss_sum / cfg.algo.num_iterations, "clip_fraction": clipped / max(tokens, 1),
             "kl": kl / max(tokens, 1), "grad_norm": sum(norms) / len(norms), "lr": self.scheduler.get_last_lr()[0],
             "skipped_updates": float(skipped), "micro_batches": float(len(micro)),
-            "time/generate": t[1] - t[0], "time/judge": t[2] - t[1], "time/logprobs": t[3] - t[2],
+            "time/generate": t[1] - t[0], "time/judge": judge_s, "time/logprobs": t[2] - t[1],
             "time/loss_backward": t[4] - t[3], "time/step": t[4] - t[0],
             "tokens_per_s": sum(rollout.lengths) * self.world / (t[4] - t[0]),
             "skipped_long_prompts": float(len(self.pool.too_long)),
