@@ -250,7 +250,9 @@ class Backbone:
         """FSDP2 or DeepSpeed ZeRO-3 over several processes: every rank must call the same modules."""
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return False
-        return hasattr(model, "_get_fsdp_state") or hasattr(next(model.parameters()), "ds_id")
+        from torch.distributed.fsdp import FSDPModule
+
+        return isinstance(model, FSDPModule) or hasattr(next(model.parameters()), "ds_id")   # ds_id: ZeRO-3
 
     def _vision_filler(self, batch: dict, model) -> dict | None:
         """A one-row batch with a blank image, for a sharded rank whose batch holds no image while
