@@ -109,7 +109,8 @@ def check_text_only_rank(path: str, rank: int, world: int) -> None:
     images = [] if rank == 0 else [make_example(0, "train", rank, 56)[1]]
     batch = bb.encode_prompts(["Is 2 larger than 1?"], [images])
     assert ("pixel_values" in batch) == (rank != 0)
-    comps = bb.generate(batch, max_new_tokens=3 + 3 * rank, do_sample=False, synced_gpus=True)
+    with generation_context(model, gather_all=False):       # per-layer gathers: the vision filler matters
+        comps = bb.generate(batch, max_new_tokens=3 + 3 * rank, do_sample=False, synced_gpus=True)
     assert comps == ref.generate(batch, max_new_tokens=3 + 3 * rank, do_sample=False)
     with hidden_states_mode(model):
         hidden, targets, cu = bb.completion_hidden_states(batch, comps, model=model)
