@@ -204,3 +204,21 @@ def test_unsupported_attention(bb, images, monkeypatch):
 
 def test_config_default():
     assert LossConfig().packing is True
+
+
+@pytest.mark.slow
+def test_packed_fsdp2(tmp_path_factory):
+    """The packed forward on FSDP2-sharded weights (2 gloo ranks), one rank without images (its packed
+    row carries the vision filler sequence): log-probs and gradients equal the unsharded padded ones."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = tmp_path_factory.mktemp("tiny_fsdp")
+    paths = [str(build_tiny(f, root / f, seed=0)) for f in FAMILIES]
+    worker = Path(__file__).with_name("packing_fsdp_worker.py")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(worker), *paths], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert proc.stdout.count(" ok") == 2 * len(FAMILIES)
