@@ -419,9 +419,9 @@ class Backbone:
         block-diagonal causal mask, flash_attention_2/3 run varlen with cu_seqlens taken from the
         position restarts; any other kernel could let sequences attend to each other."""
         model = self.model if model is None else model
-        attn = getattr(model.config, "_attn_implementation", None) or "eager"
-        text = getattr(model.config, "text_config", None)
-        attn_text = getattr(text, "_attn_implementation", None) or attn
+        model = getattr(model, "module", model)      # a DeepSpeed engine's own .config is its DeepSpeed config
+        config = model.config.get_text_config()       # the language model's attention is what packs
+        attn_text = getattr(config, "_attn_implementation", None) or "eager"
         ok = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
         if attn_text not in ok:
             return f"attention implementation {attn_text!r} (packing needs one of {', '.join(ok)})"
