@@ -20,12 +20,18 @@ tower and the ranks' collectives keep matching.
 Positions: Qwen's 3D M-RoPE index is computed by the model from `mm_token_type_ids` and the attention
 mask (so left padding of the prompt and right padding of the completion do not move any token);
 InternVL (1-D RoPE) gets position_ids = cumsum(attention_mask) - 1, as generate computes them.
+
+Padding-free training forwards (completion_hidden_states(packed=True), config loss.packing): the
+sequences of a micro-batch are concatenated into one row without padding, positions restart per
+sequence and transformers keeps the sequences apart (block-diagonal mask on CPU / sdpa / eager,
+flash_attn_varlen_func with flash_attention_2 on CUDA); see packed_completion_hidden_states.
 """
 from __future__ import annotations
 
 import functools
 import json
 import string
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +48,7 @@ DEFAULT_PROMPT_TEMPLATE = ("{question} Think step-by-step and enclose your reaso
                            "<{answer_tag}>...</{answer_tag}> tags.")
 PROMPT_FIELDS = ("question", "reasoning_tag", "answer_tag")
 ANSWER_TAG = "answer"   # what mrpo.rewards.answer extracts
+_PACKING_FALLBACK_WARNED: set[str] = set()   # reasons already warned about (completion_hidden_states(packed=True))
 
 
 @functools.lru_cache(maxsize=32)
@@ -316,25 +323,16 @@ class Backbone:
         return out
 
     # ------------------------------------------------------------------ teacher forcing
-    def completion_hidden_states(self, batch: dict, completions: list[list[int]], model=None
-                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Teacher-forced forward over prompt + completion, without computing logits.
-
-        batch: encode_prompts output (B rows); completions: B lists of token ids; model: the model to
-        run (default self.model; e.g. a reference copy of the same family).
-        Returns hidden [N, D] (final-norm hidden states; row t predicts completion token t; N = total
-        completion tokens, packed in batch order), targets [N] int64, cu_seqlens [B+1] int32.
-        Gradients flow.
-        Two ways to skip the lm_head: when the model's output embedding has `passthrough=True`
-        (mrpo.models.parallelize.hidden_states_mode) the root model(...) runs and its "logits" are the
-        hidden states, through every FSDP2 hook; otherwise the inner model.model(...) runs, and under
-        FSDP2 the caller calls model.unshard() before and model.reshard() after the backward.
-        """
+    def _teacher_forcing_batch(self, batch: dict, completions: list[list[int]], model
+                               ) -> tuple[dict, list[list[int]], torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+        """The padded [B, P + T] teacher-forcing layout both forward paths start from (the sharded
+        vision filler row appended when needed, see _vision_filler).
+        Returns (batch, completions, ids [B, P+T], mask [B, P+T] (left-padded prompt, right-padded
+        completion), comp_mask [B, T] bool, P, T)."""
         if len(completions) != batch["input_ids"].shape[0]:
             raise ValueError(f"completion_hidden_states: {len(completions)} completions for a batch of "
                              f"{batch['input_ids'].shape[0]}")
-        rows = len(completions)
-        filler = self._vision_filler(batch, self.model if model is None else model)
+        filler = self._vision_filler(batch, model)
         if filler is not None:   # its empty completion adds no hidden state; its cu_seqlens entry is dropped
             batch, completions = self._append_row(batch, filler), list(completions) + [[]]
         input_ids, prompt_mask = batch["input_ids"], batch["attention_mask"]
@@ -348,22 +346,149 @@ class Backbone:
         comp_mask = torch.arange(T, device=device)[None, :] < lengths[:, None]        # [B, T]
         ids = torch.cat([input_ids, comp], dim=1)
         mask = torch.cat([prompt_mask, comp_mask.to(prompt_mask.dtype)], dim=1)
+        return batch, completions, ids, mask, comp_mask, P, T
+
+    @staticmethod
+    def _cu_seqlens(completions: list[list[int]], rows: int, device) -> torch.Tensor:
+        """[rows + 1] int32 offsets of each completion's tokens in the packed outputs."""
+        cu = torch.zeros(len(completions) + 1, dtype=torch.int32, device=device)
+        cu[1:] = torch.cumsum(torch.tensor([len(c) for c in completions], device=device), 0).to(torch.int32)
+        return cu[: rows + 1]
+
+    @staticmethod
+    def _run(model, inputs: dict) -> torch.Tensor:
+        """Final-norm hidden states [rows, S, D] of one forward (see completion_hidden_states)."""
+        if getattr(model.get_output_embeddings(), "passthrough", False):
+            return model(**inputs).logits              # lm_head returns its input
+        return model.model(**inputs).last_hidden_state
+
+    def completion_hidden_states(self, batch: dict, completions: list[list[int]], model=None, packed: bool = False
+                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Teacher-forced forward over prompt + completion, without computing logits.
+
+        batch: encode_prompts output (B rows); completions: B lists of token ids; model: the model to
+        run (default self.model; e.g. a reference copy of the same family); packed: run the padding-free
+        forward instead (packed_completion_hidden_states: same outputs, no padding tokens; when
+        packing_unsupported(model), the padded forward runs after a one-time warning).
+        Returns hidden [N, D] (final-norm hidden states; row t predicts completion token t; N = total
+        completion tokens, packed in batch order), targets [N] int64, cu_seqlens [B+1] int32.
+        Gradients flow. Afterwards self.last_padding_fraction = padding tokens / tokens of the forward.
+        Two ways to skip the lm_head: when the model's output embedding has `passthrough=True`
+        (mrpo.models.parallelize.hidden_states_mode) the root model(...) runs and its "logits" are the
+        hidden states, through every FSDP2 hook; otherwise the inner model.model(...) runs, and under
+        FSDP2 the caller calls model.unshard() before and model.reshard() after the backward.
+        """
+        model = self.model if model is None else model
+        if packed:
+            why = self.packing_unsupported(model)
+            if why is None:
+                return self.packed_completion_hidden_states(batch, completions, model)
+            if why not in _PACKING_FALLBACK_WARNED:   # once per reason, not at every micro-batch
+                _PACKING_FALLBACK_WARNED.add(why)
+                warnings.warn(f"loss.packing: cannot pack with {why}; running the padded forward instead",
+                              stacklevel=2)
+        rows = len(completions)
+        batch, completions, ids, mask, comp_mask, P, T = self._teacher_forcing_batch(batch, completions, model)
         inputs = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
         if self.is_qwen:   # completion tokens are text (0): M-RoPE positions continue after the prompt
-            inputs["mm_token_type_ids"] = torch.cat(
-                [batch["mm_token_type_ids"], torch.zeros_like(comp, dtype=batch["mm_token_type_ids"].dtype)], dim=1)
+            inputs["mm_token_type_ids"] = self._full_mm_token_type_ids(batch, T)
         else:              # 1-D RoPE: positions skip the left padding, exactly as generate computes them
             inputs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        model = self.model if model is None else model
         inputs.update(input_ids=ids, attention_mask=mask, use_cache=False)
-        if getattr(model.get_output_embeddings(), "passthrough", False):
-            hidden = model(**inputs).logits            # lm_head returns its input
+        hidden = self._run(model, inputs)[:, P - 1 : P - 1 + T]                          # [B, T, D]
+        self._last_tokens = (mask.sum(), mask.numel())                                 # read lazily: no host sync
+        comp = ids[:, P:]
+        return hidden[comp_mask], comp[comp_mask], self._cu_seqlens(completions, rows, ids.device)
+
+    @property
+    def last_padding_fraction(self) -> float | None:
+        """Padding tokens / all tokens of the last completion_hidden_states forward (0.0 when packed;
+        None before the first). Reading it syncs with the device once."""
+        last = getattr(self, "_last_tokens", None)
+        if last is None:
+            return None
+        real, total = last
+        return 1.0 - float(real) / total if total else 0.0
+
+    def _full_mm_token_type_ids(self, batch: dict, T: int) -> torch.Tensor:
+        """Qwen: mm_token_type_ids [B, P + T] of prompt + completion (completion tokens are text, 0)."""
+        mm = batch["mm_token_type_ids"]
+        return torch.cat([mm, mm.new_zeros(mm.shape[0], T)], dim=1)
+
+    def packing_unsupported(self, model=None) -> str | None:
+        """Why the padding-free forward cannot run on `model` (None: it can). transformers isolates the
+        packed sequences from position_ids only for these attention kernels: eager / sdpa / flex get a
+        block-diagonal causal mask, flash_attention_2/3 run varlen with cu_seqlens taken from the
+        position restarts; any other kernel could let sequences attend to each other."""
+        model = self.model if model is None else model
+        model = getattr(model, "module", model)      # a DeepSpeed engine's own .config is its DeepSpeed config
+        config = model.config.get_text_config()       # the language model's attention is what packs
+        attn_text = getattr(config, "_attn_implementation", None) or "eager"
+        ok = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
+        if attn_text not in ok:
+            return f"attention implementation {attn_text!r} (packing needs one of {', '.join(ok)})"
+        return None
+
+    def packed_completion_hidden_states(self, batch: dict, completions: list[list[int]], model=None
+                                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """completion_hidden_states without padding: the B sequences (prompt without its left padding,
+        then the completion) are concatenated into one row [1, L], L = sum of their lengths.
+
+        Same arguments and outputs as completion_hidden_states (hidden [N, D], targets [N] int64,
+        cu_seqlens [B+1] int32; equal to the padded forward's up to float rounding). Sets
+        last_padding_fraction = 0.0 (no padding token is computed).
+
+        How the sequences stay independent (transformers' padding-free support): no attention_mask is
+        passed and the text position row restarts at 0 for each sequence; from that restart
+        transformers builds a block-diagonal causal mask for eager / sdpa (masking_utils
+        find_packed_sequence_indices) and, with flash_attention_2 on CUDA, calls flash_attn_varlen_func
+        with cu_seqlens taken from the restarts (modeling_flash_attention_utils._is_packed_sequence).
+        Positions: InternVL (1-D RoPE) gets 0..len-1 per sequence, as in the padded forward; Qwen gets
+        position_ids [4, 1, L] = the text row above + the 3 M-RoPE rows from the model's own
+        get_rope_index over the padded layout (it skips padding), restricted to the real tokens: the
+        padded forward's positions (for a batch without images, where the padded forward counts the left
+        padding, they differ by a constant per sequence, which RoPE attention does not see). Qwen's
+        language model reads the text row only from a 4-row position_ids; with 3 rows it would build no
+        packed mask and the sequences would attend to each other.
+        Images: pixel_values / image_grid_thw stay in batch order, which is the packed token order.
+        Raises RuntimeError when packing_unsupported(model) (the caller uses the padded path)."""
+        model = self.model if model is None else model
+        rows = len(completions)
+        inputs, pick, targets, completions = self._packed_inputs(batch, completions, model)
+        hidden = self._run(model, inputs)[0, pick]                                # [N, D]
+        L = inputs["input_ids"].shape[1]
+        self._last_tokens = (L, L)
+        return hidden, targets, self._cu_seqlens(completions, rows, targets.device)
+
+    def _packed_inputs(self, batch: dict, completions: list[list[int]], model
+                       ) -> tuple[dict, torch.Tensor, torch.Tensor, list[list[int]]]:
+        """The model inputs of the packed forward (one row [1, L], see packed_completion_hidden_states),
+        pick [L] bool (the tokens whose hidden states predict the completion tokens, in order), targets
+        [N] int64 and the completions (plus the vision filler's empty one when appended)."""
+        why = self.packing_unsupported(model)
+        if why is not None:
+            raise RuntimeError(f"packed_completion_hidden_states: cannot pack with {why}; "
+                               f"use completion_hidden_states(packed=False)")
+        batch, completions, ids, mask, comp_mask, P, T = self._teacher_forcing_batch(batch, completions, model)
+        real = mask.bool()                                                        # [B, S]; row-major = packed order
+        # position of each real token within its own sequence: restarts at 0 for every sequence
+        text_pos = (mask.long().cumsum(-1) - 1)[real][None]                       # [1, L]
+        inputs = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+        if self.is_qwen:
+            mm = self._full_mm_token_type_ids(batch, T)
+            # the model's own 3-D index over the padded layout (what its padded forward computes), then the
+            # real tokens only; get_rope_index reads only the config (no parameters: safe under FSDP)
+            mrope, _ = self.model.model.get_rope_index(ids, mm_token_type_ids=mm, attention_mask=mask,
+                                                       image_grid_thw=batch.get("image_grid_thw"))   # [3, B, S]
+            inputs["position_ids"] = torch.cat([text_pos[None], mrope[:, real][:, None]], dim=0)    # [4, 1, L]
+            inputs["mm_token_type_ids"] = mm[real][None]
         else:
-            hidden = model.model(**inputs).last_hidden_state
-        hidden = hidden[:, P - 1 : P - 1 + T]                                             # [B, T, D]
-        cu_seqlens = torch.zeros(B + 1, dtype=torch.int32, device=device)
-        cu_seqlens[1:] = torch.cumsum(lengths, 0).to(torch.int32)
-        return hidden[comp_mask], comp[comp_mask], cu_seqlens[: rows + 1]
+            inputs["position_ids"] = text_pos
+        inputs.update(input_ids=ids[real][None], use_cache=False)                # attention_mask=None: packed
+        # the hidden state at column P-1+t of the padded layout predicts completion token t (a real token)
+        pick = torch.zeros_like(real)
+        pick[:, P - 1 : P - 1 + T] = comp_mask
+        return inputs, pick[real], ids[:, P:][comp_mask], completions
 
     @property
     def lm_head_weight(self) -> torch.Tensor:

@@ -1,0 +1,224 @@
+"""Padding-free (packed) training forwards on the tiny backbones (Qwen2.5-VL, Qwen3-VL, InternVL3):
+per-token log-probs and gradients of Backbone.completion_hidden_states(packed=True) equal the padded
+forward's (fp32, 1e-5) on micro-batches mixing 0, 1 and 2 images per record and different prompt /
+completion lengths; no padding token is computed; the test detects sequences attending to each other
+(negative control); unsupported attention kernels raise, or fall back to the padded path once warned."""
+import os
+import warnings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+from mrpo.config import LossConfig
+from mrpo.data.synthetic import make_example
+from mrpo.models import backbone as backbone_mod
+from mrpo.models.backbone import Backbone
+from mrpo.models.load import load_backbone
+from mrpo.models.parallelize import decoder_layers, hidden_states_mode, install_passthrough_head, vision_tower
+from mrpo.models.tiny import build_tiny
+
+FAMILIES = ["qwen2_5_vl", "qwen3_vl", "internvl3"]
+TOL = 1e-5
+QS = ["Is there a lesion?", "How many lesions are seen in the kidneys, and on which side are they?",
+      "Size?", "Compare the two scans: is the lesion larger?"]
+COMP_LENS = [5, 11, 1, 8]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def bb(request, tmp_path_factory) -> Backbone:
+    bb = load_backbone(build_tiny(request.param, tmp_path_factory.mktemp("tiny") / request.param, seed=0))
+    assert bb.model.dtype == torch.float32
+    return bb
+
+
+@pytest.fixture(scope="module")
+def images():
+    a = make_example(0, "train", 0, image_size=56)[1]
+    b = make_example(0, "train", 1, image_size=56)[1].resize((112, 56))   # non-square: more image tokens
+    c = make_example(0, "train", 2, image_size=56)[1]
+    return a, b, c
+
+
+def completions(bb, lens, seed=0):
+    """Random completion ids (no vision / EOS tokens) of the given lengths."""
+    g = torch.Generator().manual_seed(seed)
+    allowed = torch.tensor([t for t in range(len(bb.tokenizer))
+                            if t not in bb.suppress_token_ids and t not in bb.eos_token_ids])
+    return [allowed[torch.randint(len(allowed), (n,), generator=g)].tolist() for n in lens]
+
+
+def mixed_batch(bb, images):
+    """4 records: 1 image, text-only, a wide image, 2 images: different prompt lengths (left padding)."""
+    a, b, c = images
+    batch = bb.encode_prompts(QS, [[a], [], [b], [a, c]])
+    lengths = batch["attention_mask"].sum(-1).tolist()
+    assert len(set(lengths)) == 4, lengths                                 # every row has its own padding
+    return batch
+
+
+def token_logprobs(bb, hidden, targets):
+    return torch.log_softmax(hidden @ bb.lm_head_weight.T, -1).gather(-1, targets[:, None])[:, 0]
+
+
+def both(bb, batch, comps, model=None):
+    """(padded, packed) outputs: per-token log-probs [N], targets [N], cu_seqlens [B+1], padding fraction."""
+    out = []
+    for packed in (False, True):
+        hidden, targets, cu = bb.completion_hidden_states(batch, comps, model=model, packed=packed)
+        assert hidden.shape == (sum(map(len, comps)), bb.model.config.get_text_config().hidden_size)
+        out.append((token_logprobs(bb, hidden, targets), targets, cu, bb.last_padding_fraction))
+    return out
+
+
+def test_logprobs_equal_padded(bb, images):
+    batch = mixed_batch(bb, images)
+    comps = completions(bb, COMP_LENS)
+    (lp0, t0, cu0, pad0), (lp1, t1, cu1, pad1) = both(bb, batch, comps)
+    assert torch.equal(t0, t1) and torch.equal(t1, torch.tensor([t for c in comps for t in c]))
+    assert torch.equal(cu0, cu1) and cu1.tolist() == [0, 5, 16, 17, 25] and cu1.dtype == torch.int32
+    diff = (lp0 - lp1).abs().max().item()
+    print(f"{bb.family}: max |packed - padded| log-prob = {diff:.3g}")
+    assert diff <= TOL, diff
+    assert pad0 > 0.05 and pad1 == 0.0                                     # the padded forward did pad
+
+
+def test_text_only_and_single_sequence(bb, images):
+    """Edge layouts: a micro-batch without images, and one sequence alone (nothing to pack)."""
+    batch = bb.encode_prompts(QS[:3], [[], [], []])
+    assert "pixel_values" not in batch
+    comps = completions(bb, [3, 1, 6], seed=1)
+    (lp0, *_), (lp1, *_ , pad1) = both(bb, batch, comps)
+    assert (lp0 - lp1).abs().max().item() <= TOL and pad1 == 0.0
+    one = bb.encode_prompts(QS[3:], [list(images[:2])])
+    (lp0, *_), (lp1, *_) = both(bb, one, completions(bb, [4], seed=2))
+    assert (lp0 - lp1).abs().max().item() <= TOL
+
+
+def test_select_rows_repeated_prompts(bb, images):
+    """What the trainer feeds: select_rows of the rollout prompts, each prompt G times (equal prompts of
+    different completions next to each other, images repeated)."""
+    a, b, c = images
+    prompts = bb.encode_prompts(QS, [[a], [], [b], [a, c]])
+    batch = bb.select_rows(prompts, [3, 3, 1, 0, 0])
+    comps = completions(bb, [2, 9, 4, 7, 3], seed=3)
+    (lp0, *_), (lp1, *_) = both(bb, batch, comps)
+    assert (lp0 - lp1).abs().max().item() <= TOL
+
+
+def test_gradients_equal_padded(bb, images):
+    """Gradients of a weighted log-prob loss wrt decoder and vision weights, through the hidden-states
+    mode the trainer uses (passthrough lm_head, root model call)."""
+    batch = mixed_batch(bb, images)
+    comps = completions(bb, COMP_LENS, seed=4)
+    install_passthrough_head(bb.model)
+    weights = torch.linspace(-1.0, 1.0, sum(COMP_LENS))
+    params = {"q_proj": decoder_layers(bb.model)[0].self_attn.q_proj.weight,
+              "mlp": decoder_layers(bb.model)[-1].mlp.down_proj.weight,
+              "vision": next(p for p in vision_tower(bb.model).parameters() if p.ndim == 2)}
+    grads = []
+    for packed in (False, True):
+        bb.model.zero_grad(set_to_none=True)
+        with hidden_states_mode(bb.model):
+            hidden, targets, _ = bb.completion_hidden_states(batch, comps, packed=packed)
+        (token_logprobs(bb, hidden, targets) * weights).sum().backward()
+        grads.append({k: p.grad.clone() for k, p in params.items()})
+    bb.model.zero_grad(set_to_none=True)
+    for k in params:
+        scale = grads[0][k].abs().max().item()
+        assert scale > 0, k                                                # the gradient reaches the weight
+        diff = (grads[0][k] - grads[1][k]).abs().max().item()
+        print(f"{bb.family}: grad {k}: max |packed - padded| = {diff:.3g} (max |grad| {scale:.3g})")
+        assert diff <= TOL and diff <= 1e-4 * scale, (k, diff, scale)        # also relative: vision grads are small
+
+
+def test_detects_sequences_attending_to_each_other(bb, images):
+    """Negative control: the same packed inputs with the per-sequence restart of the text positions
+    removed (one increasing position row, as a 3-row Qwen position_ids or a plain arange would give)
+    make transformers build a single causal mask over the whole row: the log-probs of every sequence but
+    the first change far beyond the tolerance, so the equality tests above can fail."""
+    batch = mixed_batch(bb, images)
+    comps = completions(bb, COMP_LENS)
+    inputs, pick, targets, _ = bb._packed_inputs(batch, comps, bb.model)
+    L = inputs["input_ids"].shape[1]
+    assert inputs["position_ids"].shape == ((4, 1, L) if bb.is_qwen else (1, L))
+    text_row = inputs["position_ids"][0] if bb.is_qwen else inputs["position_ids"]
+    assert int((text_row[0] == 0).sum()) == len(comps)                     # one restart per sequence
+    ref = token_logprobs(bb, bb._run(bb.model, inputs)[0, pick], targets)
+    leaky = dict(inputs)
+    if bb.is_qwen:   # keep the M-RoPE rows (positions unchanged), drop only the text row
+        leaky["position_ids"] = inputs["position_ids"][1:]
+    else:            # InternVL: positions 0..L-1 over the whole row
+        leaky["position_ids"] = torch.arange(L)[None]
+    bad = token_logprobs(bb, bb._run(bb.model, leaky)[0, pick], targets)
+    first = COMP_LENS[0]
+    if bb.is_qwen:   # positions are the same, so only the cross-sequence attention differs
+        assert (bad[:first] - ref[:first]).abs().max() <= TOL                # the first sequence sees nothing new
+    assert (bad[first:] - ref[first:]).abs().max() > 100 * TOL
+
+
+def test_eager_attention(bb, images):
+    """The block-diagonal mask also holds for the eager kernel (an additive float mask)."""
+    batch = mixed_batch(bb, images)
+    comps = completions(bb, COMP_LENS, seed=5)
+    before = bb.model.config._attn_implementation
+    bb.model.set_attn_implementation("eager")
+    try:
+        assert bb.model.config.get_text_config()._attn_implementation == "eager"
+        (lp0, *_), (lp1, *_) = both(bb, batch, comps)
+    finally:
+        bb.model.set_attn_implementation(before)
+    assert (lp0 - lp1).abs().max().item() <= TOL
+
+
+def test_unsupported_attention(bb, images, monkeypatch):
+    """An attention kernel that transformers does not isolate packed sequences for: the packed method
+    raises; completion_hidden_states(packed=True) warns once and runs the padded forward."""
+    batch = bb.encode_prompts(QS[:2], [[images[0]], []])
+    comps = completions(bb, [3, 2], seed=6)
+    ref = bb.completion_hidden_states(batch, comps)[0]
+    with monkeypatch.context() as m:
+        m.setattr(bb.model.config.get_text_config(), "_attn_implementation", "some_kernel")
+        assert "'some_kernel'" in bb.packing_unsupported()
+        with pytest.raises(RuntimeError, match="cannot pack with attention implementation 'some_kernel'"):
+            bb.packed_completion_hidden_states(batch, comps)
+    # the model cannot run an unknown kernel, so for the fallback only the check reports one
+    monkeypatch.setattr(backbone_mod, "_PACKING_FALLBACK_WARNED", set())
+    monkeypatch.setattr(bb, "packing_unsupported", lambda model=None: "attention implementation 'some_kernel'")
+    with pytest.warns(UserWarning, match="loss.packing: cannot pack with attention implementation 'some_kernel'"):
+        got = bb.completion_hidden_states(batch, comps, packed=True)[0]
+    assert bb.last_padding_fraction > 0 and torch.equal(got, ref)          # the padded forward ran
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                     # warned once, not per micro-batch
+        bb.completion_hidden_states(batch, comps, packed=True)
+
+
+def test_config_default():
+    assert LossConfig().packing is True
+
+
+@pytest.mark.slow
+def test_packed_fsdp2(tmp_path_factory):
+    """The packed forward on FSDP2-sharded weights (2 gloo ranks), one rank without images (its packed
+    row carries the vision filler sequence): log-probs and gradients equal the unsharded padded ones."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = tmp_path_factory.mktemp("tiny_fsdp")
+    paths = [str(build_tiny(f, root / f, seed=0)) for f in FAMILIES]
+    worker = Path(__file__).with_name("packing_fsdp_worker.py")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(worker), *paths], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert proc.stdout.count(" ok") == 2 * len(FAMILIES)
