@@ -91,16 +91,20 @@ def load_reference(cfg, path: Path, device: torch.device) -> torch.nn.Module | N
     return ref
 
 
-def write_run_files(cfg, out: Path) -> None:
-    """The resolved config and the library versions of the run (rank 0)."""
+def write_run_files(cfg, out: Path, is_main: bool) -> None:
+    """The resolved config and the library versions of the run (rank 0 writes; every rank calls)."""
     import transformers
     import triton
 
+    if not is_main:
+        barrier()
+        return
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(cfg.to_yaml())
     versions = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
                 "triton": triton.__version__, "cuda": torch.version.cuda, "platform": platform.platform()}
     (out / "versions.json").write_text(json.dumps(versions, indent=1))
+    barrier()
 
 
 def lr_schedule(optim_cfg, total_steps: int):

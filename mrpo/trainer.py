@@ -59,9 +59,7 @@ class Trainer:
         for seed_fn in (torch.manual_seed, random.seed, np.random.seed):
             seed_fn(cfg.seed + self.rank)
         self.prompts_per_rank = cfg.optim.per_device_batch_size * cfg.optim.grad_accum_steps // cfg.rollout.group_size
-        if self.is_main:
-            build.write_run_files(cfg, self.out)
-        barrier()
+        build.write_run_files(cfg, self.out, self.is_main)
 
         train, test = build.load_splits(cfg, self.is_main, self.prompts_per_rank * self.world)
         self.model_path = build.model_path(cfg, self.is_main)
@@ -120,6 +118,7 @@ class Trainer:
             "time/loss_backward": t[4] - t[3], "time/step": t[4] - t[0],
             "tokens_per_s": sum(rollout.lengths) * self.world / (t[4] - t[0]),
             "skipped_long_prompts": float(len(self.pool.too_long)),
+            "padding_fraction": float(self.backbone.last_padding_fraction or 0.0),   # of the last training forward
         })
         return all_reduce_mean(metrics, self.device)
 
@@ -171,9 +170,9 @@ class Trainer:
     def hidden_states(self, model, rollout: Rollout, seqs: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Packed completion hidden states [N, D] of the completions `seqs` and the lm_head weight [V, D]."""
         batch = self.backbone.select_rows(rollout.prompts, [rollout.prompt_row[i] for i in seqs])
-        with hidden_states_mode(model):
+        with hidden_states_mode(model):   # loss.packing: one padding-free row, positions restart per sequence
             hidden, _, _ = self.backbone.completion_hidden_states(
-                batch, [rollout.completion_ids[i] for i in seqs], model=self.engine.runner(model))
+                batch, [rollout.completion_ids[i] for i in seqs], self.engine.runner(model), self.cfg.loss.packing)
         return hidden, self.engine.lm_head_weight(model)   # read after the forward (gathered by then)
 
     @torch.no_grad()
