@@ -365,7 +365,7 @@ def run(args, work: str, argv=None) -> None:
     md_path = out_dir / f"step_{tag}.md"
     md_path.write_text("\n".join(lines) + "\n")
     png_path = _plot(med, out_dir / f"step_{tag}.png", f"{meta['provider']}, {meta['device']}")
-    written = [csv_path, md_path, png_path]
+    written = [p for p in (csv_path, md_path, png_path) if p is not None]
     if args.json:
         summary = summary_json(med, probe, sharded, total, meta, cfg, config_name, args, world, engine_name,
                                peak_abs, peak_extra, mem_kind, argv)
@@ -443,8 +443,13 @@ def _transformers_version() -> str:
 
 
 def _plot(med: dict, path: Path, title: str) -> Path:
-    """Horizontal stacked bar of the p50 phase times of one step."""
-    import matplotlib
+    """Horizontal stacked bar of the p50 phase times of one step; None without matplotlib (the CSV and
+    the Markdown carry the numbers)."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("bench_step: matplotlib is not installed: no PNG plot")
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
