@@ -111,6 +111,14 @@ def _warn_once(message: str) -> None:
         logging.getLogger("mrpo").warning(message)
 
 
+@functools.lru_cache(maxsize=None)
+def _generation_config_has(key: str) -> bool:
+    """Whether this transformers' GenerationConfig knows `key` (generate() rejects unknown keys)."""
+    from transformers import GenerationConfig
+
+    return hasattr(GenerationConfig(), key)
+
+
 @dataclass
 class Backbone:
     model: torch.nn.Module
@@ -322,12 +330,14 @@ class Backbone:
                        f"does not support transformers' static KV cache; falling back to eager decoding")
             return {}
         n = STATIC_CACHE_ROUND
-        kwargs = dict(cache_implementation="static", max_cache_len=-(-cache_len // n) * n)
+        kwargs = dict(cache_implementation="static")
+        if _generation_config_has("max_cache_len"):   # transformers without it sizes the cache to the call
+            kwargs["max_cache_len"] = -(-cache_len // n) * n
         if decode == "static_compiled" and self.model.device.type == "cuda":
             from transformers import CompileConfig
 
             kwargs["compile_config"] = CompileConfig(fullgraph=False, dynamic=False, mode="reduce-overhead")
-        else:
+        elif _generation_config_has("disable_compile"):
             kwargs["disable_compile"] = True
         return kwargs
 
