@@ -417,8 +417,13 @@ def summarize(rows: list[dict], device: str) -> list[str]:
 
 
 def plot(rows: list[dict], out_prefix: Path) -> list[Path]:
-    """One PNG per V: time and peak extra memory vs N, per provider, for each mode."""
-    import matplotlib
+    """One PNG per V: time and peak extra memory vs N, per provider, for each mode ([] without matplotlib,
+    e.g. on the bare GPU machine of benchmarks/gpu_check.sh: the CSV and the Markdown carry the numbers)."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("bench_loss: matplotlib is not installed: no PNG plots")
+        return []
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -71,6 +71,10 @@ class RolloutConfig:
     max_new_tokens: int = _f(512, "max completion length (tokens)")
     temperature: float = _f(1.0, "sampling temperature of the rollouts")
     top_p: float = _f(1.0, "nucleus sampling threshold of the rollouts")
+    decode: Literal["eager", "static", "static_compiled"] = _f(
+        "eager", "generate path: eager (dynamic KV cache), static (pre-allocated KV cache), static_compiled "
+                 "(static cache + torch.compile'd decode step with CUDA graphs; on CUDA only, static elsewhere); "
+                 "a family without static-cache support falls back to eager with a warning")
 
 
 @dataclass

@@ -137,7 +137,8 @@ def sample_groups(engine, backbone, pool: PromptPool, prompts: list[dict], rollo
     with engine.generation():
         ids = backbone.generate(backbone.select_rows(batch, rows), max_new_tokens=rollout_cfg.max_new_tokens,
                                 temperature=rollout_cfg.temperature, top_p=rollout_cfg.top_p, do_sample=True,
-                                synced_gpus=dist.is_initialized() and dist.get_world_size() > 1)
+                                synced_gpus=dist.is_initialized() and dist.get_world_size() > 1,
+                                decode=getattr(rollout_cfg, "decode", "eager"))
     backbone.model.train()
     return Rollout(batch, rows, [prompts[i] for i in rows], ids)
 
@@ -212,10 +213,10 @@ def gold_rollout(pool: PromptPool, records: list[dict], tokenizer, tag: str, eos
 
 @torch.no_grad()
 def greedy_texts(engine, backbone, pool: PromptPool, records: list[dict], max_new_tokens: int, batch_size: int,
-                 stop) -> list[str] | None:
+                 stop, decode: str = "eager") -> list[str] | None:
     """Greedy completions (decoded, special tokens kept) of `records`, the work split over ranks (rank r
     takes records[r::world]) and gathered back in order on every rank. stop(): polled before each batch
-    (all ranks agree); None when it fired."""
+    (all ranks agree); None when it fired. decode: rollout.decode (see Backbone.decode_kwargs)."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     mine, texts = records[rank::world], []
@@ -225,7 +226,7 @@ def greedy_texts(engine, backbone, pool: PromptPool, records: list[dict], max_ne
                 return None
             chunk = mine[b * batch_size:(b + 1) * batch_size]
             ids = backbone.generate(pool.encode(chunk or records[:1]), max_new_tokens=max_new_tokens,
-                                    do_sample=False, synced_gpus=world > 1)
+                                    do_sample=False, synced_gpus=world > 1, decode=decode)
             if chunk:
                 texts.extend(backbone.tokenizer.decode(i, skip_special_tokens=False) for i in ids)
     if world > 1:

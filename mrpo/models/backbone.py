@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import string
 import warnings
 from dataclasses import dataclass, field
@@ -104,6 +105,25 @@ class PromptTooLongError(ValueError):
         self.index, self.indices, self.lengths, self.limit = index, indices or [index], lengths or [], limit
         super().__init__(f"prompt {index} has {self.lengths[0] if self.lengths else '?'} tokens > "
                          f"max_prompt_length={limit} (over-long rows in this batch: {self.indices})")
+
+
+STATIC_CACHE_ROUND = 128   # static KV cache lengths are rounded up to a multiple of this many tokens
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """logging warning, once per distinct message per process."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        logging.getLogger("mrpo").warning(message)
+
+
+@functools.lru_cache(maxsize=None)
+def _generation_config_has(key: str) -> bool:
+    """Whether this transformers' GenerationConfig knows `key` (generate() rejects unknown keys)."""
+    from transformers import GenerationConfig
+
+    return hasattr(GenerationConfig(), key)
 
 
 @dataclass
@@ -298,11 +318,44 @@ class Backbone:
         return out
 
     # ------------------------------------------------------------------ generation
+    def decode_kwargs(self, decode: str, cache_len: int) -> dict:
+        """generate() keyword arguments of a decode path (rollout.decode).
+
+        eager: transformers' default dynamic KV cache, no compilation.
+        static: a pre-allocated StaticCache of `cache_len` positions (rounded up to a multiple of
+          STATIC_CACHE_ROUND tokens, so that steps whose prompts differ a little reuse one cache shape), no
+          compilation (disable_compile).
+        static_compiled: the same cache, and on CUDA transformers compiles the decode step
+          (CompileConfig mode "reduce-overhead": CUDA graphs); elsewhere transformers does not compile
+          (only CUDA/XPU-type devices qualify), so it runs as `static`.
+        A model class without transformers' static-cache/compile support (`_can_compile_fullgraph` false)
+        falls back to eager with a one-time warning naming the family."""
+        if decode == "eager":
+            return {}
+        if decode not in ("static", "static_compiled"):
+            raise ValueError(f"rollout.decode={decode!r}: expected eager, static or static_compiled")
+        if not getattr(self.model, "_can_compile_fullgraph", False):
+            _warn_once(f"rollout.decode={decode}: the {self.family} model class ({type(self.model).__name__}) "
+                       f"does not support transformers' static KV cache; falling back to eager decoding")
+            return {}
+        n = STATIC_CACHE_ROUND
+        kwargs = dict(cache_implementation="static")
+        if _generation_config_has("max_cache_len"):   # transformers without it sizes the cache to the call
+            kwargs["max_cache_len"] = -(-cache_len // n) * n
+        if decode == "static_compiled" and self.model.device.type == "cuda":
+            from transformers import CompileConfig
+
+            kwargs["compile_config"] = CompileConfig(fullgraph=False, dynamic=False, mode="reduce-overhead")
+        elif _generation_config_has("disable_compile"):
+            kwargs["disable_compile"] = True
+        return kwargs
+
     @torch.no_grad()
     def generate(self, batch: dict, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
-                 do_sample: bool = True, synced_gpus: bool = False) -> list[list[int]]:
+                 do_sample: bool = True, synced_gpus: bool = False, decode: str = "eager") -> list[list[int]]:
         """Batched generate with KV cache. Returns each completion's token ids without padding,
-        cut after (and including) the first EOS; a completion without EOS has max_new_tokens ids."""
+        cut after (and including) the first EOS; a completion without EOS has max_new_tokens ids.
+        decode: eager | static | static_compiled (see decode_kwargs; greedy ids are the same on every path)."""
         kwargs = dict(_NEUTRAL_SAMPLING, max_new_tokens=max_new_tokens, do_sample=do_sample, use_cache=True,
                       pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_ids,
                       suppress_tokens=self.suppress_token_ids or None, synced_gpus=synced_gpus)
@@ -312,6 +365,7 @@ class Backbone:
         filler = self._vision_filler(batch, self.model)
         if filler is not None:
             batch = self._append_row(batch, filler)
+        kwargs.update(self.decode_kwargs(decode, batch["input_ids"].shape[1] + max_new_tokens))
         # a sharded model generates inside its engine's generation() context (mrpo/engines)
         seqs = self.model.generate(**batch, **kwargs)
         new = seqs[:rows, batch["input_ids"].shape[1]:].tolist()

@@ -1,0 +1,59 @@
+"""benchmarks/gpu_check.py helpers: the wheels step unpacks only what does not import (the machine's own
+packages win, wheels for another CPython are left out), and the report's ratios against the targets."""
+import csv
+import json
+import sys
+import types
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import gpu_check  # noqa: E402
+
+
+def _wheel(folder: Path, name: str, files: dict) -> Path:
+    path = folder / name
+    with zipfile.ZipFile(path, "w") as z:
+        for n, text in files.items():
+            z.writestr(n, text)
+    return path
+
+
+def test_unpack_wheels_only_missing(tmp_path, monkeypatch, capsys):
+    wheels, site = tmp_path / "w", tmp_path / "site"
+    wheels.mkdir()
+    _wheel(wheels, "json-9.9-py3-none-any.whl", {"json/__init__.py": "X = 1\n"})          # importable: kept
+    _wheel(wheels, "zz_mrpo_missing-1.0-py3-none-any.whl", {"zz_mrpo_missing/__init__.py": "X = 2\n",
+                                                            "zz_mrpo_missing-1.0.dist-info/METADATA": ""})
+    _wheel(wheels, "zz_binary-1.0-cp27-cp27-manylinux1_x86_64.whl", {"zz_binary/__init__.py": ""})   # other Python
+    gpu_check.unpack_wheels(wheels, site, ROOT)
+    assert (site / "zz_mrpo_missing" / "__init__.py").exists()
+    assert not (site / "json").exists() and not (site / "zz_binary").exists()
+    msg = capsys.readouterr().out
+    assert "zz_mrpo_missing-1.0-py3-none-any.whl" in msg and "not for this Python" in msg
+    assert gpu_check.wheel_modules(wheels / "zz_mrpo_missing-1.0-py3-none-any.whl") == ["zz_mrpo_missing"]
+
+
+def test_report_ratios(tmp_path):
+    out = tmp_path
+    rows = [("ours-triton", "time", 11.0), ("bound", "time", 10.0), ("liger", "time", 20.0),
+            ("ours-triton", "peak_mem_extra", 900.0), ("liger", "peak_mem_extra", 1000.0), ("bound", "peak_mem_extra", 5.0)]
+    with open(out / "loss_h200.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["provider", "mode", "metric", "p50"])
+        w.writeheader()
+        w.writerows({"provider": p, "mode": "fwd+bwd", "metric": m, "p50": v} for p, m, v in rows)
+    (out / "model").mkdir()
+    (out / "model" / "gpu_model.json").write_text(json.dumps({"params": 10, "decode_weight_bytes": 4e9}))
+    (out / "step.json").write_text(json.dumps({"decode": "eager", "step_s": 2.0, "phases": {"generate": 1.5},
+                                               "tokens_per_s": 100.0, "padding_fraction": 0.1,
+                                               "allgathers_per_rollout": "n/a", "decode_ms_per_token": 5.0}))
+    args = types.SimpleNamespace(out=str(out), dry_run=False, tag="h200", budget_s=480.0)
+    runner = types.SimpleNamespace(results={"env": {"status": "ok"}}, t0=0.0)
+    gpu_check.report(args, runner, {"torch": "x"}, {"gb_per_s": 4000.0})
+    got = {r["metric"]: r for r in csv.DictReader(open(out / "summary.csv"))}
+    assert got["loss ours / 3 GEMMs"]["value"] == "1.1" and got["loss ours / 3 GEMMs"]["met"] == "yes"
+    assert got["loss peak mem ours / liger"]["met"] == "yes"
+    # 4e9 bytes at 4000 GB/s = 1 ms; 5 ms per decode step = 5x > 3x
+    assert got["step weights read once at measured bandwidth"]["value"] == "1.0"
+    assert got["step decode / weight read"]["value"] == "5.0" and got["step decode / weight read"]["met"] == "no"
