@@ -138,7 +138,7 @@ def sample_groups(engine, backbone, pool: PromptPool, prompts: list[dict], rollo
         ids = backbone.generate(backbone.select_rows(batch, rows), max_new_tokens=rollout_cfg.max_new_tokens,
                                 temperature=rollout_cfg.temperature, top_p=rollout_cfg.top_p, do_sample=True,
                                 synced_gpus=dist.is_initialized() and dist.get_world_size() > 1,
-                                decode=getattr(rollout_cfg, "decode", "eager"))
+                                decode=rollout_cfg.decode)
     backbone.model.train()
     return Rollout(batch, rows, [prompts[i] for i in rows], ids)
 

@@ -315,7 +315,7 @@ class Trainer:
         self.model.eval()
         texts = greedy_texts(self.engine, self.backbone, self.test_pool, records, self.cfg.rollout.max_new_tokens,
                              batch_size=max(1, self.cfg.optim.per_device_batch_size * 4), stop=self._stop_synced,
-                            decode=self.cfg.rollout.decode)
+                             decode=self.cfg.rollout.decode)
         self.model.train()
         if texts is None:
             self.stop_phase = "evaluation"
