@@ -42,7 +42,7 @@ CSV_FIELDS = ["method", "variant", "seed", "steps", "accuracy", "early", "mid", 
               "wall_s", "run_dir"]
 DEFAULT_METHODS = "mrpo,grpo,gdpo"
 FULL_METHODS = "mrpo,grpo,gdpo,mrpo:signed,mrpo:zero"
-FULL_LONG_METHODS = "mrpo,mrpo:signed,mrpo:zero,grpo"
+FULL_LONG_METHODS = "mrpo,mrpo:signed,grpo,mrpo:zero"
 
 
 # ----------------------------------------------------------------------------- plan
@@ -97,6 +97,31 @@ def is_done(run_dir: Path, tag: str = "final") -> bool:
 
 def sft_ready(sft_dir: Path) -> bool:
     return is_done(sft_dir, "start") and (Path(sft_dir) / "checkpoints" / "step_000000" / "COMPLETE").is_file()
+
+
+def acquire(run_dir: Path) -> bool:
+    """Claim a run for this process (run_dir/.lock holds the pid): False while another live process holds
+    it, so two invocations can share the work (e.g. one per core) without running the same run twice."""
+    lock = Path(run_dir) / ".lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        pid = int(lock.read_text().strip() or 0)
+    except (OSError, ValueError):
+        pid = 0
+    if pid and pid != os.getpid():
+        try:
+            os.kill(pid, 0)
+            return False
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            return False
+    lock.write_text(f"{os.getpid()}\n")
+    return True
+
+
+def release(run_dir: Path) -> None:
+    (Path(run_dir) / ".lock").unlink(missing_ok=True)
 
 
 def pending(runs: list[RunSpec], runs_dir: Path) -> list[RunSpec]:
@@ -394,6 +419,34 @@ def plots(rows: list[dict], starts: list[dict], runs_dir: Path, out: Path, n_res
         fig.savefig(written[-1], dpi=110)
         plt.close(fig)
 
+    # paired differences by seed (vs GRPO; MRPO variants also vs MRPO)
+    pairs = []
+    for steps in sorted({r["steps"] for r in rows}):
+        labs = list(dict.fromkeys(lab for lab, st in groups(rows) if st == steps))
+        pairs += [(a, "grpo", steps) for a in labs if a != "grpo" and "grpo" in labs]
+        pairs += [(a, "mrpo", steps) for a in labs if a.startswith("mrpo:") and "mrpo" in labs]
+    if pairs:
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+        for ax, metric in zip(axes, ("accuracy", "early", "mean_k")):
+            f = 1.0 if metric == "mean_k" else 100.0
+            for i, (a, b, steps) in enumerate(pairs):
+                d = paired_differences(rows, a, b, metric, steps)
+                m, lo, hi = bootstrap_ci(d, n_resamples)
+                if math.isnan(m):
+                    continue
+                ax.errorbar(i, m * f, yerr=[[max(0, (m - lo) * f)], [max(0, (hi - m) * f)]], fmt="o",
+                            color=f"C{i % 10}", capsize=4)
+                ax.scatter([i] * len(d), [v * f for v in d], color="k", s=10, zorder=3)
+            ax.axhline(0, color="0.5", lw=1)
+            ax.set_xticks(range(len(pairs)))
+            ax.set_xticklabels([f"{a} - {b}\n{st} st" for a, b, st in pairs], fontsize=7)
+            ax.set_title(f"paired difference: {metric}" + (" (steps)" if metric == "mean_k" else " (pp)"))
+        fig.suptitle("differences by seed (dots) and their mean with 95% bootstrap CI")
+        fig.tight_layout()
+        written.append(out / "paired_diffs.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+
     # rollout K along training, per method (mean over seeds), for every RL length present
     lengths = sorted({r["steps"] for r in rows})
     if lengths:
@@ -482,7 +535,15 @@ def main(argv=None) -> int:
         for s in dict.fromkeys([seeds[0]] if seeds else []):   # the first warm-up at once; the others when needed
             ensure_sft(args, s)
         for r in todo:
-            run_one(args, r)
+            run_dir = r.run_dir(Path(args.runs_dir))
+            if is_done(run_dir) or not acquire(run_dir):
+                print(f"[compare] {r.label} seed {r.seed} ({r.steps} steps): done or running elsewhere, skipped",
+                      flush=True)
+                continue
+            try:
+                run_one(args, r)
+            finally:
+                release(run_dir)
             report(args)
     report(args)
     return 0
