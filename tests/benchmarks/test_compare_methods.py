@@ -146,3 +146,22 @@ def test_sft_ready_needs_checkpoint_and_start_eval(tmp_path):
     assert not cm.sft_ready(sft)
     (sft / "checkpoints" / "step_000000" / "COMPLETE").write_text("0\n")
     assert cm.sft_ready(sft)
+
+
+def test_lock_keeps_two_invocations_apart(tmp_path):
+    import os
+    import subprocess
+
+    run = tmp_path / "seed0" / "mrpo_abs_60steps"
+    assert cm.acquire(run) and cm.acquire(run)            # our own lock: re-entrant
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        (run / ".lock").write_text(f"{other.pid}\n")       # held by a live process
+        assert not cm.acquire(run)
+    finally:
+        other.kill()
+        other.wait()
+    assert cm.acquire(run)                                 # its holder is gone: taken over
+    assert (run / ".lock").read_text().strip() == str(os.getpid())
+    cm.release(run)
+    assert not (run / ".lock").exists()
