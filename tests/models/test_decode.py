@@ -8,24 +8,14 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
-import torch
 
 from mrpo.config import ConfigError, load_config
 from mrpo.data.synthetic import make_example
 from mrpo.models import backbone as backbone_mod
 from mrpo.models.load import load_backbone
-from mrpo.models.tiny import build_tiny
+from mrpo.models.tiny import FAMILIES, build_tiny
 
-FAMILIES = ["qwen2_5_vl", "qwen3_vl", "internvl3"]
 NEW = 24
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

@@ -15,19 +15,10 @@ from mrpo.models.lora import (LoraError, adapter_state_dict, adapters_disabled, 
                               checkpoint_state_dict_options, is_lora_model, load_adapter_merged, merged_state_dict,
                               save_adapter, trainable_parameter_summary)
 from mrpo.models.parallelize import hidden_states_mode, install_passthrough_head
-from mrpo.models.tiny import build_tiny
+from mrpo.models.tiny import FAMILIES, build_tiny
 from mrpo_kernels import fused_linear_mrpo_loss, linear_logprobs
 
-FAMILIES = ["qwen2_5_vl", "qwen3_vl", "internvl3"]
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

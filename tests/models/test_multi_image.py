@@ -14,18 +14,9 @@ from mrpo.data.records import load_record_images, load_records
 from mrpo.data.synthetic import make_example
 from mrpo.models.backbone import DEFAULT_PROMPT_TEMPLATE, Backbone, format_prompt, load_prompt_template
 from mrpo.models.load import load_backbone
-from mrpo.models.tiny import build_tiny
+from mrpo.models.tiny import FAMILIES, build_tiny
 
-FAMILIES = ["qwen2_5_vl", "qwen3_vl", "internvl3"]
 Q = "Compare the two scans: is the lesion larger?"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

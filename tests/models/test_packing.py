@@ -17,21 +17,12 @@ from mrpo.models import backbone as backbone_mod
 from mrpo.models.backbone import Backbone
 from mrpo.models.load import load_backbone
 from mrpo.models.parallelize import decoder_layers, hidden_states_mode, install_passthrough_head, vision_tower
-from mrpo.models.tiny import build_tiny
+from mrpo.models.tiny import FAMILIES, build_tiny
 
-FAMILIES = ["qwen2_5_vl", "qwen3_vl", "internvl3"]
 TOL = 1e-5
 QS = ["Is there a lesion?", "How many lesions are seen in the kidneys, and on which side are they?",
       "Size?", "Compare the two scans: is the lesion larger?"]
 COMP_LENS = [5, 11, 1, 8]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

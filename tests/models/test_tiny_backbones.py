@@ -12,17 +12,8 @@ from PIL import Image
 from mrpo.data.synthetic import make_example
 from mrpo.models.backbone import Backbone, PromptTooLongError
 from mrpo.models.load import load_backbone
-from mrpo.models.tiny import TAG_TOKENS, build_tiny
+from mrpo.models.tiny import FAMILIES, TAG_TOKENS, build_tiny
 
-FAMILIES = ["qwen2_5_vl", "qwen3_vl", "internvl3"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
