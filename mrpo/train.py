@@ -26,34 +26,22 @@ EXIT_CONFIG, EXIT_LOCKED, EXIT_JUDGE, EXIT_STOPPED = 2, 3, 4, 75
 log = logging.getLogger("mrpo")
 
 
-def prepare_output(cfg) -> dict:
+def prepare_output(cfg) -> list:
     """Rank 0, with the output lock held, before the Trainer exists: check the resume against the saved
-    config (raises ResumeConfigError), keep a config.yaml the run will overwrite when it differs
-    (config_history/), and truncate metrics.jsonl back to the resumed step. Returns {"checkpoint": path or
-    None, "step": int, "sft_done": bool, "dropped_rows": int, "config_changes": [(key, old, new)]}."""
+    config (raises ResumeConfigError) and keep a config.yaml the run will overwrite when it differs
+    (config_history/). metrics.jsonl is truncated back to the resumed step by the Trainer itself
+    (Trainer.train, after loading the checkpoint). Returns the allowed config changes [(key, old, new)]."""
     from mrpo import checkpoint as ckpt
-    from mrpo.metrics_log import MetricsLogger
     from mrpo.run_safety import archive_config, check_resume_config
 
     out = Path(cfg.output_dir)
     path = ckpt.resolve_resume(cfg.checkpoint.resume, out / "checkpoints")
-    info = {"checkpoint": path, "step": 0, "sft_done": False, "dropped_rows": 0, "config_changes": []}
-    if path is not None:
-        info["config_changes"] = check_resume_config(cfg, path)
-        state_file = Path(path) / "trainer_state.pt"
-        if state_file.is_file():
-            import torch
-
-            state = torch.load(state_file, weights_only=False)
-            info["step"], info["sft_done"] = int(state.get("step", 0)), bool(state.get("sft_done", False))
-            info["sft_step"] = int(state.get("sft_step", 0))
+    changes = check_resume_config(cfg, path) if path is not None else []
     saved = out / "config.yaml"
     if saved.is_file() and saved.read_text() != cfg.to_yaml():
         kept = archive_config(out)
         log.info("kept the previous %s as %s", saved, kept)
-    logger = MetricsLogger(out, cfg)
-    info["dropped_rows"] = logger.truncate_after(info["step"], info["sft_done"], info.get("sft_step", 0))
-    return info
+    return changes
 
 
 def main(argv: list[str] | None = None) -> int:
