@@ -53,9 +53,9 @@ def wheel_modules(whl: Path) -> list[str]:
     return sorted(names)
 
 
-def unpack_wheels(wheel_dir: Path, site: Path, repo: Path | None) -> None:
+def unpack_wheels(wheel_dir: Path, site: Path) -> None:
     """Unpack into `site` each wheel whose modules this interpreter cannot import (the machine's own
-    packages win), and link mrpo_kernels -> <repo>/kernels when that import name is missing."""
+    packages win); mrpo_kernels must import from the repository root on PYTHONPATH."""
     site.mkdir(parents=True, exist_ok=True)
     used, kept = [], []
     py_tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
@@ -72,10 +72,7 @@ def unpack_wheels(wheel_dir: Path, site: Path, repo: Path | None) -> None:
             z.extractall(site)
         used.append(whl.name)
     if importlib.util.find_spec("mrpo_kernels") is None:
-        root = repo or next((Path(p) for p in sys.path if p and (Path(p) / "kernels" / "__init__.py").exists()), None)
-        if root is None:
-            sys.exit("gpu_check: mrpo_kernels is not importable and no kernels/ folder is on PYTHONPATH")
-        (site / "mrpo_kernels").symlink_to(Path(root).resolve() / "kernels")
+        sys.exit("gpu_check: mrpo_kernels is not importable: put the repository root on PYTHONPATH")
     print(f"gpu_check: wheels unpacked: {', '.join(used) or 'none'}; the machine's own: {', '.join(kept) or 'none'}")
     if not wheel_dir.is_dir():
         print(f"gpu_check: no wheel folder {wheel_dir} (bash benchmarks/gpu_wheels.sh makes it)")
@@ -263,7 +260,6 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--unpack-wheels", metavar="DIR", help=argparse.SUPPRESS)
     ap.add_argument("--site", help=argparse.SUPPRESS)
-    ap.add_argument("--repo", help=argparse.SUPPRESS)
     ap.add_argument("--dry-run", action="store_true", help="toy sizes on the CPU; CUDA-only parts skipped")
     ap.add_argument("--budget-s", type=float, default=470.0, help="whole run, seconds (issue: 8 minutes)")
     ap.add_argument("--reserve-s", type=float, default=15.0, help="kept for the report, seconds")
@@ -271,7 +267,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip", nargs="*", default=[], help="stage names to skip")
     args = ap.parse_args(argv)
     if args.unpack_wheels:
-        unpack_wheels(Path(args.unpack_wheels), Path(args.site), Path(args.repo) if args.repo else None)
+        unpack_wheels(Path(args.unpack_wheels), Path(args.site))
         return 0
 
     import torch
