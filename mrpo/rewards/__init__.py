@@ -10,6 +10,7 @@ reward when the judge failed on it ("unjudged"). Missing never means 0:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 
@@ -73,8 +74,11 @@ class RewardModel:
                                      steps=[s.text for s in st], facts=rec.get("facts")))
         return reqs
 
-    def score(self, completions: list[str], records: list[dict]) -> tuple[list[ScoredCompletion], dict]:
+    def score(self, completions: list[str], records: list[dict],
+              special_tokens: Sequence[str] = ()) -> tuple[list[ScoredCompletion], dict]:
         """Score completions[i] against records[i] (keys id, image, problem, solution, gold_reasoning, facts).
+        special_tokens: strings (EOS, pad, chat end; mrpo.rewards.steps.special_token_strings) that never
+        become part of a step, so neither the step texts nor the judge's prompts hold them.
 
         The judge is called once with every completion that has K > 0 steps (K = 0 is judged locally:
         process reward 0). Returns the scores and per-call counts: n, unjudged, zero_steps,
@@ -84,7 +88,7 @@ class RewardModel:
         """
         if len(completions) != len(records):
             raise ValueError(f"RewardModel.score: {len(completions)} completions but {len(records)} records")
-        steps = [segment_steps(c, self.tag) for c in completions]
+        steps = [segment_steps(c, self.tag, special_tokens) for c in completions]
         requests = self._requests(steps, records)
         answers = [extract_answer(c) for c in completions]
         r_answer = self.answer_scorer.score_many(answers, [r.gold_answer for r in requests])
