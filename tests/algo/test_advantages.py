@@ -199,3 +199,22 @@ def test_validation():
         compute_advantages(torch.zeros(4, 2), 2, weights=torch.ones(3))
     with pytest.raises(ValueError, match="weights must be 2 finite values"):
         compute_advantages(torch.zeros(4, 2), 2, weights=torch.tensor([1.0, NAN]))
+
+
+@pytest.mark.parametrize("algo", ["mrpo", "gdpo"])
+def test_trainer_passes_the_reward_weights(algo):
+    """Trainer.global_advantages hands compute_advantages the weights of RewardModel.columns (one process)."""
+    from types import SimpleNamespace
+
+    from mrpo.trainer import Trainer
+
+    torch.manual_seed(3)
+    r = torch.rand(8, 3)
+    r[5, 1] = NAN
+    columns = [("answer", 1.0), ("process", 0.2), ("length", 3.0)]
+    cfg = SimpleNamespace(algo=SimpleNamespace(name=algo, advantage_scale="group"), rollout=SimpleNamespace(group_size=4))
+    fake = SimpleNamespace(cfg=cfg, device=torch.device("cpu"), rank=0, reward_model=SimpleNamespace(columns=columns))
+    adv = Trainer.global_advantages(fake, r)
+    method = "grpo" if algo == "mrpo" else algo
+    expected = compute_advantages(r, 4, method=method, weights=torch.tensor([w for _, w in columns]))
+    assert torch.allclose(adv, expected) and not torch.allclose(adv, compute_advantages(r, 4, method=method))
