@@ -116,8 +116,8 @@ def test_grpo_weights_scale_the_columns():
     torch.manual_seed(1)
     r, w = torch.rand(8, 3), torch.tensor([1.0, 0.1, 5.0])
     for scale in ("group", "batch", "none"):
-        assert torch.allclose(compute_advantages(r, 4, scale=scale, weights=w), compute_advantages(r * w, 4, scale=scale),
-                              atol=1e-6)
+        weighted = compute_advantages(r * w, 4, scale=scale)
+        assert torch.allclose(compute_advantages(r, 4, scale=scale, weights=w), weighted, atol=1e-6)
 
 
 def test_scales_and_dr_grpo():
@@ -212,7 +212,8 @@ def test_trainer_passes_the_reward_weights(algo):
     r = torch.rand(8, 3)
     r[5, 1] = NAN
     columns = [("answer", 1.0), ("process", 0.2), ("length", 3.0)]
-    cfg = SimpleNamespace(algo=SimpleNamespace(name=algo, advantage_scale="group"), rollout=SimpleNamespace(group_size=4))
+    cfg = SimpleNamespace(algo=SimpleNamespace(name=algo, advantage_scale="group"),
+                          rollout=SimpleNamespace(group_size=4))
     fake = SimpleNamespace(cfg=cfg, device=torch.device("cpu"), rank=0, reward_model=SimpleNamespace(columns=columns))
     adv = Trainer.global_advantages(fake, r)
     method = "grpo" if algo == "mrpo" else algo
