@@ -1,0 +1,152 @@
+"""reward.custom: your own reward functions, each its own reward column (calls, async, failures, advantages)."""
+import math
+import textwrap
+import time
+import uuid
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from mrpo.algo.advantages import compute_advantages
+from mrpo.config import ConfigError, load_config
+from mrpo.rewards.custom import CUSTOM_FAILURE_CAUSES, CustomRewards
+
+
+@pytest.fixture
+def plugin(tmp_path, monkeypatch):
+    """plugin(source) -> the name of a fresh importable module holding `source`."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def write(source: str) -> str:
+        name = f"plug_{uuid.uuid4().hex[:8]}"
+        (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
+        return name
+    return write
+
+
+def _custom(*items):
+    return CustomRewards.from_config([{"weight": 1.0, **item} for item in items])
+
+
+RECORDS = [{"id": "a", "problem": "Which side?", "solution": "left", "image": "a.png", "dataset": "vqa_rad"},
+           {"id": "b", "problem": "How many?", "solution": "2", "image": ["b1.png", "b2.png"]}]
+
+
+def test_call_passes_completions_answers_steps_and_record_columns(plugin):
+    mod = plugin("""
+        SEEN = {}
+
+        def everything(**kwargs):
+            SEEN.update(kwargs)
+            return [len(c) for c in kwargs["completions"]]
+
+        def named(completions, solution):       # no **kwargs: only the arguments it names
+            return [float(c.endswith(s)) for c, s in zip(completions, solution)]
+    """)
+    rewards = _custom({"name": "chars", "function": f"{mod}:everything"}, {"name": "ends", "function": f"{mod}:named"})
+    values, failed = rewards.score(["xx left", "yyy"], ["left", None], [["s1", "s2"], []], RECORDS)
+    assert values == {"chars": [7.0, 3.0], "ends": [1.0, 0.0]}
+    assert failed == {n: dict.fromkeys(CUSTOM_FAILURE_CAUSES, 0) for n in ("chars", "ends")}
+    seen = __import__(mod).SEEN
+    assert seen == {"prompts": ["Which side?", "How many?"], "completions": ["xx left", "yyy"],
+                    "answers": ["left", None], "steps": [["s1", "s2"], []], "id": ["a", "b"],
+                    "problem": ["Which side?", "How many?"], "solution": ["left", "2"],
+                    "image": ["a.png", ["b1.png", "b2.png"]], "dataset": ["vqa_rad", None]}
+
+
+def test_async_rewards_run_concurrently_with_each_other(plugin):
+    mod = plugin("""
+        import asyncio, time
+        WINDOWS = {}
+
+        async def slow_a(completions, **_):
+            start = time.perf_counter()
+            await asyncio.sleep(0.3)
+            WINDOWS["a"] = (start, time.perf_counter())
+            return [1.0] * len(completions)
+
+        async def slow_b(completions, **_):
+            start = time.perf_counter()
+            await asyncio.sleep(0.3)
+            WINDOWS["b"] = (start, time.perf_counter())
+            return [None, 2.0]
+
+        def plain(completions, **_):
+            return [0.5] * len(completions)
+    """)
+    rewards = _custom({"name": "a", "function": f"{mod}:slow_a"}, {"name": "p", "function": f"{mod}:plain"},
+                      {"name": "b", "function": f"{mod}:slow_b"})
+    t0 = time.perf_counter()
+    values, _ = rewards.score(["x", "y"], [None, None], [[], []], RECORDS)
+    elapsed = time.perf_counter() - t0
+    assert values == {"a": [1.0, 1.0], "p": [0.5, 0.5], "b": [None, 2.0]}    # config order kept
+    (sa, ea), (sb, eb) = __import__(mod).WINDOWS["a"], __import__(mod).WINDOWS["b"]
+    assert max(sa, sb) < min(ea, eb)                                        # the two sleeps overlapped
+    assert elapsed < 0.55                                                   # not 0.3 + 0.3 s
+    again, _ = rewards.score(["x", "y"], [None, None], [[], []], RECORDS)   # the event loop is reused
+    assert again == values
+
+
+def test_failures_are_counted_per_cause_logged_once_and_lose_only_their_values(plugin, caplog):
+    mod = plugin("""
+        def raises(completions, **_):
+            raise ZeroDivisionError("division by zero")
+
+        async def raises_async(completions, **_):
+            raise KeyError("solution")
+
+        def short(completions, **_):
+            return [1.0]
+
+        def text(completions, **_):
+            return ["good", "bad"]
+
+        def infinite(completions, **_):
+            return [float("inf"), 1.0]
+
+        def fine(completions, **_):
+            return [float("nan"), 3]                 # NaN = missing, like None
+    """)
+    names = ["raises", "raises_async", "short", "text", "infinite", "fine"]
+    rewards = _custom(*({"name": n, "function": f"{mod}:{n}"} for n in names))
+    with caplog.at_level("WARNING", logger="mrpo.rewards.custom"):
+        values, failed = rewards.score(["x", "y"], [None, None], [[], []], RECORDS)
+    assert values == {**{n: [None, None] for n in names[:-1]}, "fine": [None, 3.0]}
+    causes = {n: {c: k for c, k in failed[n].items() if k} for n in names}
+    assert causes == {"raises": {"exception": 2}, "raises_async": {"exception": 2}, "short": {"wrong_length": 2},
+                      "text": {"invalid_value": 2}, "infinite": {"invalid_value": 2}, "fine": {}}
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1                                               # one line per batch
+    assert "5 of 6 calls failed" in warnings[0]
+    assert "'raises' (" in warnings[0] and "exception: raised ZeroDivisionError: division by zero" in warnings[0]
+    assert "wrong_length: returned 1 values for 2 completions" in warnings[0]
+    assert "value 0 is 'good' (str)" in warnings[0]
+
+
+def test_weight_zero_is_not_called_and_config_is_validated(plugin):
+    mod = plugin("def never(**_):\n    raise AssertionError('called')\n")
+    rewards = CustomRewards.from_config([{"name": "off", "function": f"{mod}:never", "weight": 0.0}])
+    assert not rewards and rewards.names == []
+    cfg = load_config(None, [f'reward.custom=[{{name: brevity, function: "{mod}:never", weight: 0.5}}, '
+                             f'{{name: other, function: "{mod}:never"}}]'])
+    assert cfg.reward.custom == [{"name": "brevity", "function": f"{mod}:never", "weight": 0.5},
+                                 {"name": "other", "function": f"{mod}:never", "weight": 1.0}]
+    for value, message in [
+        ('[{name: x, function: "no_such_module_xyz:f"}]', r"reward.custom\[0\].function='no_such_module_xyz:f': "
+                                                          r"cannot import module"),
+        (f'[{{name: x, function: "{mod}:nope"}}]', rf"reward.custom\[0\].function='{mod}:nope': module '{mod}' "
+                                                   r"has no attribute 'nope'"),
+        (f'[{{name: length, function: "{mod}:never"}}]', r"reward.custom\[0\].name='length' clashes with the built-in"),
+        (f'[{{name: a, function: "{mod}:never"}}, {{name: a, function: "{mod}:never"}}]',
+         r"reward.custom\[1\].name='a' is already the name of reward.custom\[0\]"),
+        (f'[{{name: a, function: "{mod}:never", wieght: 1}}]', r"unknown key 'reward.custom\[0\].wieght' "
+                                                                r"\(closest valid key: 'weight'\)"),
+        (f'[{{name: a, function: "{mod}:never", weight: .nan}}]', r"reward.custom\[0\].weight=nan must be a finite"),
+        ('[{name: a}]', r"reward.custom\[0\].function is missing"),
+        ('[{name: "a b", function: "x:y"}]', r"reward.custom\[0\].name='a b' must be a word"),
+        ('[brevity]', r"reward.custom\[0\]='brevity' must be a mapping"),
+    ]:
+        with pytest.raises(ConfigError, match=message) as err:
+            load_config(None, [f"reward.custom={value}"])
+        assert "\n" not in str(err.value)
