@@ -136,12 +136,15 @@ class Trainer:
         return sums
 
     def global_advantages(self, rewards: torch.Tensor) -> torch.Tensor:
-        """This rank's advantages [n], computed over every rank's completions (GDPO's and scale=batch's
-        batch statistics are global; group statistics are unchanged since groups never span ranks)."""
+        """This rank's advantages [n] from its unweighted reward matrix [n, R] (RewardModel.reward_matrix,
+        NaN = missing), computed over every rank's completions (GDPO's and scale=batch's batch statistics
+        are global; group statistics are unchanged since groups never span ranks)."""
         n = rewards.shape[0]
         everyone = all_gather_rows(rewards.double(), self.device)
         method = "grpo" if self.cfg.algo.name == "mrpo" else self.cfg.algo.name   # MRPO: GRPO advantages, shaped
-        adv = compute_advantages(everyone, self.cfg.rollout.group_size, method=method, scale=self.cfg.algo.advantage_scale)
+        weights = torch.tensor([w for _, w in self.reward_model.columns], dtype=torch.float64)
+        adv = compute_advantages(everyone, self.cfg.rollout.group_size, method=method,
+                                 scale=self.cfg.algo.advantage_scale, weights=weights)
         return adv[self.rank * n:(self.rank + 1) * n].float()
 
     def step_token_weights(self, rollout: Rollout) -> list[torch.Tensor]:

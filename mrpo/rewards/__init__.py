@@ -1,12 +1,15 @@
 """Rewards of a batch of completions: answer, process (step judge), length, format.
 
-    total = sum over enabled rewards of weight * reward      (enabled: weight > 0)
-The process reward is left out of the total (not counted as 0) when the judge failed on the sample
-("unjudged"); reward_matrix keeps the weighted components, NaN where disabled or unjudged, for GDPO.
+The enabled rewards (weight > 0) are the columns of RewardModel.columns, in a fixed order: answer,
+process, length, format, then custom rewards. A value can be MISSING for a completion: the process
+reward when the judge failed on it ("unjudged"). Missing never means 0:
+    total (logged)   = sum over the present values of weight * reward
+    advantage        = mrpo.algo.advantages.compute_advantages(reward_matrix, weights=column weights),
+                       which puts a missing value at its group's mean (GDPO: normalises it to 0)
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -17,7 +20,7 @@ from mrpo.rewards.length import length_reward
 from mrpo.rewards.process import process_reward
 from mrpo.rewards.steps import Step, segment_steps
 
-REWARD_COLUMNS = ("answer", "process", "length", "format")
+REWARD_COLUMNS = ("answer", "process", "length", "format")   # the built-in rewards, in column order
 
 
 @dataclass
@@ -28,10 +31,17 @@ class ScoredCompletion:
     r_process: float | None        # [0, 1]; None when unjudged or no judge
     r_length: float                # <= 0
     r_format: float                # 0 or 1
-    total: float                   # weighted sum of the enabled rewards
+    total: float                   # weighted sum of the enabled rewards present (a missing one is left out)
     answer_correct: bool           # r_answer > tau (MRPO shaping: plain advantage when correct)
     step_valid: list[bool] | None  # [K] per-step validity; None when unjudged or no judge
     judged: bool                   # the judge returned a verdict (K = 0 counts as judged)
+    custom: dict[str, float | None] = field(default_factory=dict)   # custom rewards by name; None = missing
+
+    def value(self, name: str) -> float | None:
+        """The unweighted reward called `name` (a built-in of REWARD_COLUMNS or a custom one); None = missing."""
+        if name in REWARD_COLUMNS:
+            return getattr(self, f"r_{name}")
+        return self.custom.get(name)
 
 
 class RewardModel:
@@ -48,6 +58,7 @@ class RewardModel:
         self.cfg, self.judge, self.tag, self.tau = reward_cfg, judge, reasoning_tag, tau
         self.weights = {"answer": reward_cfg.answer_weight, "process": reward_cfg.process_weight,
                         "length": reward_cfg.length_weight, "format": reward_cfg.format_weight}
+        self.columns: list[tuple[str, float]] = [(name, w) for name, w in self.weights.items() if w != 0]
         device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"  # BERTScore
         self.answer_scorer = AnswerScorer(getattr(reward_cfg, "bert_model_path", None), device=device)
 
@@ -103,32 +114,34 @@ class RewardModel:
                 key = f"unjudged_{cause if cause in FAILURE_CAUSES else 'other'}"
                 stats[key] += count - causes_before.get(cause, 0)
 
-        w = self.weights
         scored = []
         for i, c in enumerate(completions):
             judged = verdicts[i] is not None
-            r_proc = process_reward(verdicts[i])
-            r_len = length_reward(len(steps[i]), self.cfg.k_min, self.cfg.k_max)
-            r_fmt = format_reward(c, self.tag)
-            parts = {"answer": r_answer[i], "process": r_proc, "length": r_len, "format": r_fmt}
-            total = sum(w[k] * v for k, v in parts.items() if w[k] > 0 and v is not None)
-            scored.append(ScoredCompletion(
-                steps=steps[i], answer=answers[i], r_answer=r_answer[i], r_process=r_proc, r_length=r_len,
-                r_format=r_fmt, total=float(total), answer_correct=r_answer[i] > self.tau,
-                step_valid=verdicts[i].valid if judged else None, judged=judged))
+            s = ScoredCompletion(
+                steps=steps[i], answer=answers[i], r_answer=r_answer[i], r_process=process_reward(verdicts[i]),
+                r_length=length_reward(len(steps[i]), self.cfg.k_min, self.cfg.k_max),
+                r_format=format_reward(c, self.tag), total=0.0, answer_correct=r_answer[i] > self.tau,
+                step_valid=verdicts[i].valid if judged else None, judged=judged)
+            s.total = self.weighted_total(s)
+            scored.append(s)
         stats["unjudged"] = sum(1 for s in scored if self.judge is not None and not s.judged)
         stats["zero_steps"] = sum(1 for st in steps if not st)
         stats["answer_correct"] = sum(s.answer_correct for s in scored)
         return scored, stats
 
+    def weighted_total(self, s: ScoredCompletion) -> float:
+        """The logged reward: sum of weight * value over the columns whose value is present."""
+        return float(sum(w * v for name, w in self.columns if (v := s.value(name)) is not None))
+
     def reward_matrix(self, scored: list[ScoredCompletion]) -> torch.Tensor:
-        """[n, 4] float32 weighted rewards, columns REWARD_COLUMNS (answer, process, length, format);
-        NaN where a reward is disabled or unjudged. nansum over a row equals ScoredCompletion.total."""
-        out = torch.full((len(scored), len(REWARD_COLUMNS)), float("nan"), dtype=torch.float32)
+        """[n, len(columns)] float32 UNWEIGHTED rewards, one column per entry of `columns` (a disabled
+        reward is not a column); NaN where a value is missing (unjudged). The advantages take the column
+        weights separately: compute_advantages(matrix, ..., weights=[w for _, w in columns])."""
+        out = torch.full((len(scored), len(self.columns)), float("nan"), dtype=torch.float32)
         for i, s in enumerate(scored):
-            for j, (name, v) in enumerate(zip(REWARD_COLUMNS, (s.r_answer, s.r_process, s.r_length, s.r_format))):
-                if self.weights[name] > 0 and v is not None:
-                    out[i, j] = self.weights[name] * v
+            for j, (name, _) in enumerate(self.columns):
+                if (v := s.value(name)) is not None:
+                    out[i, j] = v
         return out
 
 

@@ -1,12 +1,12 @@
 """Length / process / format rewards and the RewardModel that combines them."""
-import math
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from mrpo.judges.base import JudgeStats, StepVerdict
-from mrpo.rewards import REWARD_COLUMNS, RewardModel
+from mrpo.algo.advantages import compute_advantages
+from mrpo.rewards import RewardModel
 from mrpo.rewards.format import format_reward
 from mrpo.rewards.length import length_reward
 from mrpo.rewards.process import process_reward
@@ -129,11 +129,13 @@ def test_reward_model_scores_and_totals():
     assert stats["unjudged"] == 1 and stats["zero_steps"] == 1 and stats["answer_correct"] == 2
     assert stats["judge_requests"] == 3 and stats["judge_failures"] == 1
 
-    m = rm.reward_matrix(scored)
-    assert m.shape == (4, len(REWARD_COLUMNS)) and m.dtype == torch.float32
-    assert torch.isnan(m[3, 1]) and not torch.isnan(m[:3, 1]).any()
-    assert torch.allclose(torch.nansum(m, dim=1), torch.tensor([s.total for s in scored]))
-    assert m[0, 3] == 0.5
+    assert rm.columns == [("answer", 1.0), ("process", 1.0), ("length", 1.0), ("format", 0.5)]
+    m = rm.reward_matrix(scored)   # unweighted, NaN = missing
+    assert m.shape == (4, 4) and m.dtype == torch.float32
+    assert torch.isnan(m[3, 1]) and not torch.isnan(m[:3, 1]).any() and not torch.isnan(m[:, [0, 2, 3]]).any()
+    assert m[0].tolist() == [1.0, 0.75, 0.0, 1.0]
+    weights = torch.tensor([w for _, w in rm.columns])
+    assert torch.allclose(torch.nansum(m * weights, dim=1), torch.tensor([s.total for s in scored]))
 
 
 @pytest.mark.filterwarnings("ignore:AnswerScorer")
@@ -143,14 +145,16 @@ def test_reward_model_without_judge_and_disabled_rewards():
     assert all(not s.judged and s.step_valid is None and s.r_process is None for s in scored)
     assert scored[0].total == 1.0 and scored[0].r_length == 0.0
     assert stats["unjudged"] == 0
+    assert rm.columns == [("answer", 1.0)]   # a disabled reward is not a column
     m = rm.reward_matrix(scored)
-    assert torch.isnan(m[:, 1:]).all() and m[0, 0] == 1.0
+    assert m.shape == (2, 1) and m[0, 0] == 1.0
 
     # a judge is still used for step validity (MRPO shaping) when the process reward is off
-    rm = RewardModel(_cfg(process_weight=0.0), FakeJudge())
+    rm = RewardModel(_cfg(process_weight=0.0, answer_weight=2.0), FakeJudge())
     scored, _ = rm.score(COMPLETIONS[:1], [_rec(0)])
     assert scored[0].judged and scored[0].step_valid == [True, True, False, True]
-    assert scored[0].total == 1.0 and math.isnan(rm.reward_matrix(scored)[0, 1])
+    assert [name for name, _ in rm.columns] == ["answer", "length"]
+    assert scored[0].total == 2.0 and rm.reward_matrix(scored).tolist() == [[1.0, 0.0]]
 
 
 @pytest.mark.filterwarnings("ignore:AnswerScorer")
@@ -165,3 +169,30 @@ def test_reward_model_errors_and_tag():
     rm = RewardModel(_cfg(), FakeJudge(), reasoning_tag="thinking")
     scored, _ = rm.score(["<thinking>A good one. A bad one.</thinking><answer>left lung</answer>"], [_rec(0)])
     assert [s.text for s in scored[0].steps] == ["A good one.", "A bad one."]
+
+
+@pytest.mark.filterwarnings("ignore:AnswerScorer")
+@pytest.mark.parametrize("method,scale", [("grpo", "group"), ("grpo", "batch"), ("grpo", "none"),
+                                          ("dr_grpo", "group"), ("gdpo", "group")])
+def test_unjudged_completion_is_not_ranked_as_all_invalid(method, scale):
+    """The issue's case end to end: 4 identical completions, the judge fails on one. Before, its process
+    reward entered as 0 and gave A = [0.5, 0.5, 0.5, -1.5]; now it sits at the group mean (A = 0)."""
+    text = "<think>A good look. A bad sign. A good step. A good end.</think><answer>left lung</answer>"
+    rm = RewardModel(_cfg(format_weight=0.5), FakeJudge(fail={"s3"}))
+    scored, stats = rm.score([text] * 4, [_rec(i) for i in range(4)])
+    assert stats["unjudged"] == 1 and [s.judged for s in scored] == [True, True, True, False]
+    m = rm.reward_matrix(scored)
+    weights = torch.tensor([w for _, w in rm.columns])
+    adv = compute_advantages(m, 4, method=method, scale=scale, weights=weights)
+    assert torch.equal(adv, torch.zeros(4))
+    # a second group in which nothing was judged: its advantages come from answer, length and format
+    other = ["<think>A good one. A bad one.</think><answer>left lung</answer>", "I do not know",
+             "<think>A good one.</think><answer>right kidney</answer>", text]
+    rm = RewardModel(_cfg(format_weight=0.5), FakeJudge(fail={f"s{i}" for i in range(4)}))
+    scored, _ = rm.score(other, [_rec(i) for i in range(4)])
+    m = rm.reward_matrix(scored)
+    assert torch.isnan(m[[0, 2, 3], 1]).all() and m[1, 1] == 0.0   # "I do not know": K = 0, judged locally
+    m[1, 1] = float("nan")
+    adv = compute_advantages(m, 4, method=method, scale=scale, weights=weights)
+    without = compute_advantages(m[:, [0, 2, 3]], 4, method=method, scale=scale, weights=weights[[0, 2, 3]])
+    assert torch.allclose(adv, without, atol=1e-6) and adv.abs().max() > 0.1

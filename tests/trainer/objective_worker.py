@@ -70,7 +70,7 @@ def layout_gradients(trainer: Trainer, rollout: Rollout, agg: str, micro_batch_s
 
 
 def fixed_rewards() -> torch.Tensor:
-    """[16, 3] reward components with a NaN (unjudged) entry, as RewardModel.reward_matrix gives."""
+    """[16, 3] unweighted reward columns with a NaN (unjudged) entry, as RewardModel.reward_matrix gives."""
     r = torch.rand(N_COMPLETIONS, 3, generator=torch.Generator().manual_seed(1))
     r[3, 1] = float("nan")
     return r
