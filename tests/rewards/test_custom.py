@@ -150,3 +150,98 @@ def test_weight_zero_is_not_called_and_config_is_validated(plugin):
         with pytest.raises(ConfigError, match=message) as err:
             load_config(None, [f"reward.custom={value}"])
         assert "\n" not in str(err.value)
+
+
+# ----------------------------------------------------------------------------- RewardModel + advantages
+
+THINK = "<think>{}</think><answer>{}</answer>"
+
+
+def _reward_model(custom, **weights):
+    from mrpo.rewards import RewardModel
+
+    cfg = SimpleNamespace(answer_weight=1.0, process_weight=0.0, length_weight=0.0, format_weight=0.0, k_min=1,
+                          k_max=10, bert_model_path=None, custom=custom, **weights)
+    return RewardModel(cfg, judge=None)
+
+
+def _batch():
+    """Two groups of G = 3: answers right/wrong and 1..3 reasoning steps."""
+    one, two, three = "The lesion is left.", "The lesion is left. It is big.", "The lesion is left. It is big. So."
+    texts = [THINK.format(one, "left"), THINK.format(two, "right"), THINK.format(three, "left"),
+             THINK.format(one, "two"), THINK.format(two, "2"), THINK.format(three, "three")]
+    records = [{"id": "p0", "problem": "Which side?", "solution": "left"}] * 3 + \
+              [{"id": "p1", "problem": "How many?", "solution": "two"}] * 3
+    return texts, records
+
+
+def test_custom_reward_is_its_own_column_and_changes_the_advantages(plugin):
+    mod = plugin("""
+        def brevity(steps, **_):
+            return [1.0 / len(s) for s in steps]
+    """)
+    rm = _reward_model([{"name": "brevity", "function": f"{mod}:brevity", "weight": 0.5}])
+    assert rm.columns == [("answer", 1.0), ("brevity", 0.5)]
+    texts, records = _batch()
+    scored, _ = rm.score(texts, records)
+    matrix = rm.reward_matrix(scored)
+    brevity = torch.tensor([1, 1 / 2, 1 / 3] * 2, dtype=torch.float64)
+    assert [s.custom for s in scored] == [{"brevity": b} for b in brevity.tolist()]
+    torch.testing.assert_close(matrix[:, 1].double(), brevity)               # unweighted in the matrix
+    answer = matrix[:, 0].double()
+    assert [s.total for s in scored] == pytest.approx((answer + 0.5 * brevity).tolist())
+    weights = torch.tensor([w for _, w in rm.columns])
+
+    # GRPO: (r - mean_g) / (std_g + 1e-4) of r = answer + 0.5 brevity, written out in plain torch
+    total = (answer + 0.5 * brevity).reshape(2, 3)
+    expected = ((total - total.mean(1, keepdim=True)) / (total.std(1, keepdim=True) + 1e-4)).reshape(6)
+    adv = compute_advantages(matrix, 3, method="grpo", weights=weights)
+    torch.testing.assert_close(adv.double(), expected, rtol=1e-5, atol=1e-6)
+    without = compute_advantages(matrix[:, :1], 3, method="grpo")
+    assert not torch.allclose(adv, without)                                  # the reward moved them
+
+    # GDPO: each column normalised in its group on its own, then weighted, then over the batch
+    def norm(x):
+        x = x.reshape(2, 3)
+        return ((x - x.mean(1, keepdim=True)) / (x.std(1, keepdim=True) + 1e-4)).reshape(6)
+    s = norm(answer) + 0.5 * norm(brevity)
+    torch.testing.assert_close(compute_advantages(matrix, 3, method="gdpo", weights=weights).double(),
+                               (s - s.mean()) / (s.std() + 1e-4), rtol=1e-5, atol=1e-6)
+
+
+def test_none_is_missing_never_zero_and_failures_are_missing_too(plugin):
+    mod = plugin("""
+        def partial(completions, **_):
+            return [None, 0.9, 0.3, 0.8, 0.2, 0.4]
+
+        def boom(completions, **_):
+            raise RuntimeError("verifier down")
+    """)
+    rm = _reward_model([{"name": "partial", "function": f"{mod}:partial", "weight": 1.0},
+                        {"name": "boom", "function": f"{mod}:boom", "weight": 2.0}])
+    texts, records = _batch()
+    scored, stats = rm.score(texts, records)
+    matrix = rm.reward_matrix(scored).double()
+    assert math.isnan(matrix[0, 1]) and torch.isnan(matrix[:, 2]).all()
+    assert scored[0].custom == {"partial": None, "boom": None}
+    assert scored[0].total == pytest.approx(scored[0].r_answer)             # missing values are left out
+    # the advantage treats None as its group's mean of the present values (0.6), not as 0
+    imputed = matrix[:, :2].clone()
+    imputed[0, 1] = (0.9 + 0.3) / 2
+    total = (imputed[:, 0] + imputed[:, 1]).reshape(2, 3)
+    expected = ((total - total.mean(1, keepdim=True)) / (total.std(1, keepdim=True) + 1e-4)).reshape(6)
+    weights = torch.tensor([w for _, w in rm.columns])
+    adv = compute_advantages(matrix, 3, method="grpo", weights=weights).double()
+    torch.testing.assert_close(adv, expected, rtol=1e-5, atol=1e-6)
+    as_zero = matrix[:, :2].clone()
+    as_zero[0, 1] = 0.0
+    assert not torch.allclose(adv, compute_advantages(as_zero, 3, method="grpo").double(), atol=1e-3)
+
+    from mrpo.rollout import rollout_metrics
+
+    m = rollout_metrics(scored, stats, [[1, 2]] * 6)
+    assert m["reward/partial"] == pytest.approx((0.9 + 0.3 + 0.8 + 0.2 + 0.4) / 5)
+    assert m["reward_missing/partial"] == 1 and m["reward_missing/boom"] == 6
+    assert math.isnan(m["reward/boom"]) and m["reward_failed/boom/exception"] == 6
+    assert {k for k in m if k.startswith("reward_failed/")} == {
+        f"reward_failed/{n}/{c}" for n in ("partial", "boom") for c in CUSTOM_FAILURE_CAUSES}
