@@ -245,3 +245,36 @@ def test_none_is_missing_never_zero_and_failures_are_missing_too(plugin):
     assert math.isnan(m["reward/boom"]) and m["reward_failed/boom/exception"] == 6
     assert {k for k in m if k.startswith("reward_failed/")} == {
         f"reward_failed/{n}/{c}" for n in ("partial", "boom") for c in CUSTOM_FAILURE_CAUSES}
+
+
+def test_reward_custom_from_a_yaml_file(plugin, tmp_path):
+    mod = plugin("def brevity(steps, **_):\n    return [1.0 / max(len(s), 1) for s in steps]\n")
+    path = tmp_path / "run.yaml"
+    path.write_text(f"reward:\n  custom:\n    - {{name: brevity, function: \"{mod}:brevity\", weight: 0.5}}\n"
+                    f"    - name: again\n      function: {mod}:brevity\n")
+    cfg = load_config(path)
+    assert [(c["name"], c["weight"]) for c in cfg.reward.custom] == [("brevity", 0.5), ("again", 1.0)]
+
+
+def test_readme_examples_run(tmp_path, monkeypatch):
+    """The plain-function examples of README "Your own rewards and judges" (the async one needs a server)."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Your own rewards and judges", 1)[1].split("\n## ", 1)[0]
+    blocks = [b.split("```", 1)[0] for b in section.split("```python\n")[1:]]
+    by_file = {b.splitlines()[0].lstrip("# ").strip(): b for b in blocks}
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "readme_rewards.py").write_text(blocks[0])
+    (tmp_path / "readme_judge.py").write_text(by_file["myjudge.py"])
+    rewards = CustomRewards.from_config([{"name": "brevity", "function": "readme_rewards:brevity", "weight": 0.5}])
+    values, failed = rewards.score(["a", "b", "c"], [None] * 3, [["s"] * 3, ["s"] * 9, []], RECORDS + RECORDS[:1])
+    assert values == {"brevity": [1.0, 0.5, None]} and not any(failed["brevity"].values())
+    from mrpo.config import JudgeConfig
+    from mrpo.judges import build_judge
+    from mrpo.judges.base import JudgeRequest, StepVerdict
+
+    judge = build_judge(JudgeConfig(kind="python", function="readme_judge:judge"))
+    req = JudgeRequest("s", "Which side?", None, "left", "the lesion is in the left lung",
+                       ["The lesion is in the left lung.", "So the answer is left.", "Unrelated."])
+    assert judge.judge([req]) == [StepVerdict([1, 0, 0], [1, 1, 0])]
