@@ -128,6 +128,10 @@ def test_weight_zero_is_not_called_and_config_is_validated(plugin):
     mod = plugin("def never(**_):\n    raise AssertionError('called')\n")
     rewards = CustomRewards.from_config([{"name": "off", "function": f"{mod}:never", "weight": 0.0}])
     assert not rewards and rewards.names == []
+    from mrpo.config import BUILTIN_REWARDS
+    from mrpo.rewards import REWARD_COLUMNS
+
+    assert BUILTIN_REWARDS == REWARD_COLUMNS                                # names a custom reward may not take
     cfg = load_config(None, [f'reward.custom=[{{name: brevity, function: "{mod}:never", weight: 0.5}}, '
                              f'{{name: other, function: "{mod}:never"}}]'])
     assert cfg.reward.custom == [{"name": "brevity", "function": f"{mod}:never", "weight": 0.5},
