@@ -22,7 +22,8 @@ from mrpo.data.records import load_record_images
 from mrpo.eval.reasoning import ffp_stage, first_failure_index
 from mrpo.models.backbone import PromptTooLongError
 from mrpo.rewards import custom_reward_metrics, judge_metrics
-from mrpo.rewards.steps import token_offsets, token_step_index
+from mrpo.rewards.steps import (reasoning_tags, special_token_ids, special_token_strings, token_offsets,
+                                token_step_index)
 
 log = logging.getLogger("mrpo")
 
@@ -147,14 +148,16 @@ def score(rollout: Rollout, reward_model, tokenizer) -> tuple[list, dict]:
     """Rewards of every completion and its per-token step tensors (set on `rollout`).
     Returns (scored completions, rollout metrics)."""
     texts, offsets = zip(*(token_offsets(tokenizer, ids) for ids in rollout.completion_ids))
-    scored, stats = reward_model.score(list(texts), rollout.records)
+    special = special_token_strings(tokenizer, keep=reasoning_tags(reward_model.tag))   # EOS, pad, <|im_end|>, ...
+    special_ids = special_token_ids(tokenizer, special)
+    scored, stats = reward_model.score(list(texts), rollout.records, special_tokens=special)
     rollout.step_index, rollout.step_valid, rollout.num_steps = [], [], []
-    for s, offs in zip(scored, offsets):
+    for s, offs, ids in zip(scored, offsets, rollout.completion_ids):
         if s.step_valid is None:   # unjudged: every token keeps the plain advantage
             idx = [-1] * len(offs)
             valid = torch.zeros(len(offs), dtype=torch.bool)
-        else:
-            idx = token_step_index(offs, s.steps)
+        else:   # special tokens belong to no step: plain advantage
+            idx = token_step_index(offs, s.steps, special=[int(t) in special_ids for t in ids])
             step_ok = torch.tensor(s.step_valid + [False], dtype=torch.bool)
             valid = step_ok[torch.tensor(idx, dtype=torch.long)]   # index -1 hits the padding False
         rollout.step_index.append(torch.tensor(idx, dtype=torch.int32))
@@ -215,9 +218,10 @@ def gold_rollout(pool: PromptPool, records: list[dict], tokenizer, tag: str, eos
 @torch.no_grad()
 def greedy_texts(engine, backbone, pool: PromptPool, records: list[dict], max_new_tokens: int, batch_size: int,
                  stop, decode: str = "eager") -> list[str] | None:
-    """Greedy completions (decoded, special tokens kept) of `records`, the work split over ranks (rank r
-    takes records[r::world]) and gathered back in order on every rank. stop(): polled before each batch
-    (all ranks agree); None when it fired. decode: rollout.decode (see Backbone.decode_kwargs)."""
+    """Greedy completions of `records` (decoded with special tokens kept, the final EOS dropped, as
+    mrpo.infer writes them, so it never joins the last step of truncated reasoning), the work split over
+    ranks (rank r takes records[r::world]) and gathered back in order on every rank. stop(): polled before
+    each batch (all ranks agree); None when it fired. decode: rollout.decode (see Backbone.decode_kwargs)."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     mine, texts = records[rank::world], []
@@ -229,7 +233,9 @@ def greedy_texts(engine, backbone, pool: PromptPool, records: list[dict], max_ne
             ids = backbone.generate(pool.encode(chunk or records[:1]), max_new_tokens=max_new_tokens,
                                     do_sample=False, synced_gpus=world > 1, decode=decode)
             if chunk:
-                texts.extend(backbone.tokenizer.decode(i, skip_special_tokens=False) for i in ids)
+                eos = set(backbone.eos_token_ids)
+                texts.extend(backbone.tokenizer.decode(i[:-1] if i and i[-1] in eos else i, skip_special_tokens=False)
+                             for i in ids)
     if world > 1:
         gathered = [None] * world
         dist.all_gather_object(gathered, texts)

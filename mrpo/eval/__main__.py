@@ -99,8 +99,8 @@ def cmd_answers(args) -> None:
 
 
 def cmd_reasoning(args) -> None:
-    from mrpo.eval.answers import rule_correct
-    from mrpo.eval.reasoning import evaluate_reasoning, format_reasoning, load_gold_reasoning, paper_filter
+    from mrpo.eval.reasoning import (answer_verdicts, evaluate_reasoning, format_reasoning, load_gold_reasoning,
+                                     paper_filter)
 
     records = read_predictions(args.pred)
     try:
@@ -114,17 +114,27 @@ def cmd_reasoning(args) -> None:
         if missing:
             raise SystemExit(f"error: {args.correct_from}: no verdict for {len(missing)} ids, e.g. {missing[:3]}")
         records = [{**r, "correct": verdicts[str(r["id"])]} for r in records]
-    else:  # the rule verdict as `answers` gives it (integers spelled out first)
-        records = [{**r, "correct": rule_correct(r)} for r in records]
+        verdict_counts = None
+    else:  # the rule verdict as `answers` gives it (integers spelled out first), else the record's own
+        try:
+            records, verdict_counts = answer_verdicts(records)
+        except ValueError as e:
+            raise SystemExit(f"error: {args.pred}: {e}")
     judge = _build_step_judge(args)
     if judge is None:
         raise SystemExit("error: --judge none gives no step verdicts; pick rule, http, local, labels or python")
     out_dir = Path(args.out_dir) if args.out_dir else Path(args.pred).parent
     summary = evaluate_reasoning(records, judge, out_dir=out_dir, judge_all=args.judge_all,
-                                 batch_size=args.batch_size, input_counts=input_counts)
+                                 batch_size=args.batch_size, input_counts=input_counts,
+                                 verdict_counts=verdict_counts)
     c = input_counts
     print(f"records: {c['input']} read, {c['after_dedup']} after dedup, {c['after_gold_overlap']} after gold "
           f"overlap, {c['with_gold']} with a gold rationale")
+    if verdict_counts is not None:
+        v = verdict_counts
+        print(f"answer verdicts: {v['recomputed']} recomputed from answer/text, {v['own']} the record's own "
+              f"\"correct\" (no answer/text); {v['disagreements']} recomputed verdicts disagree with the "
+              f"record's own \"correct\" (the recomputed one is used)")
     print(format_reasoning(summary))
     print(f"judge {summary['judge']}: {summary['sent_to_judge']} completions sent, {summary['unjudged']} unjudged")
     print(f"wrote {out_dir / 'reasoning.json'} and {out_dir / 'reasoning_steps.jsonl'}")

@@ -282,6 +282,38 @@ def paper_filter(records: Sequence[dict], gold: dict | None = None, dedup: bool 
     return [r for r, _ in out], counts
 
 
+# ----------------------------------------------------------------------------- answer verdicts
+
+
+def answer_verdicts(records: Sequence[dict]) -> tuple[list[dict], dict]:
+    """Right/wrong of every record, as `correct` (the rule match of mrpo.eval.answers.rule_correct).
+
+    A record with an `answer` or a `text` is recomputed from it; one with neither keeps its own
+    `correct` (predictions from other tools carry only the verdict; without one it is wrong, as before).
+    Where a record has both and they disagree, the recomputed verdict wins and is counted.
+    Returns (records with `correct` set, counts {recomputed, own, disagreements}); ValueError naming
+    the record when its own `correct` is neither true, false nor null.
+    """
+    from mrpo.eval.answers import rule_correct
+
+    out, counts = [], {"recomputed": 0, "own": 0, "disagreements": 0}
+    for i, rec in enumerate(records):
+        own = rec.get("correct")
+        if own is not None and not isinstance(own, bool):
+            raise ValueError(f"record {i} (id={rec.get('id')!r}): \"correct\" must be true, false or null, "
+                             f"got {own!r}")
+        if rec.get("answer") is None and not rec.get("text"):
+            if own is not None:
+                counts["own"] += 1
+                out.append(rec)
+                continue
+        verdict = rule_correct(rec)
+        counts["recomputed"] += 1
+        counts["disagreements"] += own is not None and own != verdict
+        out.append({**rec, "correct": verdict})
+    return out, counts
+
+
 # ----------------------------------------------------------------------------- judging records
 
 
@@ -343,17 +375,21 @@ def judge_records(records: Sequence[dict], judge, judge_all: bool = False,
 
 
 def evaluate_reasoning(records: Sequence[dict], judge, out_dir: str | Path | None = None,
-                       judge_all: bool = False, batch_size: int = 64, input_counts: dict | None = None) -> dict:
+                       judge_all: bool = False, batch_size: int = 64, input_counts: dict | None = None,
+                       verdict_counts: dict | None = None) -> dict:
     """Judge steps and compute failure-cascade stats; optionally write the eval files.
 
     Writes (when out_dir is given) out_dir/reasoning.json (the summary returned here) and
     out_dir/reasoning_steps.jsonl (one judged row per record, see judge_records). input_counts (e.g.
-    paper_filter's) is stored in the summary as "input".
+    paper_filter's) is stored in the summary as "input", verdict_counts (answer_verdicts' counts) as
+    "answer_verdicts".
     """
     rows = judge_records(records, judge, judge_all=judge_all, batch_size=batch_size)
     summary = _summary(rows, judge, judge_all)
     if input_counts is not None:
         summary["input"] = input_counts
+    if verdict_counts is not None:
+        summary["answer_verdicts"] = verdict_counts
     if out_dir is not None:
         _write_jsonl(Path(out_dir) / "reasoning_steps.jsonl", rows)
         _write_json(Path(out_dir) / "reasoning.json", summary)

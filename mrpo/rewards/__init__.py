@@ -11,6 +11,7 @@ that returned None or whose call failed (mrpo.rewards.custom). Missing never mea
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 
@@ -77,8 +78,11 @@ class RewardModel:
                                      steps=[s.text for s in st], facts=rec.get("facts")))
         return reqs
 
-    def score(self, completions: list[str], records: list[dict]) -> tuple[list[ScoredCompletion], dict]:
+    def score(self, completions: list[str], records: list[dict],
+              special_tokens: Sequence[str] = ()) -> tuple[list[ScoredCompletion], dict]:
         """Score completions[i] against records[i] (keys id, image, problem, solution, gold_reasoning, facts).
+        special_tokens: strings (EOS, pad, chat end; mrpo.rewards.steps.special_token_strings) that never
+        become part of a step, so neither the step texts nor the judge's prompts hold them.
 
         The judge is called once with every completion that has K > 0 steps (K = 0 is judged locally:
         process reward 0). Returns the scores and per-call counts: n, unjudged, zero_steps,
@@ -90,7 +94,7 @@ class RewardModel:
         """
         if len(completions) != len(records):
             raise ValueError(f"RewardModel.score: {len(completions)} completions but {len(records)} records")
-        steps = [segment_steps(c, self.tag) for c in completions]
+        steps = [segment_steps(c, self.tag, special_tokens) for c in completions]
         requests = self._requests(steps, records)
         answers = [extract_answer(c) for c in completions]
         r_answer = self.answer_scorer.score_many(answers, [r.gold_answer for r in requests])
@@ -120,7 +124,8 @@ class RewardModel:
                 key = f"unjudged_{cause if cause in FAILURE_CAUSES else 'other'}"
                 stats[key] += count - causes_before.get(cause, 0)
 
-        custom, stats["custom_failed"] = self.custom.score(completions, answers, [r.steps for r in requests], records)
+        plain_texts = [_without(c, special_tokens) for c in completions]   # as TRL's skip_special_tokens
+        custom, stats["custom_failed"] = self.custom.score(plain_texts, answers, [r.steps for r in requests], records)
         scored = []
         for i, c in enumerate(completions):
             judged = verdicts[i] is not None
@@ -159,6 +164,12 @@ def judge_metrics(stats: dict) -> dict:
     out = {"judge_sent": float(stats.get("judge_sent", 0)), "unjudged": float(stats.get("unjudged", 0))}
     out.update({f"unjudged/{c}": float(stats.get(f"unjudged_{c}", 0)) for c in FAILURE_CAUSES})
     return out
+
+
+def _without(text: str, special_tokens: Sequence[str]) -> str:
+    for token in special_tokens:
+        text = text.replace(token, "")
+    return text
 
 
 def custom_reward_metrics(scored: list[ScoredCompletion], stats: dict) -> dict:

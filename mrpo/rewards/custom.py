@@ -7,7 +7,7 @@
 Calling convention (keyword arguments, modelled on TRL's `reward_funcs`), one call per reward and
 batch of n completions, every argument a list of length n in completion order:
     prompts      the records' question text ("problem")
-    completions  the decoded completion text
+    completions  the decoded completion text, without the tokenizer's special tokens (EOS, pad, chat end)
     answers      the extracted answer (text inside <answer>...</answer>), None when absent
     steps        the reasoning steps, a list of str per completion
     **columns    every key of the data records (id, image, solution, gold_reasoning, facts, dataset,

@@ -10,11 +10,18 @@ quotes/brackets) when whitespace follows; a piece that is only a numbering fragm
 "3) ", "- ", "Step 4:") also ends a piece (lists whose items lack a final period); a few common
 abbreviations ("e.g.", "i.e.", "vs.", "Dr.", "Fig.", "approx.", ...) do not end a sentence.
 Whitespace is stripped from every span and empty pieces are skipped.
+
+Special tokens (EOS, pad, the chat end token such as <|im_end|>, from the tokenizer: see
+`special_token_strings`) never become part of a step: each occurrence ends the current piece and is left
+out of every step, so reasoning cut off without its closing tag ("<think>A. B<|im_end|>") gives the steps
+"A." and "B", and the judge never sees the token.
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
+from typing import Iterable, Sequence
 
 # Do not end a sentence after these (lower-cased, with their final dot).
 ABBREVIATIONS = frozenset({
@@ -72,16 +79,36 @@ def _ends_with_abbreviation(text: str, end: int) -> bool:
     return bool(words) and words[-1].lstrip("([{\"'").lower() in ABBREVIATIONS
 
 
-def split_steps(text: str, offset: int = 0) -> list[Step]:
-    """Split `text` into sentence steps; spans are shifted by `offset` (char units)."""
+@functools.lru_cache(maxsize=16)
+def _exclusion_pattern(exclude: tuple[str, ...]) -> re.Pattern:
+    # longest first, so a token that contains another ("<|im_end|>" vs "<|im_end|>x") matches whole
+    return re.compile("|".join(re.escape(t) for t in sorted(set(exclude), key=len, reverse=True)))
+
+
+def split_steps(text: str, offset: int = 0, exclude: Sequence[str] = ()) -> list[Step]:
+    """Split `text` into sentence steps; spans are shifted by `offset` (char units). Every occurrence of
+    a string of `exclude` (special tokens) ends a piece and belongs to no step."""
+    excluded = [m.span() for m in _exclusion_pattern(tuple(exclude)).finditer(text)] if exclude else []
     cuts = {m.end() for m in _BOUNDARY.finditer(text)
             if not (m.group(0)[0] == "." and _ends_with_abbreviation(text, m.start() + 1))}
     cuts |= {m.start() for m in _LIST_BREAK.finditer(text)}
+    cuts = {c for c in cuts if not any(s < c < e for s, e in excluded)} | {c for span in excluded for c in span}
     bounds = [0, *sorted(cuts), len(text)]
 
     steps: list[Step] = []
     pending: int | None = None  # start of numbering fragments waiting for their sentence
+
+    def flush_pending(end: int) -> None:  # numbering fragment with no sentence after it: keep it as a step
+        s, e = _strip_span(text, pending, end)
+        steps.append(Step(text[s:e], s + offset, e + offset))
+
+    excluded_set = set(excluded)
     for s, e in zip(bounds[:-1], bounds[1:]):
+        if (s, e) in excluded_set:
+            if pending is not None:
+                flush_pending(s)
+                pending = None
+            continue
         s, e = _strip_span(text, s, e)
         if s == e:
             continue
@@ -91,19 +118,47 @@ def split_steps(text: str, offset: int = 0) -> list[Step]:
         if pending is not None:
             s, pending = pending, None
         steps.append(Step(text[s:e], s + offset, e + offset))
-    if pending is not None:  # trailing numbering fragment with no sentence after it: keep it as a step
-        s, e = _strip_span(text, pending, len(text))
-        steps.append(Step(text[s:e], s + offset, e + offset))
+    if pending is not None:
+        flush_pending(len(text))
     return steps
 
 
-def segment_steps(completion: str, tag: str = "think") -> list[Step]:
-    """Steps of a completion's reasoning, spans in completion coordinates; [] when no reasoning."""
+def segment_steps(completion: str, tag: str = "think", exclude: Sequence[str] = ()) -> list[Step]:
+    """Steps of a completion's reasoning, spans in completion coordinates; [] when no reasoning.
+    exclude: special-token strings that never belong to a step (see `special_token_strings`)."""
     found = extract_reasoning(completion, tag)
     if found is None:
         return []
     reasoning, offset = found
-    return split_steps(reasoning, offset)
+    return split_steps(reasoning, offset, exclude)
+
+
+def special_token_strings(tokenizer, keep: Iterable[str] = ()) -> tuple[str, ...]:
+    """The tokenizer's special tokens as text (its all_special_tokens and every added token marked
+    special: EOS, pad, the chat end token, vision tokens, ...), minus `keep`, longest first.
+
+    tokenizer: a Hugging Face tokenizer or a processor holding one (`.tokenizer`). keep: the reasoning
+    and answer tags, which some tokenizers register as special tokens (see `reasoning_tags`).
+    """
+    tok = getattr(tokenizer, "tokenizer", tokenizer)
+    names = set(getattr(tok, "all_special_tokens", None) or ())
+    names |= {t.content for t in (getattr(tok, "added_tokens_decoder", None) or {}).values() if t.special}
+    names -= set(keep)
+    return tuple(sorted((n for n in names if n), key=len, reverse=True))
+
+
+def special_token_ids(tokenizer, strings: Iterable[str]) -> frozenset[int]:
+    """Ids of the special-token strings (from `special_token_strings`); strings that are no single
+    token of the vocabulary are skipped."""
+    tok = getattr(tokenizer, "tokenizer", tokenizer)
+    strings = list(strings)
+    ids = tok.convert_tokens_to_ids(strings) if strings else []
+    return frozenset(i for s, i in zip(strings, ids) if i is not None and tok.convert_ids_to_tokens(i) == s)
+
+
+def reasoning_tags(tag: str = "think") -> tuple[str, ...]:
+    """The tags a completion is made of: <tag>, </tag>, <answer>, </answer>."""
+    return (f"<{tag}>", f"</{tag}>", "<answer>", "</answer>")
 
 
 def _decode(tokenizer, ids: list[int]) -> str:
@@ -160,16 +215,21 @@ def token_offsets(tokenizer, ids) -> tuple[str, list[tuple[int, int]]]:
                      f"{type(tokenizer).__name__} does not reproduce the decoded text")
 
 
-def token_step_index(offsets: list[tuple[int, int]], steps: list[Step]) -> list[int]:
+def token_step_index(offsets: list[tuple[int, int]], steps: list[Step],
+                     special: Sequence[bool] | None = None) -> list[int]:
     """Per token: index of the step its span overlaps most (ties -> earlier step), -1 if none.
 
     offsets: [T] char spans from token_offsets; steps: sorted, non-overlapping spans in the same text.
     An empty span at position p (a token ending inside a multi-byte character) takes the step that
-    contains the character starting at p.
+    contains the character starting at p. special: [T], True for a special token (EOS, pad, chat end),
+    which always gets -1 (the plain advantage), even where its span touches a step.
     """
     out: list[int] = []
     j = 0  # first step whose end is after the current token's start (tokens and steps are sorted)
-    for s, e in offsets:
+    for t, (s, e) in enumerate(offsets):
+        if special is not None and special[t]:
+            out.append(-1)
+            continue
         while j < len(steps) and steps[j].end <= s:
             j += 1
         best, best_overlap = -1, 0

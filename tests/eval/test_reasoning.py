@@ -247,3 +247,46 @@ def test_cli_reasoning_rule_judge(tmp_path, capsys):
     s2 = json.loads((out2 / "reasoning.json").read_text())
     assert (s2["n_correct"], s2["n_wrong"], s2["answer_unjudged"]) == (1, 2, 1)
     assert s2["stage_counts"]["early"] == 0 and s2["wrong"]["no_failure"] == 2
+
+
+def test_answer_verdicts_keep_own_and_count_disagreements():
+    from mrpo.eval.reasoning import answer_verdicts
+
+    records = [
+        {"id": "own-right", "solution": "yes", "correct": True},                       # no answer/text: kept
+        {"id": "own-wrong", "solution": "yes", "correct": False, "answer": None},
+        {"id": "agree", "solution": "yes", "answer": "Yes", "correct": True},
+        {"id": "disagree", "solution": "yes", "text": "<answer>no</answer>", "correct": True},  # recomputed wins
+        {"id": "no-own", "solution": "left lung", "answer": "left lung"},
+        {"id": "nothing", "solution": "yes"},                                          # no verdict at all: wrong
+    ]
+    out, counts = answer_verdicts(records)
+    assert [r["correct"] for r in out] == [True, False, True, False, True, False]
+    assert counts == {"recomputed": 4, "own": 2, "disagreements": 1}
+    assert records[3]["correct"] is True   # the input is not modified
+    with pytest.raises(ValueError, match=r"record 0 \(id='x'\).*true, false or null.*'yes'"):
+        answer_verdicts([{"id": "x", "correct": "yes"}])
+
+
+def test_cli_reasoning_keeps_records_own_verdicts(tmp_path, capsys):
+    """The issue's case: 400 predictions from another tool carry `correct` (276 wrong) but no answer or
+    text; before, all 400 counted as wrong. Two more records have both and one of them disagrees."""
+    from mrpo.eval.__main__ import main
+
+    rows = [{"id": f"r{i}", "problem": "Is there a lesion?", "solution": "yes", "correct": i >= 276}
+            for i in range(400)]
+    rows += [{"id": "a", "problem": "p", "solution": "yes", "text": "<think>A.</think><answer>no</answer>",
+              "correct": True},
+             {"id": "b", "problem": "p", "solution": "yes", "answer": "yes", "correct": True}]
+    pred = tmp_path / "predictions.jsonl"
+    pred.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["reasoning", "--pred", str(pred), "--judge", "rule"]) == 0
+    s = json.loads((tmp_path / "reasoning.json").read_text())
+    assert (s["n_records"], s["n_wrong"], s["n_correct"]) == (402, 277, 125)
+    assert s["answer_verdicts"] == {"recomputed": 2, "own": 400, "disagreements": 1}
+    out = capsys.readouterr().out
+    assert "2 recomputed from answer/text, 400 the record's own" in out and "1 recomputed verdicts disagree" in out
+
+    pred.write_text(json.dumps({"id": "bad", "solution": "yes", "correct": 1}) + "\n")
+    with pytest.raises(SystemExit, match=r"predictions.jsonl: record 0 \(id='bad'\)"):
+        main(["reasoning", "--pred", str(pred), "--judge", "rule"])

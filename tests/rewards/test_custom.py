@@ -282,3 +282,11 @@ def test_readme_examples_run(tmp_path, monkeypatch):
     req = JudgeRequest("s", "Which side?", None, "left", "the lesion is in the left lung",
                        ["The lesion is in the left lung.", "So the answer is left.", "Unrelated."])
     assert judge.judge([req]) == [StepVerdict([1, 0, 0], [1, 1, 0])]
+
+
+def test_completions_reach_the_reward_without_special_tokens(plugin):
+    mod = plugin("SEEN = []\n\ndef seen(completions, **_):\n    SEEN.extend(completions)\n    return [0.0] * len(completions)\n")
+    rm = _reward_model([{"name": "seen", "function": f"{mod}:seen", "weight": 1.0}])
+    text = THINK.format("The lesion is left.", "left")
+    rm.score([text + "<|im_end|>"], [{"id": "a", "problem": "q", "solution": "left"}], special_tokens=["<|im_end|>"])
+    assert __import__(mod).SEEN == [text]

@@ -4,8 +4,10 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from mrpo.rewards.steps import (Step, _token_chunks, extract_reasoning, segment_steps, split_steps,
-                                token_offsets, token_step_index)
+from mrpo.models.tiny import FAMILIES
+from mrpo.rewards.steps import (Step, _token_chunks, extract_reasoning, reasoning_tags, segment_steps,
+                                special_token_ids, special_token_strings, split_steps, token_offsets,
+                                token_step_index)
 
 CORPUS = [
     "The lesion is in the left lung.\nThe heart is normal. The lesion is in the left lung.\n",
@@ -201,3 +203,95 @@ def test_token_step_index_hand_cases():
     # empty spans (a token ending inside a multi-byte char) take the step holding the char at their start
     assert token_step_index([(0, 0), (2, 2), (3, 3), (5, 5)], steps) == [0, -1, 1, -1]
     assert token_step_index([(0, 3)], []) == [-1]
+
+
+# ----------------------------------------------------------------------------- special tokens
+
+
+def test_special_tokens_never_join_a_step():
+    text = "<think>First finding. Second finding<|im_end|>"
+    # without the exclusion (the bug): the chat end token is part of the last step
+    assert [s.text for s in segment_steps(text)] == ["First finding.", "Second finding<|im_end|>"]
+    specials = ("<|im_end|>", "<|endoftext|>")
+    steps = segment_steps(text, exclude=specials)
+    assert [s.text for s in steps] == ["First finding.", "Second finding"]
+    assert all(text[s.start:s.end] == s.text for s in steps)
+    # pad after EOS, a special token inside a sentence, a numbering fragment before EOS
+    text = "<think>1. One.\n2.<|im_end|><|endoftext|><|endoftext|>"
+    assert [s.text for s in segment_steps(text, exclude=specials)] == ["1. One.", "2."]
+    text = "<think>Left<|endoftext|> lung. Done.</think><answer>x</answer><|im_end|>"
+    steps = segment_steps(text, exclude=specials)
+    assert [s.text for s in steps] == ["Left", "lung.", "Done."]
+    assert all(text[s.start:s.end] == s.text for s in steps)
+
+
+def test_special_token_strings_keep_registered_tags(bpe):
+    # this tokenizer registers the tags as special tokens: they stay usable, only EOS is excluded
+    assert "<think>" in bpe.all_special_tokens or any(t.special and t.content == "<think>"
+                                                      for t in bpe.added_tokens_decoder.values())
+    special = special_token_strings(bpe, keep=reasoning_tags("think"))
+    assert special == ("<|endoftext|>",)
+    assert special_token_ids(bpe, special) == {bpe.eos_token_id}
+    ids = bpe.encode("<think>The lesion is large! Is it benign", add_special_tokens=False) + [bpe.eos_token_id]
+    text, offsets = token_offsets(bpe, ids)
+    steps = segment_steps(text, "think", special)
+    assert [s.text for s in steps] == ["The lesion is large!", "Is it benign"]
+    idx = token_step_index(offsets, steps, special=[i in special_token_ids(bpe, special) for i in ids])
+    assert idx[0] == -1 and idx[-1] == -1 and set(idx[1:-1]) == {0, 1}
+
+
+@pytest.mark.filterwarnings("ignore:AnswerScorer")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_truncated_reasoning_with_tiny_backbone_tokenizers(family, tmp_path):
+    """rollout.score end to end with each tiny backbone's tokenizer (saved and reloaded as the trainer
+    loads it): reasoning cut off without its closing tag, then EOS and pad. The judge sees no special
+    token, and EOS / pad keep the plain advantage (step index -1)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from mrpo.data.synthetic import synthetic_corpus
+    from mrpo.models.tiny import build_tokenizer
+    from mrpo.rewards import RewardModel
+    from mrpo.rollout import score
+
+    from .test_rewards import FakeJudge, _cfg, _rec
+
+    build_tokenizer(family, synthetic_corpus(n=200)).save_pretrained(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    tag = "thinking" if family == "qwen3_vl" else "think"
+    special = special_token_strings(tok, keep=reasoning_tags(tag))
+    assert {tok.eos_token, tok.pad_token, "<|im_end|>", "<|endoftext|>"} <= set(special)
+    assert not set(reasoning_tags(tag)) & set(special)
+
+    ids = tok.encode(f"<{tag}>The lesion is a good finding. Second good finding", add_special_tokens=False)
+    ids = ids + [tok.eos_token_id, tok.pad_token_id]
+    judge = FakeJudge()
+    rollout = SimpleNamespace(completion_ids=[ids], records=[_rec(0)])
+    scored, _ = score(rollout, RewardModel(_cfg(), judge, reasoning_tag=tag), tok)
+    assert tok.decode(ids[-2:], skip_special_tokens=False) == "<|im_end|><|endoftext|>"
+    assert [s.text for s in scored[0].steps] == ["The lesion is a good finding.", "Second good finding"]
+    assert judge.calls[0][0].steps == ["The lesion is a good finding.", "Second good finding"]
+    idx = rollout.step_index[0].tolist()
+    assert idx[-2:] == [-1, -1] and set(idx[:-2]) - {-1} == {0, 1} and idx[-3] == 1
+    assert not rollout.step_valid[0][-2:].any()
+
+
+def test_greedy_eval_texts_drop_the_final_eos(bpe):
+    """The trainer's evaluation texts end before EOS (as mrpo.infer's predictions do), so truncated
+    reasoning's last step, segmented from the text alone, holds no special token."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from mrpo.rollout import greedy_texts
+
+    truncated = bpe.encode("<think>The lesion is large! Is it benign", add_special_tokens=False)
+    finished = bpe.encode("<think>No.</think><answer>x</answer>", add_special_tokens=False)
+    eos = bpe.eos_token_id
+    backbone = SimpleNamespace(tokenizer=bpe, eos_token_ids=[eos],
+                               generate=lambda batch, **kw: [truncated + [eos], finished + [eos]][:len(batch)])
+    engine = SimpleNamespace(generation=contextlib.nullcontext)
+    pool = SimpleNamespace(encode=lambda records: records)
+    texts = greedy_texts(engine, backbone, pool, [{"id": 0}, {"id": 1}], 8, batch_size=2, stop=lambda: False)
+    assert texts == ["<think>The lesion is large! Is it benign", "<think>No.</think><answer>x</answer>"]
+    assert [s.text for s in segment_steps(texts[0])] == ["The lesion is large!", "Is it benign"]
