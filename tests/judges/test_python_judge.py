@@ -128,6 +128,13 @@ def test_python_judge_failures_reach_the_judge_metrics(plugin):
     m = judge_metrics(stats)
     assert m["judge_sent"] == 2 and m["unjudged"] == 1 and m["unjudged/exception"] == 1
     assert scored[0].r_process == 1.0 and scored[1].r_process is None and not scored[1].judged
+    from mrpo.judges.outage import JudgeOutageError, UnjudgedGuard
+
+    guard = UnjudgedGuard(max_fraction=0.4, window=2, judge=repr(judge))
+    guard.update_from_metrics(1, m)
+    with pytest.raises(JudgeOutageError, match=r"50% .* \(causes: exception 2\).*PythonJudge") as err:
+        guard.update_from_metrics(2, m)                                   # the same outage guard as http
+    assert {c: n for c, n in err.value.causes.items() if n} == {"exception": 2.0}
 
 
 def test_python_judge_config_errors_are_one_line(plugin):
