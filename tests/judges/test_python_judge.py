@@ -1,7 +1,6 @@
 """judge.kind=python (a step judge as your function), judge.prompt_template, and the plug-in loader."""
 import json
 import textwrap
-import time
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
@@ -100,13 +99,10 @@ def test_async_python_judge_runs_requests_concurrently(plugin):
             return {"valid": [True] * len(steps)}
     """)
     judge = build_judge(JudgeConfig(kind="python", function=f"{mod}:judge", max_concurrency=4))
-    t0 = time.perf_counter()
     out = judge.judge([_req(sid=str(i)) for i in range(4)])
-    elapsed = time.perf_counter() - t0
     assert out == [StepVerdict([1, 1], [1, 1])] * 4
     windows = __import__(mod).WINDOWS
     assert max(s for s, _ in windows) < min(e for _, e in windows)      # all four were in flight at once
-    assert elapsed < 0.6                                                  # not 4 x 0.2 s one after the other
 
 
 def test_python_judge_failures_reach_the_judge_metrics(plugin):

@@ -1,7 +1,6 @@
 """reward.custom: your own reward functions, each its own reward column (calls, async, failures, advantages)."""
 import math
 import textwrap
-import time
 import uuid
 from types import SimpleNamespace
 
@@ -77,13 +76,10 @@ def test_async_rewards_run_concurrently_with_each_other(plugin):
     """)
     rewards = _custom({"name": "a", "function": f"{mod}:slow_a"}, {"name": "p", "function": f"{mod}:plain"},
                       {"name": "b", "function": f"{mod}:slow_b"})
-    t0 = time.perf_counter()
     values, _ = rewards.score(["x", "y"], [None, None], [[], []], RECORDS)
-    elapsed = time.perf_counter() - t0
     assert values == {"a": [1.0, 1.0], "p": [0.5, 0.5], "b": [None, 2.0]}    # config order kept
     (sa, ea), (sb, eb) = __import__(mod).WINDOWS["a"], __import__(mod).WINDOWS["b"]
-    assert max(sa, sb) < min(ea, eb)                                        # the two sleeps overlapped
-    assert elapsed < 0.55                                                   # not 0.3 + 0.3 s
+    assert max(sa, sb) < min(ea, eb)                  # the two sleeps overlapped (in order: 0.3 s + 0.3 s)
     again, _ = rewards.score(["x", "y"], [None, None], [[], []], RECORDS)   # the event loop is reused
     assert again == values
 
