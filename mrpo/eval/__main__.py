@@ -102,6 +102,7 @@ def cmd_reasoning(args) -> None:
     from mrpo.eval.reasoning import (answer_verdicts, evaluate_reasoning, format_reasoning, load_gold_reasoning,
                                      paper_filter)
 
+    _check_step_judge_args(args)
     records = read_predictions(args.pred)
     try:
         gold = load_gold_reasoning(args.gold) if args.gold else None
@@ -140,9 +141,8 @@ def cmd_reasoning(args) -> None:
     print(f"wrote {out_dir / 'reasoning.json'} and {out_dir / 'reasoning_steps.jsonl'}")
 
 
-def _build_step_judge(args):
-    """The --judge of `reasoning`; a bad --judge-function / --judge-prompt-template exits 2 in one line."""
-    from mrpo.judges import build_judge
+def _check_step_judge_args(args) -> None:
+    """Before any work: a bad --judge-function / --judge-prompt-template exits 2 in one line."""
     from mrpo.judges.prompt import JudgePrompt
     from mrpo.plugins import PluginError
 
@@ -155,6 +155,21 @@ def _build_step_judge(args):
     try:
         if args.prompt_template:
             JudgePrompt.from_file(args.prompt_template)
+        if args.function:
+            from mrpo.judges.python import load_judge_function
+
+            load_judge_function(args.function)
+    except (PluginError, ValueError) as e:   # PromptTemplateError is a ValueError
+        _usage_error(str(e))
+
+
+def _build_step_judge(args):
+    """The --judge of `reasoning` (arguments checked by _check_step_judge_args); an http judge's endpoint is
+    checked first."""
+    from mrpo.judges import build_judge
+    from mrpo.plugins import PluginError
+
+    try:
         cfg = _judge_cfg(args, args.judge)
         if args.judge == "http":
             _preflight(cfg)
