@@ -87,12 +87,20 @@ class RewardConfig:
     k_max: int = _f(10, "most reasoning steps without a length penalty")
     bert_model_path: Optional[str] = _f(None, "local BERT (e.g. BiomedBERT) for BERTScore of open answers; "
                                               "null = token-overlap fallback")
+    custom: list = _f(help="your own rewards, each its own reward column: a list of {name, function: "
+                           "\"pkg.module:fn\", weight (default 1.0; 0 = off)} (README \"Your own rewards and judges\")",
+                      factory=list)
 
 
 @dataclass
 class JudgeConfig:
-    kind: Literal["http", "local", "rule", "labels", "none"] = _f(
-        "rule", "step judge: http (OpenAI-compatible), local (HF model), rule (synthetic facts), labels (file), none")
+    kind: Literal["http", "local", "rule", "labels", "python", "none"] = _f(
+        "rule", "step judge: http (OpenAI-compatible), local (HF model), rule (synthetic facts), labels (file), "
+                "python (your function, judge.function), none")
+    function: Optional[str] = _f(None, "the step judge as a function \"pkg.module:fn\" (kind=python)")
+    prompt_template: Optional[str] = _f(None, "YAML file {system, user} replacing the http/local judge's prompt; "
+                                              "user holds {question} {gold_answer} {gold_reasoning} {steps} "
+                                              "{num_steps}; null = the paper's prompt")
     model: str = _f("gpt-5-mini", "judge model name (http)")
     base_url: str = _f("https://api.openai.com/v1", "OpenAI-compatible endpoint (http)")
     api_key_env: str = _f("OPENAI_API_KEY", "name of the environment variable holding the key, never the key itself")
@@ -360,6 +368,14 @@ def _validate(cfg: Config, source: str) -> None:
          "judge.kind=labels needs a labels file")
     need(cfg.judge.kind != "local" or bool(cfg.judge.local_model_path), "judge.local_model_path",
          "judge.kind=local needs a local model path")
+    need(cfg.judge.kind != "python" or bool(cfg.judge.function), "judge.function",
+         "judge.kind=python needs a function \"pkg.module:fn\"")
+    need(cfg.judge.function is None or cfg.judge.kind == "python", "judge.function",
+         f"is used by judge.kind=python only (judge.kind={cfg.judge.kind!r}); set judge.function=null")
+    need(cfg.judge.prompt_template is None or cfg.judge.kind in ("http", "local"), "judge.prompt_template",
+         f"is used by judge.kind=http or local only (judge.kind={cfg.judge.kind!r}); set judge.prompt_template=null")
+    cfg.reward.custom = _custom_rewards(cfg.reward.custom, source)
+    _check_plugins(cfg, source)
     need(cfg.judge.max_retries >= 0, "judge.max_retries", "must be >= 0")
     need(cfg.judge.max_concurrency >= 1, "judge.max_concurrency", "must be >= 1")
     need(cfg.loss.loss_agg != "seq-mean-token-sum-norm" or cfg.rollout.max_new_tokens > 0,
@@ -390,6 +406,61 @@ def _validate(cfg: Config, source: str) -> None:
     need(0 <= cfg.judge.max_unjudged_fraction <= 1, "judge.max_unjudged_fraction", "a share in [0, 1] (1 = never stop)")
     need(cfg.judge.unjudged_window >= 1, "judge.unjudged_window", "must be >= 1 (RL steps)")
     need(bool(cfg.output_dir), "output_dir", "must name a folder")
+
+
+_CUSTOM_KEYS = ("name", "function", "weight")
+BUILTIN_REWARDS = ("answer", "process", "length", "format")   # = mrpo.rewards.REWARD_COLUMNS (not imported: torch)
+
+
+def _custom_rewards(items: list, source: str) -> list[dict]:
+    """reward.custom normalised to [{name, function, weight: float}]; ConfigError naming reward.custom[i].<key>."""
+    import math
+    import re
+
+    out, seen = [], {}
+    for i, item in enumerate(items):
+        key = f"reward.custom[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{source}: {key}={item!r} must be a mapping {{name, function, weight}}")
+        for k in item:
+            if k not in _CUSTOM_KEYS:
+                raise ConfigError(f"{source}: unknown key '{key}.{k}'{_closest(str(k), list(_CUSTOM_KEYS))}")
+        for k in ("name", "function"):
+            if k not in item:
+                raise ConfigError(f"{source}: {key}.{k} is missing (each custom reward needs a name and a function)")
+        name, weight = item["name"], item.get("weight", 1.0)
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
+            raise ConfigError(f"{source}: {key}.name={name!r} must be a word (letters, digits, _ . -): it names "
+                              f"the metric reward/<name>")
+        if name in BUILTIN_REWARDS:
+            raise ConfigError(f"{source}: {key}.name={name!r} clashes with the built-in reward '{name}'")
+        if name in seen:
+            raise ConfigError(f"{source}: {key}.name={name!r} is already the name of reward.custom[{seen[name]}]")
+        seen[name] = i
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise ConfigError(f"{source}: {key}.weight={weight!r} must be a finite number (0 = off)")
+        out.append({"name": name, "function": item["function"], "weight": float(weight)})
+    return out
+
+
+def _check_plugins(cfg: Config, source: str) -> None:
+    """Import every user function and load the judge prompt template now, so a wrong path fails at start-up."""
+    from mrpo.plugins import KeywordCall, PluginError, load_function
+
+    try:
+        for i, item in enumerate(cfg.reward.custom):
+            key = f"reward.custom[{i}].function"
+            KeywordCall(load_function(item["function"], key), None, key, item["function"])
+        if cfg.judge.kind == "python":
+            from mrpo.judges.python import load_judge_function
+
+            load_judge_function(cfg.judge.function)
+        if cfg.judge.prompt_template is not None:
+            from mrpo.judges.prompt import JudgePrompt
+
+            JudgePrompt.from_file(cfg.judge.prompt_template)
+    except (PluginError, ValueError, OSError) as e:
+        raise ConfigError(f"{source}: {e}") from None
 
 
 def _get(cfg: Any, dotted: str) -> Any:

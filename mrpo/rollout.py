@@ -21,7 +21,7 @@ from mrpo_kernels import LossInputs
 from mrpo.data.records import load_record_images
 from mrpo.eval.reasoning import ffp_stage, first_failure_index
 from mrpo.models.backbone import PromptTooLongError
-from mrpo.rewards import judge_metrics
+from mrpo.rewards import custom_reward_metrics, judge_metrics
 from mrpo.rewards.steps import (reasoning_tags, special_token_ids, special_token_strings, token_offsets,
                                 token_step_index)
 
@@ -182,6 +182,7 @@ def rollout_metrics(scored, stats: dict, completion_ids) -> dict:
         "completion_len": sum(len(c) for c in completion_ids) / n,
         "early_failure_share": failed.count("early") / len(failed) if failed else float("nan"),
         **judge_metrics(stats),
+        **custom_reward_metrics(scored, stats),
     }
 
 

@@ -49,7 +49,7 @@ def _judge_cfg(args, kind: str):
     """A JudgeConfig (mrpo.config) with the CLI's values; a plain namespace if config is unavailable."""
     values = {"kind": kind}
     for name in ("model", "base_url", "api_key_env", "max_concurrency", "timeout_s", "max_retries", "backoff_s",
-                 "cache_dir", "labels_path", "local_model_path"):
+                 "cache_dir", "labels_path", "local_model_path", "function", "prompt_template"):
         v = getattr(args, name, None)
         if v is not None:
             values[name] = v
@@ -101,8 +101,8 @@ def cmd_answers(args) -> None:
 def cmd_reasoning(args) -> None:
     from mrpo.eval.reasoning import (answer_verdicts, evaluate_reasoning, format_reasoning, load_gold_reasoning,
                                      paper_filter)
-    from mrpo.judges import build_judge
 
+    _check_step_judge_args(args)
     records = read_predictions(args.pred)
     try:
         gold = load_gold_reasoning(args.gold) if args.gold else None
@@ -121,11 +121,9 @@ def cmd_reasoning(args) -> None:
             records, verdict_counts = answer_verdicts(records)
         except ValueError as e:
             raise SystemExit(f"error: {args.pred}: {e}")
-    if args.judge == "http":
-        _preflight(_judge_cfg(args, "http"))
-    judge = build_judge(_judge_cfg(args, args.judge))
+    judge = _build_step_judge(args)
     if judge is None:
-        raise SystemExit("error: --judge none gives no step verdicts; pick rule, http, local or labels")
+        raise SystemExit("error: --judge none gives no step verdicts; pick rule, http, local, labels or python")
     out_dir = Path(args.out_dir) if args.out_dir else Path(args.pred).parent
     summary = evaluate_reasoning(records, judge, out_dir=out_dir, judge_all=args.judge_all,
                                  batch_size=args.batch_size, input_counts=input_counts,
@@ -141,6 +139,48 @@ def cmd_reasoning(args) -> None:
     print(format_reasoning(summary))
     print(f"judge {summary['judge']}: {summary['sent_to_judge']} completions sent, {summary['unjudged']} unjudged")
     print(f"wrote {out_dir / 'reasoning.json'} and {out_dir / 'reasoning_steps.jsonl'}")
+
+
+def _check_step_judge_args(args) -> None:
+    """Before any work: a bad --judge-function / --judge-prompt-template exits 2 in one line."""
+    from mrpo.judges.prompt import JudgePrompt
+    from mrpo.plugins import PluginError
+
+    if args.judge == "python" and not args.function:
+        _usage_error("--judge python needs --judge-function pkg.module:fn")
+    if args.function and args.judge != "python":
+        _usage_error(f"--judge-function is used by --judge python only (got --judge {args.judge})")
+    if args.prompt_template and args.judge not in ("http", "local"):
+        _usage_error(f"--judge-prompt-template is used by --judge http or local only (got --judge {args.judge})")
+    try:
+        if args.prompt_template:
+            JudgePrompt.from_file(args.prompt_template)
+        if args.function:
+            from mrpo.judges.python import load_judge_function
+
+            load_judge_function(args.function)
+    except (PluginError, ValueError) as e:   # PromptTemplateError is a ValueError
+        _usage_error(str(e))
+
+
+def _build_step_judge(args):
+    """The --judge of `reasoning` (arguments checked by _check_step_judge_args); an http judge's endpoint is
+    checked first."""
+    from mrpo.judges import build_judge
+    from mrpo.plugins import PluginError
+
+    try:
+        cfg = _judge_cfg(args, args.judge)
+        if args.judge == "http":
+            _preflight(cfg)
+        return build_judge(cfg)
+    except (PluginError, ValueError) as e:   # PromptTemplateError is a ValueError
+        _usage_error(str(e))
+
+
+def _usage_error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def read_predictions_loose(path: str | Path) -> list[dict]:
@@ -185,7 +225,11 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("reasoning", help="step verdicts, First Failure Point, Failure Accumulation Rate")
     r.add_argument("--pred", required=True, help="as for answers")
     r.add_argument("--out-dir", help="where reasoning.json goes (default: the predictions' folder)")
-    r.add_argument("--judge", default="rule", choices=["http", "local", "rule", "labels"])
+    r.add_argument("--judge", default="rule", choices=["http", "local", "rule", "labels", "python"])
+    r.add_argument("--judge-function", dest="function", help="your step judge \"pkg.module:fn\" (--judge python; "
+                   "README \"Your own rewards and judges\")")
+    r.add_argument("--judge-prompt-template", dest="prompt_template", help="YAML {system, user} replacing the "
+                   "http/local judge's prompt (judge.prompt_template)")
     r.add_argument("--labels-path", help="precomputed step labels (--judge labels)")
     r.add_argument("--local-model-path", help="local judge model folder (--judge local)")
     r.add_argument("--cache-dir", help="judge cache folder")

@@ -4,6 +4,7 @@
     local   local Hugging Face model (mrpo.judges.local.LocalJudge)
     rule    ground-truth facts of synthetic data (mrpo.judges.rule.RuleJudge)
     labels  precomputed labels from a JSONL file (mrpo.judges.labels.LabelsJudge)
+    python  your function judge.function = "pkg.module:fn" (mrpo.judges.python.PythonJudge)
     none    no judge (GRPO/GDPO without process reward)
 """
 from __future__ import annotations
@@ -31,7 +32,13 @@ def _labels(cfg):
     return LabelsJudge(cfg)
 
 
-JUDGES = {"http": _http, "local": _local, "rule": _rule, "labels": _labels, "none": lambda cfg: None}
+def _python(cfg):
+    from mrpo.judges.python import PythonJudge
+    return PythonJudge(cfg)
+
+
+JUDGES = {"http": _http, "local": _local, "rule": _rule, "labels": _labels, "python": _python,
+          "none": lambda cfg: None}
 
 
 def build_judge(cfg) -> StepJudge | None:

@@ -42,7 +42,7 @@ class StepVerdict:
 
 # Why a request ended unjudged; a fixed set, so every rank reports the same metric keys.
 FAILURE_CAUSES = ("timeout", "connection", "rate_limited", "server_error", "rejected", "invalid_reply",
-                  "no_label", "other")
+                  "no_label", "exception", "other")   # exception: a python judge's function raised
 
 
 @dataclass

@@ -84,11 +84,13 @@ class JudgeCache:
             raise
 
 
-def judge_cached(requests, cache: JudgeCache | None, model: str, stats, run) -> list[StepVerdict | None]:
+def judge_cached(requests, cache: JudgeCache | None, model: str, stats, run,
+                 prompt_version: str = PROMPT_VERSION) -> list[StepVerdict | None]:
     """The common judge loop: K = 0 -> empty verdict (no call), cache hits, `run` on the misses.
 
     run: callable(list[JudgeRequest]) -> list[StepVerdict | Unjudged | None] (Unjudged(cause) or None =
-    failed after retries; None counts as cause "other"). Updates stats (requests, cache_hits, failures
+    failed after retries; None counts as cause "other"). prompt_version: part of the cache key (the
+    judge's JudgePrompt.version; for a python judge, its function's). Updates stats (requests, cache_hits, failures
     and their causes) and stores new verdicts in the cache. Failed requests come back as None.
     """
     results: list[StepVerdict | None] = [None] * len(requests)
@@ -100,7 +102,7 @@ def judge_cached(requests, cache: JudgeCache | None, model: str, stats, run) -> 
             results[i] = StepVerdict(alignment=[], contribution=[])
             continue
         if cache is not None:
-            keys[i] = cache.key(model, req)
+            keys[i] = cache.key(model, req, prompt_version)
             hit = cache.get(keys[i])
             if hit is not None and len(hit.alignment) == len(req.steps):
                 results[i] = hit

@@ -1,6 +1,6 @@
 """Step judge behind an OpenAI-compatible /chat/completions endpoint (OpenAI, vLLM, SGLang, ...).
 
-cfg (JudgeConfig): model, base_url, api_key_env (the *name* of the environment variable holding the
+cfg (JudgeConfig): model, base_url, prompt_template (None = the paper's prompt, see mrpo.judges.prompt), api_key_env (the *name* of the environment variable holding the
 key: read at each request, never stored, logged, put in errors or cache keys), max_concurrency
 (threads), timeout_s, max_retries (extra attempts after the first), backoff_s (first retry waits
 backoff_s * U(0.5, 1.5), doubling each retry), temperature, cache_dir (None = no cache).
@@ -23,7 +23,7 @@ from typing import Sequence
 from mrpo.judges.base import JudgeRequest, JudgeStats, StepVerdict, Unjudged, format_causes
 from mrpo.judges.cache import JudgeCache, judge_cached
 from mrpo.judges.openai_client import ChatCompletionClient
-from mrpo.judges.prompt import build_messages, parse_verdict
+from mrpo.judges.prompt import JudgePrompt, parse_verdict
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ class HTTPJudge:
                                            cfg.backoff_s, sleep=sleep, name="HTTPJudge")
         self.url = self.client.url
         self.cache = JudgeCache(cfg.cache_dir) if cfg.cache_dir else None
+        self.prompt = JudgePrompt.load(getattr(cfg, "prompt_template", None))
         self.stats = JudgeStats()
         self._lock = threading.Lock()
         if not os.environ.get(cfg.api_key_env):
@@ -54,7 +55,7 @@ class HTTPJudge:
 
         before_failures, before_retries = self.stats.failures, self.stats.retries
         before_causes = dict(self.stats.causes)
-        out = judge_cached(list(requests), self.cache, self.model, self.stats, run)
+        out = judge_cached(list(requests), self.cache, self.model, self.stats, run, self.prompt.version)
         failed = self.stats.failures - before_failures
         if failed:
             causes = {c: n - before_causes.get(c, 0) for c, n in self.stats.causes.items()}
@@ -73,7 +74,7 @@ class HTTPJudge:
 
         gave_up: list[Unjudged] = []
         verdict = self.client.complete(
-            build_messages(req, with_image=True), lambda text: parse_verdict(text, len(req.steps)),
+            self.prompt.messages(req, with_image=True), lambda text: parse_verdict(text, len(req.steps)),
             on_retry=on_retry, on_error=lambda msg: log.debug("HTTPJudge: sample %s %s", req.sample_id, msg),
             on_give_up=lambda cause, msg: gave_up.append(
                 Unjudged(cause, f"sample {req.sample_id} unjudged after {attempts} attempts: {msg}")),

@@ -1,7 +1,7 @@
 """Step judge running a local Hugging Face model (causal LM or image-text-to-text VLM), same prompt as
 the HTTP judge.
 
-cfg (JudgeConfig): local_model_path (folder, loaded offline), max_new_tokens, max_retries (re-samples
+cfg (JudgeConfig): local_model_path (folder, loaded offline), prompt_template (None = the paper's prompt), max_new_tokens, max_retries (re-samples
 of failed requests), temperature (for the re-samples; 0 -> 0.7), max_concurrency (requests per
 generate batch), cache_dir (None = no cache). The first attempt is greedy. The image is passed only
 when the folder holds a VLM with an image processor; otherwise the prompt is text only.
@@ -15,12 +15,13 @@ import torch
 
 from mrpo.judges.base import JudgeRequest, JudgeStats, StepVerdict, Unjudged
 from mrpo.judges.cache import JudgeCache, judge_cached
-from mrpo.judges.prompt import SYSTEM_PROMPT, JudgeResponseError, build_messages, parse_verdict, user_text
+from mrpo.judges.prompt import DEFAULT_PROMPT, JudgePrompt, JudgeResponseError, parse_verdict
 
 log = logging.getLogger(__name__)
 
 
 class LocalJudge:
+    prompt: JudgePrompt = DEFAULT_PROMPT   # judge.prompt_template, set in __init__
     def __init__(self, cfg, device: str | None = None):
         from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText,
                                   AutoProcessor, AutoTokenizer)
@@ -53,20 +54,21 @@ class LocalJudge:
         # the cache key names the model and whether it saw the image
         self.model_name = f"local:{path}" + ("" if self.with_image else "#text")
         self.cache = JudgeCache(cfg.cache_dir) if cfg.cache_dir else None
+        self.prompt = JudgePrompt.load(getattr(cfg, "prompt_template", None))
         self.stats = JudgeStats()
 
     def __repr__(self) -> str:
         return f"LocalJudge(path={self.cfg.local_model_path!r}, with_image={self.with_image}, device={self.device!r})"
 
     def _prompt(self, req: JudgeRequest) -> str:
-        messages = build_messages(req, with_image=False)
+        messages = self.prompt.messages(req, with_image=False)
         if self.with_image and req.image_paths:
             messages[1]["content"] = ([{"type": "image"}] * len(req.image_paths)
                                       + [{"type": "text", "text": messages[1]["content"]}])
         templater = self.processor if self.with_image else self.tokenizer
         if getattr(templater, "chat_template", None):
             return templater.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return f"{SYSTEM_PROMPT}\n\n{user_text(req)}\n\n"
+        return f"{self.prompt.system}\n\n{self.prompt.user_text(req)}\n\n"
 
     @torch.no_grad()
     def _generate(self, batch: list[JudgeRequest], sample: bool) -> list[str]:
@@ -115,7 +117,7 @@ class LocalJudge:
     def judge(self, requests: Sequence[JudgeRequest]) -> list[StepVerdict | None]:
         """One verdict per request, in order; None = no valid reply after greedy + max_retries samples."""
         before = self.stats.failures
-        out = judge_cached(list(requests), self.cache, self.model_name, self.stats, self._run)
+        out = judge_cached(list(requests), self.cache, self.model_name, self.stats, self._run, self.prompt.version)
         if self.stats.failures > before:
             log.warning("LocalJudge: %d of %d requests unjudged (invalid_reply) after %d attempts; last error: %s",
                         self.stats.failures - before, len(out), int(self.cfg.max_retries) + 1, self.stats.last_error)

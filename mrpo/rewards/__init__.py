@@ -1,8 +1,9 @@
-"""Rewards of a batch of completions: answer, process (step judge), length, format.
+"""Rewards of a batch of completions: answer, process (step judge), length, format, and yours (reward.custom).
 
-The enabled rewards (weight > 0) are the columns of RewardModel.columns, in a fixed order: answer,
-process, length, format, then custom rewards. A value can be MISSING for a completion: the process
-reward when the judge failed on it ("unjudged"). Missing never means 0:
+The enabled rewards (weight > 0; custom ones: weight != 0) are the columns of RewardModel.columns, in a
+fixed order: answer, process, length, format, then custom rewards in config order. A value can be
+MISSING for a completion: the process reward when the judge failed on it ("unjudged"), a custom reward
+that returned None or whose call failed (mrpo.rewards.custom). Missing never means 0:
     total (logged)   = sum over the present values of weight * reward
     advantage        = mrpo.algo.advantages.compute_advantages(reward_matrix, weights=column weights),
                        which puts a missing value at its group's mean (GDPO: normalises it to 0)
@@ -16,6 +17,7 @@ import torch
 
 from mrpo.judges.base import FAILURE_CAUSES, JudgeRequest, StepVerdict
 from mrpo.rewards.answer import AnswerScorer, extract_answer
+from mrpo.rewards.custom import CUSTOM_FAILURE_CAUSES, CustomRewards
 from mrpo.rewards.format import format_reward
 from mrpo.rewards.length import length_reward
 from mrpo.rewards.process import process_reward
@@ -49,7 +51,7 @@ class RewardModel:
     """Scores completions against their data records.
 
     reward_cfg: answer_weight, process_weight, length_weight, format_weight, k_min, k_max,
-    bert_model_path (RewardConfig). judge: a StepJudge, or None (then no process reward and no step
+    bert_model_path, custom (RewardConfig; custom = normalised [{name, function, weight}], imported here). judge: a StepJudge, or None (then no process reward and no step
     validity). reasoning_tag: "think" ("thinking" for Qwen3-VL). tau: answer counts as correct above it.
     """
 
@@ -60,6 +62,8 @@ class RewardModel:
         self.weights = {"answer": reward_cfg.answer_weight, "process": reward_cfg.process_weight,
                         "length": reward_cfg.length_weight, "format": reward_cfg.format_weight}
         self.columns: list[tuple[str, float]] = [(name, w) for name, w in self.weights.items() if w != 0]
+        self.custom = CustomRewards.from_config(getattr(reward_cfg, "custom", None) or [])
+        self.columns += [(r.name, r.weight) for r in self.custom.rewards]
         device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"  # BERTScore
         self.answer_scorer = AnswerScorer(getattr(reward_cfg, "bert_model_path", None), device=device)
 
@@ -84,7 +88,9 @@ class RewardModel:
         process reward 0). Returns the scores and per-call counts: n, unjudged, zero_steps,
         answer_correct, judge_sent (completions sent to the judge), unjudged_<cause> for every cause in
         mrpo.judges.base.FAILURE_CAUSES (0 when none; the same keys on every call), and the judge's
-        stats for this call (judge_requests, judge_cache_hits, judge_retries, judge_failures).
+        stats for this call (judge_requests, judge_cache_hits, judge_retries, judge_failures), and
+        custom_failed: {custom reward name: {cause: completions whose value a failed call lost}}.
+        Custom rewards are called after the judge, once per reward, on the whole batch.
         """
         if len(completions) != len(records):
             raise ValueError(f"RewardModel.score: {len(completions)} completions but {len(records)} records")
@@ -118,6 +124,8 @@ class RewardModel:
                 key = f"unjudged_{cause if cause in FAILURE_CAUSES else 'other'}"
                 stats[key] += count - causes_before.get(cause, 0)
 
+        plain_texts = [_without(c, special_tokens) for c in completions]   # as TRL's skip_special_tokens
+        custom, stats["custom_failed"] = self.custom.score(plain_texts, answers, [r.steps for r in requests], records)
         scored = []
         for i, c in enumerate(completions):
             judged = verdicts[i] is not None
@@ -125,7 +133,8 @@ class RewardModel:
                 steps=steps[i], answer=answers[i], r_answer=r_answer[i], r_process=process_reward(verdicts[i]),
                 r_length=length_reward(len(steps[i]), self.cfg.k_min, self.cfg.k_max),
                 r_format=format_reward(c, self.tag), total=0.0, answer_correct=r_answer[i] > self.tau,
-                step_valid=verdicts[i].valid if judged else None, judged=judged)
+                step_valid=verdicts[i].valid if judged else None, judged=judged,
+                custom={name: values[i] for name, values in custom.items()})
             s.total = self.weighted_total(s)
             scored.append(s)
         stats["unjudged"] = sum(1 for s in scored if self.judge is not None and not s.judged)
@@ -157,4 +166,24 @@ def judge_metrics(stats: dict) -> dict:
     return out
 
 
-__all__ = ["REWARD_COLUMNS", "RewardModel", "ScoredCompletion", "Step", "judge_metrics"]
+def _without(text: str, special_tokens: Sequence[str]) -> str:
+    for token in special_tokens:
+        text = text.replace(token, "")
+    return text
+
+
+def custom_reward_metrics(scored: list[ScoredCompletion], stats: dict) -> dict:
+    """Per custom reward (the names in stats["custom_failed"], so the same keys on every rank and step):
+    reward/<name> (mean of the present values, NaN when none), reward_missing/<name> (completions without
+    a value: None returned or the call failed) and reward_failed/<name>/<cause> for every cause in
+    CUSTOM_FAILURE_CAUSES (completions whose value a failed call lost)."""
+    out = {}
+    for name, causes in stats.get("custom_failed", {}).items():
+        present = [v for s in scored if (v := s.custom.get(name)) is not None]
+        out[f"reward/{name}"] = sum(present) / len(present) if present else float("nan")
+        out[f"reward_missing/{name}"] = float(len(scored) - len(present))
+        out.update({f"reward_failed/{name}/{c}": float(causes.get(c, 0)) for c in CUSTOM_FAILURE_CAUSES})
+    return out
+
+
+__all__ = ["REWARD_COLUMNS", "RewardModel", "ScoredCompletion", "Step", "custom_reward_metrics", "judge_metrics"]

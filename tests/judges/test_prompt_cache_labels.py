@@ -166,8 +166,8 @@ def test_labels_judge_errors_name_file_and_line(tmp_path, row, match):
 
 def test_build_judge_registry():
     assert build_judge(SimpleNamespace(kind="none")) is None
-    assert set(JUDGES) == {"http", "local", "rule", "labels", "none"}
-    with pytest.raises(ValueError, match="'http', 'local', 'rule', 'labels', 'none'"):
+    assert set(JUDGES) == {"http", "local", "rule", "labels", "python", "none"}
+    with pytest.raises(ValueError, match="'http', 'local', 'rule', 'labels', 'python', 'none'"):
         build_judge(SimpleNamespace(kind="gpt"))
     from mrpo.judges.rule import RuleJudge  # imported lazily by the registry
     assert isinstance(build_judge(SimpleNamespace(kind="rule")), RuleJudge)
