@@ -36,10 +36,13 @@ Probes (measured from what the trainer actually runs, over the measured steps):
 the forward of every micro-batch, the fused loss and the backward, no optimizer step) of the last warm-up
 rollout, R rounds with loss.packing true and false interleaved in one process (the order alternates per
 round, so load from other processes hits both alike). Reports the p50 wall and CPU seconds of each, the
-p50 of the per-round packed / padded ratios and the loss of both (equal up to float rounding); writes
+p50 of the per-round packed / padded ratios, the loss of both (equal up to float rounding), the packed
+attention kernel that ran and the largest difference of the rollout's per-token log-probs between the
+two forwards (no gradients, the model's dtype: bf16 on a GPU run); writes
 results/packing_<tag>.{csv,md} and, with --json, the same numbers as JSON (packed_s / padded_s: p50 wall s
 of one loss + backward of the rollout; ratio_p50 / p20 / p80 per round; cpu_ratio_p50; loss_packed /
-loss_padded; sequences, tokens, padded_positions). No RL step is measured.
+loss_padded; packed_kernel, dtype, logprob_max_abs_diff; sequences, tokens, padded_positions). No RL
+step is measured.
 """
 from __future__ import annotations
 
@@ -396,6 +399,8 @@ def run(args, work: str, argv=None) -> None:
 
 def compare_packing(trainer, args, tag: str, world: int) -> dict:
     """Packed vs padded loss + backward on the same rollout, interleaved (see --compare-packing)."""
+    from mrpo.models.varlen_attention import base_implementation, packed_kernel
+
     captured = {}
     original = trainer.accumulate_gradients
 
@@ -425,7 +430,14 @@ def compare_packing(trainer, args, tag: str, world: int) -> dict:
     fns = {"packed": loss_backward(True), "padded": loss_backward(False)}
     wall, cpu = common.time_interleaved_cpu(fns, warmup=1, reps=args.compare_packing)   # CUDA: synced in run()
     trainer.model.zero_grad(set_to_none=True)
+    logprobs = {}
+    for packed in (True, False):   # per-token log-probs of the rollout, no gradients, in the model's dtype
+        cfg.loss.packing = packed
+        logprobs[packed] = torch.cat(trainer.logprobs(trainer.model, rollout)).float()
     cfg.loss.packing = True
+    text = trainer.backbone.model.config.get_text_config()
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kernel = packed_kernel(dev, trainer.backbone.model.dtype, head_dim, base_implementation(text._attn_implementation))
     ratios = [a / b for a, b in zip(wall["packed"], wall["padded"])]
     cpu_ratios = [a / b for a, b in zip(cpu["packed"], cpu["padded"])]
     prompt_len = rollout.prompts["attention_mask"].sum(-1).tolist()
@@ -438,7 +450,9 @@ def compare_packing(trainer, args, tag: str, world: int) -> dict:
         "packed_cpu_s": common.quantiles(cpu["packed"])[0], "padded_cpu_s": common.quantiles(cpu["padded"])[0],
         "ratio_p50": common.quantiles(ratios)[0], "ratio_p20": common.quantiles(ratios)[1],
         "ratio_p80": common.quantiles(ratios)[2], "cpu_ratio_p50": common.quantiles(cpu_ratios)[0],
-        "loss_packed": losses[True], "loss_padded": losses[False],
+        "loss_packed": losses[True], "loss_padded": losses[False], "packed_kernel": kernel,
+        "dtype": str(trainer.backbone.model.dtype).removeprefix("torch."),
+        "logprob_max_abs_diff": (logprobs[True] - logprobs[False]).abs().max().item(),
         "micro_batches": len(micro), "sequences": len(lengths), "tokens": sum(lengths),
         "padded_positions": padded_positions, "load_average": common.load_average(),
         "torch": torch.__version__, "timestamp": common.timestamp(),
@@ -468,7 +482,9 @@ def compare_packing(trainer, args, tag: str, world: int) -> dict:
              f"| true (varlen attention) | {summary['packed_s']:.4f} | {summary['packed_cpu_s']:.4f} | {losses[True]:.6g} |",
              f"| false (padded) | {summary['padded_s']:.4f} | {summary['padded_cpu_s']:.4f} | {losses[False]:.6g} |",
              "", f"packed / padded: **{summary['ratio_p50']:.2f}x** wall (p50 of the per-round ratios; p20 "
-             f"{summary['ratio_p20']:.2f}, p80 {summary['ratio_p80']:.2f}), {summary['cpu_ratio_p50']:.2f}x CPU time."]
+             f"{summary['ratio_p20']:.2f}, p80 {summary['ratio_p80']:.2f}), {summary['cpu_ratio_p50']:.2f}x CPU time. "
+             f"Packed attention kernel: {kernel}; per-token log-probs of the rollout ({summary['dtype']}), packed vs "
+             f"padded: max abs difference {summary['logprob_max_abs_diff']:.3g}."]
     md_path = out_dir / f"packing_{tag}.md"
     md_path.write_text("\n".join(lines) + "\n")
     written = [csv_path, md_path]
