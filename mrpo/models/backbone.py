@@ -498,10 +498,10 @@ class Backbone:
         lengths), which transformers hands to the attention function of every decoder layer; no attention
         mask is passed or built, and no boundary is inferred from the positions.
         Positions: InternVL (1-D RoPE) gets 0..len-1 per sequence, as in the padded forward; Qwen gets the 3
-        M-RoPE rows [3, 1, L] from the model's own get_rope_index over the padded layout (it skips padding),
-        restricted to the real tokens: the padded forward's positions (for a batch without images, where the
-        padded forward counts the left padding, they differ by a constant per sequence, which RoPE attention
-        does not see).
+        M-RoPE rows [3, 1, L]: the prompts' from the model's own get_rope_index (it skips padding; once per
+        distinct prompt), the completion's continuing one by one after the last prompt token: the padded
+        forward's positions (for a batch without images, where the padded forward counts the left padding,
+        they differ by a constant per sequence, which RoPE attention does not see).
         Images: pixel_values / image_grid_thw stay in batch order, which is the packed token order.
         Raises RuntimeError when packing_unsupported(model) (the caller uses the padded path)."""
         model = self.model if model is None else model
@@ -525,7 +525,7 @@ class Backbone:
         use_varlen_attention(model)
         batch, completions, ids, mask, comp_mask, P, T = self._teacher_forcing_batch(batch, completions, model)
         real = mask.bool()                                                        # [B, S]; row-major = packed order
-        prompt_lengths = batch["attention_mask"].sum(-1).tolist()                 # the one host sync
+        prompt_lengths = batch["attention_mask"].sum(-1).tolist()                 # the boundaries, on the host
         seqs = PackedSequences.from_lengths([p + len(c) for p, c in zip(prompt_lengths, completions)], ids.device)
         inputs = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
         if self.is_qwen:
@@ -555,9 +555,9 @@ class Backbone:
         grids = grid.tolist() if grid is not None else []
         keys = [(tuple(row), tuple(map(tuple, grids[first_image[b]:first_image[b + 1]])))
                 for b, row in enumerate((ids * mask).tolist())]
-        unique = list(dict.fromkeys(keys))
-        rows = [keys.index(k) for k in unique]                                    # first row of each distinct prompt
-        of_row = torch.tensor([unique.index(k) for k in keys], device=ids.device)
+        distinct: dict = {}
+        of_row = torch.tensor([distinct.setdefault(k, len(distinct)) for k in keys], device=ids.device)
+        rows = [keys.index(k) for k in distinct]                                  # first row of each distinct prompt
         sub_grid = None
         if grid is not None:
             picked = [i for b in rows for i in range(first_image[b], first_image[b + 1])]
