@@ -415,7 +415,7 @@ def compare_packing(trainer, args, tag: str, world: int) -> dict:
     trainer.accumulate_gradients = original
     rollout, weights, micro = captured["rollout"], captured["weights"], captured["micro"]
     dev, cfg = trainer.device, trainer.cfg
-    losses = {}
+    configured, losses = cfg.loss.packing, {}
 
     def loss_backward(packed: bool):
         def run():
@@ -434,7 +434,7 @@ def compare_packing(trainer, args, tag: str, world: int) -> dict:
     for packed in (True, False):   # per-token log-probs of the rollout, no gradients, in the model's dtype
         cfg.loss.packing = packed
         logprobs[packed] = torch.cat(trainer.logprobs(trainer.model, rollout)).float()
-    cfg.loss.packing = True
+    cfg.loss.packing = configured
     text = trainer.backbone.model.config.get_text_config()
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     kernel = packed_kernel(dev, trainer.backbone.model.dtype, head_dim, base_implementation(text._attn_implementation))
