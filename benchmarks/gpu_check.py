@@ -4,7 +4,8 @@ which first unpacks the carried wheels this machine lacks (`--unpack-wheels`, st
 Stages (each a subprocess with its own time limit, within --budget-s; a stage that no longer fits is
 skipped and says so):
   env        versions (torch, triton, transformers, peft, Liger-Kernel), GPU, TF32 settings
-  tests      the GPU tests: `pytest -m gpu tests/kernels` (bf16 Triton kernels vs the fp32 reference)
+  tests      the GPU tests: `pytest -m gpu tests/kernels tests/models/test_varlen_attention.py` (bf16 Triton
+             kernels vs the fp32 reference; the CUDA varlen attention kernels vs per-sequence SDPA)
   bandwidth  device-to-device copy of a 4 GiB buffer: GB/s counting bytes read + written
   loss       bench_loss at bf16 N=16384, D=4096, V=151936 (fwd+bwd): ours-triton vs the three cuBLAS
              GEMMs (bound) vs Liger-Kernel, time and peak memory
@@ -307,7 +308,8 @@ def main(argv=None) -> int:
     if "tests" not in args.skip:
         if not cuda:
             print("== tests: the GPU tests need CUDA; running pytest -m gpu anyway (they report as skipped)")
-        runner.run("tests", 150, py + ["-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/kernels"])
+        runner.run("tests", 150, py + ["-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/kernels",
+                                      "tests/models/test_varlen_attention.py"])
 
     bw = None
     if "bandwidth" not in args.skip:
