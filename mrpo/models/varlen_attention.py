@@ -15,7 +15,10 @@ Nothing is inferred from position_ids, and no [L, L] mask is built.
   - without: calls <base> with transformers' own mask (generation, the padded forward), so the model
     behaves exactly as before the switch.
 Its mask function returns no mask for a forward without padding mask and cache (the packed forward: the
-boundaries come from the kwarg) and defers to <base>'s mask function otherwise.
+boundaries come from the kwarg) and defers to <base>'s mask function otherwise. Position ids play no part
+in the boundaries: Qwen gets its 3 M-RoPE rows only (no text row, so transformers looks for no packed
+sequences); InternVL's 1-D ids still pass through transformers' O(L) packed-sequence detection before the
+mask function is called, whose result that function ignores.
 
 Why not transformers' `cu_seq_lens_q/k`, `max_length_q/k` kwargs: the forward kwargs of Qwen2.5-VL,
 Qwen3-VL and InternVL also reach their vision towers, whose flash_attention_2 path would get the text
