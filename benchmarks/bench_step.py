@@ -3,6 +3,7 @@
     python benchmarks/bench_step.py                           # tiny default (configs/tiny_cpu.yaml), CPU
     python benchmarks/bench_step.py --steps 5 --sft-steps 30  # SFT warm-up first, so rollouts have steps
     python benchmarks/bench_step.py --config configs/qwen2_5_vl_7b_mrpo.yaml model.path=/models/qwen  # GPU
+    python benchmarks/bench_step.py --compare-packing 10 --threads 1   # packed vs padded loss+backward
 
 One step = rollout (generate G completions per prompt) -> judge + rewards + advantages -> old/ref
 log-probs (only when algo.num_iterations > 1 or loss.beta > 0) -> fused loss + backward per micro-batch
@@ -30,6 +31,18 @@ Probes (measured from what the trainer actually runs, over the measured steps):
 
     torchrun is used for --nproc > 1 (FSDP2, distributed.engine=fsdp2): every rank runs this script;
     rank 0 writes the outputs.
+
+--compare-packing R: after the warm-up steps, the loss + backward phase (Trainer.accumulate_gradients:
+the forward of every micro-batch, the fused loss and the backward, no optimizer step) of the last warm-up
+rollout, R rounds with loss.packing true and false interleaved in one process (the order alternates per
+round, so load from other processes hits both alike). Reports the p50 wall and CPU seconds of each, the
+p50 of the per-round packed / padded ratios, the loss of both (equal up to float rounding), the packed
+attention kernel that ran and the largest difference of the rollout's per-token log-probs between the
+two forwards (no gradients, the model's dtype: bf16 on a GPU run); writes
+results/packing_<tag>.{csv,md} and, with --json, the same numbers as JSON (packed_s / padded_s: p50 wall s
+of one loss + backward of the rollout; ratio_p50 / p20 / p80 per round; cpu_ratio_p50; loss_packed /
+loss_padded; packed_kernel, dtype, logprob_max_abs_diff; sequences, tokens, padded_positions). No RL
+step is measured.
 """
 from __future__ import annotations
 
@@ -80,6 +93,9 @@ def parse_args(argv=None):
     ap.add_argument("--tag", help="output name: results/step_<tag>.* (default: <device>_<config name>)")
     ap.add_argument("--out-dir", default=str(common.RESULTS_DIR))
     ap.add_argument("--json", metavar="PATH", help="also write the JSON summary here (see summary_json)")
+    ap.add_argument("--compare-packing", type=int, default=0, metavar="R",
+                    help="instead of measuring steps: R interleaved rounds of packed vs padded loss+backward "
+                         "on one rollout (see the module docstring)")
     ap.add_argument("--nproc", type=int, default=1,
                     help="processes (torchrun, FSDP2 engine); 1 = this process, single engine")
     ap.add_argument("--work-dir", help=argparse.SUPPRESS)   # set by the --nproc launcher for its ranks
@@ -272,6 +288,10 @@ def run(args, work: str, argv=None) -> None:
           f"max_new_tokens={cfg.rollout.max_new_tokens}, V={V}, D={D}, set-up {t_setup:.1f} s, "
           f"load average {common.load_average()}", flush=True)
 
+    if args.compare_packing:
+        compare_packing(trainer, args, tag, world)
+        trainer.close()
+        return
     for _ in range(args.warmup):
         trainer.train_step()
         trainer.step += 1
@@ -375,6 +395,107 @@ def run(args, work: str, argv=None) -> None:
         written.append(json_path)
     print("\n".join(lines))
     print(f"bench_step: wrote {', '.join(str(p) for p in written)}")
+
+
+def compare_packing(trainer, args, tag: str, world: int) -> dict:
+    """Packed vs padded loss + backward on the same rollout, interleaved (see --compare-packing)."""
+    from mrpo.models.varlen_attention import base_implementation, packed_kernel
+
+    captured = {}
+    original = trainer.accumulate_gradients
+
+    def capture(rollout, weights, micro):
+        captured.update(rollout=rollout, weights=weights, micro=micro)
+        return original(rollout, weights, micro)
+
+    trainer.accumulate_gradients = capture
+    for _ in range(max(1, args.warmup)):
+        trainer.train_step()
+        trainer.step += 1
+    trainer.accumulate_gradients = original
+    rollout, weights, micro = captured["rollout"], captured["weights"], captured["micro"]
+    dev, cfg = trainer.device, trainer.cfg
+    configured, losses = cfg.loss.packing, {}
+
+    def loss_backward(packed: bool):
+        def run():
+            cfg.loss.packing = packed
+            trainer.model.zero_grad(set_to_none=True)
+            sums = trainer.accumulate_gradients(rollout, weights, micro)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            losses.setdefault(packed, float(sums[0]))
+        return run
+
+    fns = {"packed": loss_backward(True), "padded": loss_backward(False)}
+    wall, cpu = common.time_interleaved_cpu(fns, warmup=1, reps=args.compare_packing)   # CUDA: synced in run()
+    trainer.model.zero_grad(set_to_none=True)
+    logprobs = {}
+    for packed in (True, False):   # per-token log-probs of the rollout, no gradients, in the model's dtype
+        cfg.loss.packing = packed
+        logprobs[packed] = torch.cat(trainer.logprobs(trainer.model, rollout)).float()
+    cfg.loss.packing = configured
+    text = trainer.backbone.model.config.get_text_config()
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kernel = packed_kernel(dev, trainer.backbone.model.dtype, head_dim, base_implementation(text._attn_implementation))
+    ratios = [a / b for a, b in zip(wall["packed"], wall["padded"])]
+    cpu_ratios = [a / b for a, b in zip(cpu["packed"], cpu["padded"])]
+    prompt_len = rollout.prompts["attention_mask"].sum(-1).tolist()
+    lengths = [prompt_len[r] + n for r, n in zip(rollout.prompt_row, rollout.lengths)]
+    width = [max(prompt_len[rollout.prompt_row[i]] for i in m) + max(rollout.lengths[i] for i in m) for m in micro]
+    padded_positions = sum(w * len(m) for w, m in zip(width, micro))
+    summary = {
+        "rounds": args.compare_packing, "device": common.device_name(str(dev)), "threads": torch.get_num_threads(),
+        "packed_s": common.quantiles(wall["packed"])[0], "padded_s": common.quantiles(wall["padded"])[0],
+        "packed_cpu_s": common.quantiles(cpu["packed"])[0], "padded_cpu_s": common.quantiles(cpu["padded"])[0],
+        "ratio_p50": common.quantiles(ratios)[0], "ratio_p20": common.quantiles(ratios)[1],
+        "ratio_p80": common.quantiles(ratios)[2], "cpu_ratio_p50": common.quantiles(cpu_ratios)[0],
+        "loss_packed": losses[True], "loss_padded": losses[False], "packed_kernel": kernel,
+        "dtype": str(trainer.backbone.model.dtype).removeprefix("torch."),
+        "logprob_max_abs_diff": (logprobs[True] - logprobs[False]).abs().max().item(),
+        "micro_batches": len(micro), "sequences": len(lengths), "tokens": sum(lengths),
+        "padded_positions": padded_positions, "load_average": common.load_average(),
+        "torch": torch.__version__, "timestamp": common.timestamp(),
+        "command": " ".join(["python benchmarks/bench_step.py", *args.shown_argv]),
+    }
+    if trainer.rank != 0:
+        return summary
+    meta = {"kernel": "loss_backward", "provider": "", "mode": "packing", "x_name": "sequences",
+            "x_value": len(lengths), "device": summary["device"], "timestamp": summary["timestamp"]}
+    rows = []
+    for name in ("packed", "padded"):
+        p50, p20, p80 = common.quantiles(wall[name])
+        rows.append({**meta, "provider": name, "metric": "time/loss_backward", "unit": "s", "p50": p50, "p20": p20,
+                     "p80": p80, "note": f"{args.compare_packing} interleaved rounds; load={summary['load_average']}"})
+    rows.append({**meta, "provider": "packed/padded", "metric": "ratio", "unit": "x", "p50": summary["ratio_p50"],
+                 "p20": summary["ratio_p20"], "p80": summary["ratio_p80"], "note": "per-round wall ratio"})
+    out_dir = Path(args.out_dir)
+    csv_path = common.write_csv(out_dir / f"packing_{tag}.csv", rows)
+    lines = [f"# Packed vs padded loss + backward: {summary['device']}", "",
+             f"`{summary['command']}` at {summary['timestamp']}; torch {summary['torch']}, "
+             f"{summary['threads']} thread(s), load average {summary['load_average']} (a shared machine: "
+             f"only the ratio of the interleaved rounds is meaningful).", "",
+             f"One rollout of {len(lengths)} sequences ({sum(lengths)} tokens; the padded forwards compute "
+             f"{padded_positions} positions) in {len(micro)} micro-batches, {args.compare_packing} rounds, "
+             f"order alternating.", "",
+             "| loss.packing | p50 wall s | p50 CPU s | loss |", "|---|---|---|---|",
+             f"| true (varlen attention) | {summary['packed_s']:.4f} | {summary['packed_cpu_s']:.4f} | {losses[True]:.6g} |",
+             f"| false (padded) | {summary['padded_s']:.4f} | {summary['padded_cpu_s']:.4f} | {losses[False]:.6g} |",
+             "", f"packed / padded: **{summary['ratio_p50']:.2f}x** wall (p50 of the per-round ratios; p20 "
+             f"{summary['ratio_p20']:.2f}, p80 {summary['ratio_p80']:.2f}), {summary['cpu_ratio_p50']:.2f}x CPU time. "
+             f"Packed attention kernel: {kernel}; per-token log-probs of the rollout ({summary['dtype']}), packed vs "
+             f"padded: max abs difference {summary['logprob_max_abs_diff']:.3g}."]
+    md_path = out_dir / f"packing_{tag}.md"
+    md_path.write_text("\n".join(lines) + "\n")
+    written = [csv_path, md_path]
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        rounded = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in summary.items()}
+        Path(args.json).write_text(json.dumps(rounded, indent=1) + "\n")
+        written.append(Path(args.json))
+    print("\n".join(lines))
+    print(f"bench_step: wrote {', '.join(str(p) for p in written)}")
+    return summary
 
 
 def _gathers_text(per_rollout: list[int], sharded: bool) -> str:

@@ -4,12 +4,16 @@ which first unpacks the carried wheels this machine lacks (`--unpack-wheels`, st
 Stages (each a subprocess with its own time limit, within --budget-s; a stage that no longer fits is
 skipped and says so):
   env        versions (torch, triton, transformers, peft, Liger-Kernel), GPU, TF32 settings
-  tests      the GPU tests: `pytest -m gpu tests/kernels` (bf16 Triton kernels vs the fp32 reference)
+  tests      the GPU tests: `pytest -m gpu tests/kernels tests/models/test_varlen_attention.py` (bf16 Triton
+             kernels vs the fp32 reference; the CUDA varlen attention kernels vs per-sequence SDPA)
   bandwidth  device-to-device copy of a 4 GiB buffer: GB/s counting bytes read + written
   loss       bench_loss at bf16 N=16384, D=4096, V=151936 (fwd+bwd): ours-triton vs the three cuBLAS
              GEMMs (bound) vs Liger-Kernel, time and peak memory
   model      a random-initialised Qwen2.5-VL-shaped model of ~1.9B parameters (gpu_models.py)
   step       bench_step on that model, one GPU, rollout.decode=eager: tokens/s, phases, decode ms/token
+  packing    bench_step --compare-packing on that model: the loss + backward of one rollout with the packed
+             (varlen attention) and the padded forward, interleaved, and the rollout's per-token log-probs
+             of both in bf16 (max abs difference); names the packed attention kernel that ran
   step_fast  the same with rollout.decode=static_compiled (static KV cache, compiled decode step)
   report     summary.md / summary.csv against the targets: fused loss fwd+bwd <= 1.15x the three GEMMs
              and peak memory <= Liger's; decode step <= 3x the time to read the weights once at the
@@ -218,6 +222,13 @@ def report(args, runner: Runner, env: dict, bw: dict | None) -> None:
     if model:
         add("model parameters", model["params"], "count")
         add("weights one decode step reads", round(model["decode_weight_bytes"] / 2 ** 30, 3), "GiB")
+    packing = out / "packing.json"
+    if packing.exists():
+        s = json.loads(packing.read_text())
+        add(f"packing loss+backward packed ({s['packed_kernel']})", s["packed_s"], "s")
+        add("packing loss+backward padded", s["padded_s"], "s")
+        add("packing packed / padded loss+backward", s["ratio_p50"], "x", "<= 1", "yes" if s["ratio_p50"] <= 1 else "no")
+        add(f"packing log-probs packed vs padded, max abs diff ({s['dtype']})", s["logprob_max_abs_diff"], "nats")
     for stage in ("step", "step_fast"):
         js = out / f"{stage}.json"
         if not js.exists():
@@ -281,7 +292,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     args.tag = "dry" if args.dry_run else "h200" if "H200" in torch.cuda.get_device_name() else "cuda"
     runner = Runner(args)
-    for stale in ("summary.md", "summary.csv", "step.json", "step_fast.json", f"loss_{args.tag}.csv", "bandwidth.json"):
+    for stale in ("summary.md", "summary.csv", "step.json", "packing.json", "step_fast.json", f"loss_{args.tag}.csv",
+                  "bandwidth.json"):
         (out / stale).unlink(missing_ok=True)   # the report reads only this run's outputs
     py, dry = runner.py, args.dry_run
 
@@ -292,7 +304,8 @@ def main(argv=None) -> int:
     if "tests" not in args.skip:
         if not cuda:
             print("== tests: the GPU tests need CUDA; running pytest -m gpu anyway (they report as skipped)")
-        runner.run("tests", 150, py + ["-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/kernels"])
+        runner.run("tests", 150, py + ["-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/kernels",
+                                      "tests/models/test_varlen_attention.py"])
 
     bw = None
     if "bandwidth" not in args.skip:
@@ -316,15 +329,17 @@ def main(argv=None) -> int:
     overrides = [f"model.path={model_dir}", "model.family=qwen2_5_vl",
                  f"model.dtype={'float32' if dry else 'bfloat16'}", f"rollout.max_new_tokens={8 if dry else 128}",
                  "optim.per_device_batch_size=8", "optim.grad_accum_steps=2", "rollout.group_size=8"]
-    for stage, decode in (("step", "eager"), ("step_fast", "static_compiled")):
+    for stage, decode in (("step", "eager"), ("packing", "eager"), ("step_fast", "static_compiled")):
         if stage in args.skip:
             continue
         if not (model_dir / "gpu_model.json").exists():
             runner.note(stage, "skipped", why="no model (the model stage failed or was skipped)")
             continue
-        runner.run(stage, 200, py + ["benchmarks/bench_step.py", *step_common, "--tag", f"{args.tag}_{stage}",
-                                     "--out-dir", str(out), "--json", str(out / f"{stage}.json"),
-                                     *overrides, f"rollout.decode={decode}"], min_s=60)
+        measure = (["--compare-packing", "2" if dry else "5", "--warmup", "1", "--threads", "1"] if stage == "packing"
+                   else step_common)
+        runner.run(stage, 120 if stage == "packing" else 200,
+                   py + ["benchmarks/bench_step.py", *measure, "--tag", f"{args.tag}_{stage}", "--out-dir", str(out),
+                         "--json", str(out / f"{stage}.json"), *overrides, f"rollout.decode={decode}"], min_s=60)
 
     report(args, runner, env, bw)
     shutil.rmtree(model_dir, ignore_errors=True)   # GBs of random weights: never results

@@ -145,8 +145,9 @@ class LossConfig:
     max_tokens_per_micro_batch: int = _f(0, "token budget (prompt + completion) per micro-batch; 0 = by count "
                                             "(optim.per_device_batch_size)")
     packing: bool = _f(True, "padding-free training forwards: a micro-batch's sequences packed into one row with "
-                             "per-sequence positions (flash-attn varlen on CUDA when installed, a block-diagonal "
-                             "mask otherwise); false = the padded [B, prompt + completion] forward")
+                             "per-sequence positions and explicit boundaries (varlen attention: FlashAttention "
+                             "varlen kernels on CUDA, per-sequence SDPA otherwise); false = the padded "
+                             "[B, prompt + completion] forward")
     backend: Literal["auto", "triton", "torch"] = _f("auto", "fused loss kernel: triton on GPU, torch elsewhere")
     chunk_size: Optional[int] = _f(None, "rows (tokens) per chunk of the fused loss's logits buffer; null = sized automatically")
 

@@ -48,6 +48,8 @@ def test_report_ratios(tmp_path):
     (out / "step.json").write_text(json.dumps({"decode": "eager", "step_s": 2.0, "phases": {"generate": 1.5},
                                                "tokens_per_s": 100.0, "padding_fraction": 0.1,
                                                "allgathers_per_rollout": "n/a", "decode_ms_per_token": 5.0}))
+    (out / "packing.json").write_text(json.dumps({"packed_kernel": "torch_varlen", "packed_s": 0.8, "padded_s": 1.0,
+                                                  "ratio_p50": 0.8, "dtype": "bfloat16", "logprob_max_abs_diff": 0.03}))
     args = types.SimpleNamespace(out=str(out), dry_run=False, tag="h200", budget_s=480.0)
     runner = types.SimpleNamespace(results={"env": {"status": "ok"}}, t0=0.0)
     gpu_check.report(args, runner, {"torch": "x"}, {"gb_per_s": 4000.0})
@@ -57,3 +59,7 @@ def test_report_ratios(tmp_path):
     # 4e9 bytes at 4000 GB/s = 1 ms; 5 ms per decode step = 5x > 3x
     assert got["step weights read once at measured bandwidth"]["value"] == "1.0"
     assert got["step decode / weight read"]["value"] == "5.0" and got["step decode / weight read"]["met"] == "no"
+    assert got["packing packed / padded loss+backward"]["value"] == "0.8"
+    assert got["packing packed / padded loss+backward"]["met"] == "yes"
+    assert got["packing loss+backward packed (torch_varlen)"]["value"] == "0.8"
+    assert got["packing log-probs packed vs padded, max abs diff (bfloat16)"]["value"] == "0.03"

@@ -23,8 +23,9 @@ InternVL (1-D RoPE) gets position_ids = cumsum(attention_mask) - 1, as generate 
 
 Padding-free training forwards (completion_hidden_states(packed=True), config loss.packing): the
 sequences of a micro-batch are concatenated into one row without padding, positions restart per
-sequence and transformers keeps the sequences apart (block-diagonal mask on CPU / sdpa / eager,
-flash_attn_varlen_func with flash_attention_2 on CUDA); see packed_completion_hidden_states.
+sequence and the varlen attention of mrpo.models.varlen_attention keeps the sequences apart, with their
+boundaries passed explicitly (per-sequence SDPA on CPU, varlen FlashAttention kernels on CUDA); see
+packed_completion_hidden_states.
 """
 from __future__ import annotations
 
@@ -41,6 +42,8 @@ import torch.distributed as dist
 from PIL import Image
 
 from mrpo.data.records import fit_max_pixels
+from mrpo.models.varlen_attention import KWARG as PACKED_KWARG
+from mrpo.models.varlen_attention import PackedSequences, base_implementation, text_config, use_varlen_attention
 
 # The instruction of the MRPO paper (dmis-lab/MRPO, grpo_vqa_MRPO.py QUESTION_TEMPLATE), for every backbone;
 # reasoning_tag is "thinking" for Qwen3-VL and "think" otherwise.
@@ -470,14 +473,11 @@ class Backbone:
         return torch.cat([mm, mm.new_zeros(mm.shape[0], T)], dim=1)
 
     def packing_unsupported(self, model=None) -> str | None:
-        """Why the padding-free forward cannot run on `model` (None: it can). transformers isolates the
-        packed sequences from position_ids only for these attention kernels: eager / sdpa / flex get a
-        block-diagonal causal mask, flash_attention_2/3 run varlen with cu_seqlens taken from the
-        position restarts; any other kernel could let sequences attend to each other."""
+        """Why the padding-free forward cannot run on `model` (None: it can). The packed forward switches the
+        language model to the varlen attention over its implementation (mrpo.models.varlen_attention),
+        which runs these bases unchanged when not packed; another kernel is refused."""
         model = self.model if model is None else model
-        model = getattr(model, "module", model)      # a DeepSpeed engine's own .config is its DeepSpeed config
-        config = model.config.get_text_config()       # the language model's attention is what packs
-        attn_text = getattr(config, "_attn_implementation", None) or "eager"
+        attn_text = base_implementation(text_config(model)._attn_implementation)   # the language model packs
         ok = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
         if attn_text not in ok:
             return f"attention implementation {attn_text!r} (packing needs one of {', '.join(ok)})"
@@ -492,18 +492,16 @@ class Backbone:
         cu_seqlens [B+1] int32; equal to the padded forward's up to float rounding). Sets
         last_padding_fraction = 0.0 (no padding token is computed).
 
-        How the sequences stay independent (transformers' padding-free support): no attention_mask is
-        passed and the text position row restarts at 0 for each sequence; from that restart
-        transformers builds a block-diagonal causal mask for eager / sdpa (masking_utils
-        find_packed_sequence_indices) and, with flash_attention_2 on CUDA, calls flash_attn_varlen_func
-        with cu_seqlens taken from the restarts (modeling_flash_attention_utils._is_packed_sequence).
-        Positions: InternVL (1-D RoPE) gets 0..len-1 per sequence, as in the padded forward; Qwen gets
-        position_ids [4, 1, L] = the text row above + the 3 M-RoPE rows from the model's own
-        get_rope_index over the padded layout (it skips padding), restricted to the real tokens: the
-        padded forward's positions (for a batch without images, where the padded forward counts the left
-        padding, they differ by a constant per sequence, which RoPE attention does not see). Qwen's
-        language model reads the text row only from a 4-row position_ids; with 3 rows it would build no
-        packed mask and the sequences would attend to each other.
+        How the sequences stay independent: the model's language model is switched (once, see
+        mrpo.models.varlen_attention.use_varlen_attention) to the varlen attention, and the forward gets
+        the sequence boundaries as the kwarg `packed_sequences` (PackedSequences: cu_seqlens, max length,
+        lengths), which transformers hands to the attention function of every decoder layer; no attention
+        mask is passed or built, and no boundary is inferred from the positions.
+        Positions: InternVL (1-D RoPE) gets 0..len-1 per sequence, as in the padded forward; Qwen gets the 3
+        M-RoPE rows [3, 1, L]: the prompts' from the model's own get_rope_index (it skips padding; once per
+        distinct prompt), the completion's continuing one by one after the last prompt token: the padded
+        forward's positions (for a batch without images, where the padded forward counts the left padding,
+        they differ by a constant per sequence, which RoPE attention does not see).
         Images: pixel_values / image_grid_thw stay in batch order, which is the packed token order.
         Raises RuntimeError when packing_unsupported(model) (the caller uses the padded path)."""
         model = self.model if model is None else model
@@ -516,33 +514,57 @@ class Backbone:
 
     def _packed_inputs(self, batch: dict, completions: list[list[int]], model
                        ) -> tuple[dict, torch.Tensor, torch.Tensor, list[list[int]]]:
-        """The model inputs of the packed forward (one row [1, L], see packed_completion_hidden_states),
-        pick [L] bool (the tokens whose hidden states predict the completion tokens, in order), targets
-        [N] int64 and the completions (plus the vision filler's empty one when appended)."""
+        """The model inputs of the packed forward (one row [1, L] and its PackedSequences, see
+        packed_completion_hidden_states), pick [L] bool (the tokens whose hidden states predict the
+        completion tokens, in order), targets [N] int64 and the completions (plus the vision filler's empty
+        one when appended). Switches `model` to the varlen attention."""
         why = self.packing_unsupported(model)
         if why is not None:
             raise RuntimeError(f"packed_completion_hidden_states: cannot pack with {why}; "
                                f"use completion_hidden_states(packed=False)")
+        use_varlen_attention(model)
         batch, completions, ids, mask, comp_mask, P, T = self._teacher_forcing_batch(batch, completions, model)
         real = mask.bool()                                                        # [B, S]; row-major = packed order
-        # position of each real token within its own sequence: restarts at 0 for every sequence
-        text_pos = (mask.long().cumsum(-1) - 1)[real][None]                       # [1, L]
+        prompt_lengths = batch["attention_mask"].sum(-1).tolist()                 # the boundaries, on the host
+        seqs = PackedSequences.from_lengths([p + len(c) for p, c in zip(prompt_lengths, completions)], ids.device)
         inputs = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
         if self.is_qwen:
-            mm = self._full_mm_token_type_ids(batch, T)
-            # the model's own 3-D index over the padded layout (what its padded forward computes), then the
-            # real tokens only; get_rope_index reads only the config (no parameters: safe under FSDP)
-            mrope, _ = self.model.model.get_rope_index(ids, mm_token_type_ids=mm, attention_mask=mask,
-                                                       image_grid_thw=batch.get("image_grid_thw"))   # [3, B, S]
-            inputs["position_ids"] = torch.cat([text_pos[None], mrope[:, real][:, None]], dim=0)    # [4, 1, L]
-            inputs["mm_token_type_ids"] = mm[real][None]
-        else:
-            inputs["position_ids"] = text_pos
-        inputs.update(input_ids=ids[real][None], use_cache=False)                # attention_mask=None: packed
+            prompt_pos = self._prompt_mrope(batch)                                               # [3, B, P]
+            # completion tokens are text: positions continue one by one after the last prompt token
+            comp_pos = prompt_pos[:, :, -1:] + 1 + torch.arange(T, device=ids.device)             # [3, B, T]
+            mrope = torch.cat([prompt_pos, comp_pos], dim=-1)                                     # [3, B, S]
+            inputs["position_ids"] = mrope[:, real][:, None]                                      # [3, 1, L]
+            inputs["mm_token_type_ids"] = self._full_mm_token_type_ids(batch, T)[real][None]
+        else:              # position of each real token within its own sequence: restarts at 0 for each one
+            inputs["position_ids"] = (mask.long().cumsum(-1) - 1)[real][None]    # [1, L]
+        inputs.update(input_ids=ids[real][None], use_cache=False, **{PACKED_KWARG: seqs})   # no attention_mask
         # the hidden state at column P-1+t of the padded layout predicts completion token t (a real token)
         pick = torch.zeros_like(real)
         pick[:, P - 1 : P - 1 + T] = comp_mask
         return inputs, pick[real], ids[:, P:][comp_mask], completions
+
+    def _prompt_mrope(self, batch: dict) -> torch.Tensor:
+        """Qwen: the M-RoPE positions [3, B, P] of the prompts (left padding 0) from the model's own
+        get_rope_index (reads only the config: safe under FSDP), computed once per distinct prompt (a
+        micro-batch repeats each prompt for its G completions; the call costs ~1 ms per row on CPU)."""
+        ids, mask, mm = batch["input_ids"], batch["attention_mask"], batch["mm_token_type_ids"]
+        grid = batch.get("image_grid_thw")
+        # a row's images are its runs of image tokens, row-major in image_grid_thw (as get_rope_index reads them)
+        run_starts = (mm == 1) & (torch.nn.functional.pad(mm, (1, 0))[:, :-1] != 1)
+        first_image = [0] + torch.cumsum(run_starts.sum(-1), 0).tolist()
+        grids = grid.tolist() if grid is not None else []
+        keys = [(tuple(row), tuple(map(tuple, grids[first_image[b]:first_image[b + 1]])))
+                for b, row in enumerate((ids * mask).tolist())]
+        distinct: dict = {}
+        of_row = torch.tensor([distinct.setdefault(k, len(distinct)) for k in keys], device=ids.device)
+        rows = [keys.index(k) for k in distinct]                                  # first row of each distinct prompt
+        sub_grid = None
+        if grid is not None:
+            picked = [i for b in rows for i in range(first_image[b], first_image[b + 1])]
+            sub_grid = grid[torch.tensor(picked, dtype=torch.long, device=grid.device)] if picked else None
+        pos, _ = self.model.model.get_rope_index(ids[rows], mm_token_type_ids=mm[rows], attention_mask=mask[rows],
+                                                 image_grid_thw=sub_grid)                 # [3, U, P]
+        return pos[:, of_row]
 
     @property
     def lm_head_weight(self) -> torch.Tensor:

@@ -3,7 +3,8 @@ on FSDP2-sharded weights through the trainer's path (passthrough lm_head, root f
 micro-batch has no image, rank 1's has two sequences with images: rank 0 packs the throwaway blank-image
 row (Backbone._vision_filler) as one more sequence, so both ranks run the vision tower. The packed
 log-probs equal the unsharded model's padded ones; the gradients equal the ranks' average of the
-unsharded padded gradients."""
+unsharded padded gradients. A recording attention function sees every decoder layer of the sharded model
+get this rank's true sequence boundaries (the filler's included) and no mask."""
 import os
 import sys
 from datetime import timedelta
@@ -11,10 +12,12 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
+from transformers import AttentionInterface
 
 from mrpo.data.synthetic import make_example
 from mrpo.models.load import load_backbone
 from mrpo.models.parallelize import hidden_states_mode, install_passthrough_head
+from mrpo.models.varlen_attention import KWARG, PREFIX, use_varlen_attention
 
 TOL = 1e-5
 
@@ -36,9 +39,28 @@ def check(path: str, rank: int, world: int) -> None:
     assert ("pixel_values" in batch) == (rank != 0)
     g = torch.Generator().manual_seed(rank)
     comps = [torch.randint(10, 200, (n,), generator=g).tolist() for n in (3 + rank, 6)]
-    with hidden_states_mode(model):
-        hidden, targets, cu = bb.completion_hidden_states(batch, comps, model=model, packed=True)
+    calls = []
+    name = use_varlen_attention(model)
+    assert name == f"{PREFIX}sdpa"
+    varlen = AttentionInterface._global_mapping[name]
+
+    def recording(module, *args, **kwargs):
+        calls.append((module, args[3] if len(args) > 3 else kwargs.get("attention_mask"), kwargs.get(KWARG)))
+        return varlen(module, *args, **kwargs)
+
+    AttentionInterface._global_mapping[name] = recording
+    try:
+        with hidden_states_mode(model):
+            hidden, targets, cu = bb.completion_hidden_states(batch, comps, model=model, packed=True)
+    finally:
+        AttentionInterface._global_mapping[name] = varlen
     assert bb.last_padding_fraction == 0.0
+    assert [c[0] for c in calls] == [layer.self_attn for layer in model.model.language_model.layers]
+    prompt_lengths = batch["attention_mask"].sum(-1).tolist()
+    lengths = [p + len(c) for p, c in zip(prompt_lengths, comps)]
+    for _, mask, seqs in calls:
+        assert mask is None and list(seqs.lengths[:2]) == lengths, (seqs, lengths)
+        assert len(seqs.lengths) == (3 if rank == 0 else 2) and seqs.total == bb._last_tokens[0]
     own = int(batch["attention_mask"].sum()) + sum(map(len, comps))
     assert (bb._last_tokens[0] > own) == (rank == 0)                      # rank 0's row holds the filler too
     assert cu.tolist() == [0, len(comps[0]), len(comps[0]) + len(comps[1])]

@@ -1,8 +1,11 @@
 """Padding-free (packed) training forwards on the tiny backbones (Qwen2.5-VL, Qwen3-VL, InternVL3):
 per-token log-probs and gradients of Backbone.completion_hidden_states(packed=True) equal the padded
 forward's (fp32, 1e-5) on micro-batches mixing 0, 1 and 2 images per record and different prompt /
-completion lengths; no padding token is computed; the test detects sequences attending to each other
-(negative control); unsupported attention kernels raise, or fall back to the padded path once warned."""
+completion lengths; no padding token is computed; a recording attention function sees every decoder
+layer get the true sequence boundaries (and no mask), also in the recomputation of gradient
+checkpointing; the test detects sequences attending to each other (negative control); switching to the
+varlen attention leaves the padded forward and generation unchanged; unsupported attention kernels
+raise, or fall back to the padded path once warned."""
 import os
 import warnings
 
@@ -18,6 +21,7 @@ from mrpo.models.backbone import Backbone
 from mrpo.models.load import load_backbone
 from mrpo.models.parallelize import decoder_layers, hidden_states_mode, install_passthrough_head, vision_tower
 from mrpo.models.tiny import FAMILIES, build_tiny
+from mrpo.models.varlen_attention import KWARG, PREFIX
 
 TOL = 1e-5
 QS = ["Is there a lesion?", "How many lesions are seen in the kidneys, and on which side are they?",
@@ -132,33 +136,92 @@ def test_gradients_equal_padded(bb, images):
         assert diff <= TOL and diff <= 1e-4 * scale, (k, diff, scale)        # also relative: vision grads are small
 
 
+def true_lengths(batch, comps) -> list[int]:
+    """Tokens of each packed sequence: the prompt without its padding, then the completion."""
+    return [p + len(c) for p, c in zip(batch["attention_mask"].sum(-1).tolist(), comps)]
+
+
+@pytest.fixture
+def recorder(monkeypatch):
+    """Replace the registered varlen attention functions by recording wrappers: calls[] gets (module,
+    attention_mask, packed_sequences) of every call."""
+    from transformers import AttentionInterface
+
+    calls = []
+    for name, fn in list(AttentionInterface._global_mapping.items()):
+        if name.startswith(PREFIX):
+            def recording(module, query, key, value, attention_mask, *args, _fn=fn, **kwargs):
+                calls.append((module, attention_mask, kwargs.get(KWARG)))
+                return _fn(module, query, key, value, attention_mask, *args, **kwargs)
+            monkeypatch.setitem(AttentionInterface._global_mapping, name, recording)
+    return calls
+
+
+def test_every_layer_receives_the_boundaries(bb, images, recorder):
+    """Every decoder layer's attention gets the true boundaries of the packed row and no mask, in the
+    forward and again in the recomputation of gradient checkpointing (its backward)."""
+    batch = mixed_batch(bb, images)
+    comps = completions(bb, COMP_LENS, seed=7)
+    bb.packed_completion_hidden_states(batch, comps)                       # switches to the varlen attention
+    assert bb.model.config.get_text_config()._attn_implementation == f"{PREFIX}sdpa"
+    recorder.clear()
+    attention = [layer.self_attn for layer in decoder_layers(bb.model)]
+    lengths = true_lengths(batch, comps)
+    bb.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    bb.model.train()
+    try:
+        hidden, _, _ = bb.packed_completion_hidden_states(batch, comps)
+        assert [c[0] for c in recorder] == attention                       # each decoder layer once, in order
+        hidden.sum().backward()
+    finally:
+        bb.model.gradient_checkpointing_disable()
+        bb.model.eval()
+        bb.model.zero_grad(set_to_none=True)
+    assert sorted(map(id, (c[0] for c in recorder))) == sorted(map(id, attention * 2))   # + the recomputation
+    for module, mask, seqs in recorder:
+        assert mask is None and seqs is not None
+        assert list(seqs.lengths) == lengths and seqs.max_seqlen == max(lengths)
+        assert seqs.cu_seqlens.tolist() == [0, *torch.tensor(lengths).cumsum(0).tolist()]
+
+
 def test_detects_sequences_attending_to_each_other(bb, images):
-    """Negative control: the same packed inputs with the per-sequence restart of the text positions
-    removed (one increasing position row, as a 3-row Qwen position_ids or a plain arange would give)
-    make transformers build a single causal mask over the whole row: the log-probs of every sequence but
-    the first change far beyond the tolerance, so the equality tests above can fail."""
+    """Negative control: the same packed inputs without the boundaries make the varlen attention treat the
+    row as one causal sequence: the first sequence is unchanged (same positions, nothing new to see), the
+    log-probs of every other change far beyond the tolerance, so the equality tests above can fail."""
     batch = mixed_batch(bb, images)
     comps = completions(bb, COMP_LENS)
     inputs, pick, targets, _ = bb._packed_inputs(batch, comps, bb.model)
     L = inputs["input_ids"].shape[1]
-    assert inputs["position_ids"].shape == ((4, 1, L) if bb.is_qwen else (1, L))
-    text_row = inputs["position_ids"][0] if bb.is_qwen else inputs["position_ids"]
-    assert int((text_row[0] == 0).sum()) == len(comps)                     # one restart per sequence
+    assert inputs["position_ids"].shape == ((3, 1, L) if bb.is_qwen else (1, L))
+    assert "attention_mask" not in inputs and inputs[KWARG].total == L
     ref = token_logprobs(bb, bb._run(bb.model, inputs)[0, pick], targets)
-    leaky = dict(inputs)
-    if bb.is_qwen:   # keep the M-RoPE rows (positions unchanged), drop only the text row
-        leaky["position_ids"] = inputs["position_ids"][1:]
-    else:            # InternVL: positions 0..L-1 over the whole row
-        leaky["position_ids"] = torch.arange(L)[None]
+    leaky = {k: v for k, v in inputs.items() if k != KWARG}
     bad = token_logprobs(bb, bb._run(bb.model, leaky)[0, pick], targets)
     first = COMP_LENS[0]
-    if bb.is_qwen:   # positions are the same, so only the cross-sequence attention differs
-        assert (bad[:first] - ref[:first]).abs().max() <= TOL                # the first sequence sees nothing new
+    assert (bad[:first] - ref[:first]).abs().max() <= TOL
     assert (bad[first:] - ref[first:]).abs().max() > 100 * TOL
 
 
+def test_switch_leaves_padded_forward_and_generate_unchanged(bb, images):
+    """After use_varlen_attention, the padded forward and (greedy) generation give the same results as
+    with the plain implementation (the varlen attention defers to it without boundaries)."""
+    from mrpo.models.varlen_attention import use_varlen_attention
+
+    fresh = load_backbone(bb.model.config._name_or_path)
+    a, b, c = images
+    batch = fresh.encode_prompts(QS[:3], [[a], [], [b, c]])
+    comps = completions(fresh, [4, 7, 2], seed=8)
+    assert fresh.model.config.get_text_config()._attn_implementation == "sdpa"
+    before = (fresh.completion_hidden_states(batch, comps)[0], fresh.generate(batch, 6, do_sample=False))
+    assert use_varlen_attention(fresh.model) == f"{PREFIX}sdpa"
+    assert fresh.model.config.vision_config._attn_implementation == "sdpa"   # the vision tower keeps its own
+    after = (fresh.completion_hidden_states(batch, comps)[0], fresh.generate(batch, 6, do_sample=False))
+    assert torch.equal(before[0], after[0]) and before[1] == after[1]
+
+
 def test_eager_attention(bb, images):
-    """The block-diagonal mask also holds for the eager kernel (an additive float mask)."""
+    """With the eager kernel: the padded forward uses its additive float mask, the packed one the varlen
+    attention over eager."""
     batch = mixed_batch(bb, images)
     comps = completions(bb, COMP_LENS, seed=5)
     before = bb.model.config._attn_implementation
@@ -166,6 +229,7 @@ def test_eager_attention(bb, images):
     try:
         assert bb.model.config.get_text_config()._attn_implementation == "eager"
         (lp0, *_), (lp1, *_) = both(bb, batch, comps)
+        assert bb.model.config.get_text_config()._attn_implementation == f"{PREFIX}eager"
     finally:
         bb.model.set_attn_implementation(before)
     assert (lp0 - lp1).abs().max().item() <= TOL
