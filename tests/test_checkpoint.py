@@ -163,17 +163,7 @@ def test_export_is_skipped_when_the_disk_is_short(tmp_path, monkeypatch, caplog)
     assert not (tmp_path / "final_model").exists()
 
 
-def test_crc32_cost_on_100_mib(tmp_path):
-    """The checksum reads at least ~100 MiB/s even on a shared machine (measured ~1.3-2 GB/s idle)."""
-    import time
-
-    f = tmp_path / "blob"
-    f.write_bytes(os.urandom(100 * 2**20))
-    t0 = time.perf_counter()
-    ckpt.file_crc32(f)
-    assert time.perf_counter() - t0 < 1.0
-
-
+@pytest.mark.slow
 def test_all_ranks_agree_on_the_checkpoint_rank0_verified(tmp_path):
     """Two gloo ranks: only rank 0 verifies and moves the broken checkpoint; both resume from the same one,
     and an explicit broken path fails on both ranks."""
