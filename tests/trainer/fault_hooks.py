@@ -38,3 +38,11 @@ def disk_full(trainer):
 
     real = shutil.disk_usage
     shutil.disk_usage = lambda path: real(path)._replace(free=2**20)
+
+
+def raise_a_bug(trainer):
+    """A plain ValueError from our own code at the first RL step (must keep its traceback)."""
+    def broken(*args, **kwargs):
+        raise ValueError("a bug in our code")
+
+    trainer.train_step = broken
