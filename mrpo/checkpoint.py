@@ -255,7 +255,7 @@ def write_checkpoint(root: str | Path, step: int, save_weights: Callable[[Path],
     else:
         shares = [mine]
     if _rank() == 0:
-        manifest = {"step": step, "checksum": "crc32", "files": {k: v for s in shares for k, v in sorted(s.items())}}
+        manifest = {"step": step, "checksum": "crc32", "files": dict(sorted(kv for s in shares for kv in s.items()))}
         with open(tmp / MARKER, "w") as f:   # the marker last, on disk before the rename
             f.write(json.dumps(manifest, indent=1) + "\n")
             f.flush()

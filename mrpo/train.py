@@ -70,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         except OutputLockedError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             return EXIT_LOCKED
+        except OSError as e:   # not a folder, not writable
+            print(f"error: output_dir={cfg.output_dir}: cannot create or lock the output folder ({e}); "
+                  f"choose a writable folder", file=sys.stderr, flush=True)
+            return EXIT_CONFIG
     try:
         if rank == 0:
             print("resolved config:\n" + cfg.to_yaml(), flush=True)

@@ -80,9 +80,16 @@ def _lora_targets(tmp: Path):
     return {"lora.rank": 2, "lora.target_modules": "[nope_proj]"}, ["lora.target_modules: ['nope_proj'] match no module"]
 
 
+def _output_not_a_folder(tmp: Path):
+    (tmp / "afile").write_text("")
+    return {"output_dir": tmp / "afile" / "run"}, [f"output_dir={tmp / 'afile' / 'run'}: cannot create or lock",
+                                                   "choose a writable folder"]
+
+
 CASES = {"no_usable_rows": _no_usable_rows, "missing_file": _missing_file, "bad_row_strict": _bad_row_strict,
          "not_utf8": _not_utf8, "prompts_too_long": _prompts_too_long, "model_missing": _model_missing,
-         "model_incomplete": _model_incomplete, "labels_missing": _labels_missing, "lora_targets": _lora_targets}
+         "model_incomplete": _model_incomplete, "labels_missing": _labels_missing, "lora_targets": _lora_targets,
+         "output_not_a_folder": _output_not_a_folder}
 SUBPROCESS = {"no_usable_rows", "prompts_too_long",   # the reproductions, through the real entry point
               "labels_missing", "lora_targets"}      # (and the cases that load the model)
 
