@@ -193,3 +193,23 @@ def test_all_ranks_agree_on_the_checkpoint_rank0_verified(tmp_path):
         assert f"rank{r} path=step_000001 err=checkpoint.resume=" in run.stdout
     assert run.stdout.count(f"{SHARD}: missing") == 2
     assert (root / "broken" / "step_000002").is_dir() and not (root / "broken" / "step_000002.1").exists()
+
+
+def test_first_checkpoint_estimate_matches_a_real_save(tmp_path):
+    """Before the first checkpoint the space check uses the engine's estimate: weights + two fp32 AdamW
+    moments per trainable parameter; a real DCP save of a small model holds about that."""
+    from types import SimpleNamespace
+
+    from mrpo.engines.single import SingleEngine
+
+    model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(256, 8))
+    model[1].requires_grad_(False)   # frozen weights are saved, without optimizer state
+    optim = SimpleNamespace(lr=1e-3, adam_betas=(0.9, 0.999), adam_eps=1e-8, weight_decay=0.0, max_grad_norm=1.0)
+    engine = SingleEngine(model, None, SimpleNamespace(optim=optim), torch.device("cpu"))
+    model(torch.randn(4, 256)).sum().backward()
+    engine.step()   # the AdamW moments exist
+    estimate = engine.checkpoint_bytes()
+    assert estimate == 65792 * (4 + 8) + 2056 * 4
+    path = engine.save(tmp_path, 1, {"step": 1}, keep_last=1)
+    actual = ckpt.checkpoint_bytes(path)
+    assert estimate <= actual <= 1.05 * estimate + 64 * 2**10, (estimate, actual)
