@@ -246,7 +246,7 @@ def write_checkpoint(root: str | Path, step: int, save_weights: Callable[[Path],
     if _rank() == 0:
         torch.save(trainer_state, tmp / "trainer_state.pt")
     _barrier()
-    files = _files(tmp)   # each rank flushes and checksums every world-th file
+    files = _from_rank0(_files(tmp) if _rank() == 0 else None)   # one listing; each rank takes every world-th file
     mine = {rel: {"size": (tmp / rel).stat().st_size, "crc32": file_crc32(tmp / rel, fsync=True)}
             for rel in files[_rank()::_world()]}
     shares = [None] * _world()
