@@ -36,7 +36,7 @@ JUDGES = {"http": _http, "local": _local, "rule": _rule, "labels": _labels, "non
 
 
 # the key naming what a judge reads at set-up, for the one-line error when it cannot be read
-_SOURCE_KEY = {"http": "judge.base_url", "local": "judge.local_model_path", "labels": "judge.labels_path"}
+_SOURCE_KEY = {"local": "judge.local_model_path", "labels": "judge.labels_path"}
 
 
 def build_judge(cfg) -> StepJudge | None:

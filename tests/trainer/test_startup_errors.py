@@ -86,10 +86,15 @@ def _output_not_a_folder(tmp: Path):
                                                    "choose a writable folder"]
 
 
+def _bert_not_a_folder(tmp: Path):
+    return ({"reward.bert_model_path": tmp / "bert"},
+            [f"reward.bert_model_path='{tmp / 'bert'}' is invalid: not a folder", "or null (ROUGE/BLEU fallback)"])
+
+
 CASES = {"no_usable_rows": _no_usable_rows, "missing_file": _missing_file, "bad_row_strict": _bad_row_strict,
          "not_utf8": _not_utf8, "prompts_too_long": _prompts_too_long, "model_missing": _model_missing,
          "model_incomplete": _model_incomplete, "labels_missing": _labels_missing, "lora_targets": _lora_targets,
-         "output_not_a_folder": _output_not_a_folder}
+         "output_not_a_folder": _output_not_a_folder, "bert_not_a_folder": _bert_not_a_folder}
 SUBPROCESS = {"no_usable_rows", "prompts_too_long",   # the reproductions, through the real entry point
               "labels_missing", "lora_targets"}      # (and the cases that load the model)
 
@@ -97,7 +102,7 @@ SUBPROCESS = {"no_usable_rows", "prompts_too_long",   # the issue's reproduction
 def _assert_one_line_error(code: int, stderr: str, expected: list[str]) -> None:
     assert code == 2, stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
-    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    errors = [line for line in stderr.splitlines() if line.startswith(("error: ", "config error: "))]
     assert len(errors) == 1 and stderr.rstrip().endswith(errors[0]), stderr[-3000:]
     for part in expected:
         assert part in errors[0], (part, errors[0])
