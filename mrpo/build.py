@@ -8,7 +8,9 @@ import platform
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
+from mrpo.config import UserInputError
 from mrpo.data.records import load_records
 from mrpo.data.synthetic import generate_synthetic
 from mrpo.distributed import barrier
@@ -37,16 +39,30 @@ def load_splits(cfg, is_main: bool, min_train: int) -> tuple[list[dict], list[di
     splits = []
     for path in (train_path, test_path):
         if path is None:
-            splits.append([])
+            splits.append(([], None))
             continue
-        records, report = load_records(path, strict=strict)
+        key = "data.train_path" if path is train_path else "data.test_path"
+        try:
+            records, report = load_records(path, strict=strict)
+        except FileNotFoundError:
+            raise UserInputError(f"{key}={path}: file not found; point it at a prepared JSONL file "
+                                 f"(python -m mrpo.data prepare)") from None
+        except UnicodeDecodeError as e:
+            raise UserInputError(f"{key}={path}: not UTF-8 text ({e.reason} at byte {e.start}); the record "
+                                 f"file must be UTF-8 JSONL") from None
+        except ValueError as e:   # data.on_bad_row=error: the first bad row, with its line and key
+            raise UserInputError(f"{e}; fix the row, or set data.on_bad_row=skip to skip bad rows") from None
         if is_main and getattr(report, "skipped", 0):
             log.warning("%s: skipped %d bad rows (first: %s)", path, report.skipped,
                         getattr(report, "examples", [])[:5])
-        splits.append(records)
-    if len(splits[0]) < min_train:
-        raise ValueError(f"{train_path}: {len(splits[0])} usable training records, but one step needs {min_train} prompts")
-    return splits[0], splits[1]
+        splits.append((records, report))
+    (train, report), (test, _) = splits
+    if len(train) < min_train:
+        why = f" ({report})" if report is not None and report.skipped else ""
+        key = "data.train_path" if d.train_path is not None else "data.synthetic_train"
+        raise UserInputError(f"{key}={d.train_path or d.synthetic_train}: {len(train)} usable training records, "
+                             f"but one step needs {min_train} prompts{why}; fix the rows or use a larger file")
+    return train, test
 
 
 def model_path(cfg, is_main: bool) -> Path:
@@ -60,12 +76,27 @@ def model_path(cfg, is_main: bool) -> Path:
     return path
 
 
+def _load_backbone(cfg, path: Path, device: torch.device):
+    """load_backbone with model.* settings; a user's model folder that cannot be loaded (missing or
+    incomplete, unreadable files, another family) raises UserInputError naming model.path. The tiny
+    model (model.path null) is ours: its failures keep their tracebacks."""
+    m = cfg.model
+    try:
+        return load_backbone(path, family=m.family, dtype=DTYPES[m.dtype], attn_implementation=m.attn_implementation,
+                             device=device)
+    except (OSError, ValueError, SafetensorError) as e:
+        if m.path is None:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserInputError(f"model.path={m.path}: cannot load the model: {first}; point model.path at a local "
+                             f"Hugging Face folder of a {m.family} model (or set model.family to its family)") from None
+
+
 def load_policy(cfg, path: Path, device: torch.device):
     """The trainable Backbone: pass-through lm_head (the fused loss reads hidden states), LoRA adapters
     (lora.rank > 0; everything else frozen), optional frozen vision tower and gradient checkpointing."""
     m = cfg.model
-    backbone = load_backbone(path, family=m.family, dtype=DTYPES[m.dtype], attn_implementation=m.attn_implementation,
-                             device=device)
+    backbone = _load_backbone(cfg, path, device)
     backbone.max_pixels = cfg.data.max_pixels
     backbone.reasoning_tag = m.reasoning_tag or backbone.reasoning_tag   # the prompt and the rewards agree
     install_passthrough_head(backbone.model)
@@ -83,9 +114,7 @@ def load_reference(cfg, path: Path, device: torch.device) -> torch.nn.Module | N
     LoRA, whose reference is the policy with its adapters disabled (no second copy)."""
     if cfg.loss.beta == 0 or cfg.lora.rank > 0:
         return None
-    m = cfg.model
-    ref = load_backbone(path, family=m.family, dtype=DTYPES[m.dtype], attn_implementation=m.attn_implementation,
-                        device=device).model
+    ref = _load_backbone(cfg, path, device).model
     install_passthrough_head(ref)
     ref.requires_grad_(False).eval()
     return ref

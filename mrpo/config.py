@@ -24,7 +24,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny_cpu.yaml"
 
 
-class ConfigError(ValueError):
+class UserInputError(ValueError):
+    """A failure caused by the user's input (a config key, a data or model file, a checkpoint), not by our
+    code: mrpo.train prints its one-line message (naming the file, key or row, and the fix) and exits 2,
+    without a traceback."""
+
+
+class ConfigError(UserInputError):
     """A bad configuration value; the message names the key and where it came from."""
 
 
@@ -361,6 +367,8 @@ def _validate(cfg: Config, source: str) -> None:
     need(min(cfg.reward.answer_weight, cfg.reward.process_weight, cfg.reward.length_weight,
              cfg.reward.format_weight) >= 0, "reward.answer_weight", "reward weights must be >= 0")
     need(cfg.reward.answer_weight > 0, "reward.answer_weight", "MRPO shaping needs the answer reward")
+    need(cfg.reward.bert_model_path is None or Path(cfg.reward.bert_model_path).is_dir(), "reward.bert_model_path",
+         "not a folder: a local Hugging Face BERT folder for BERTScore, or null (ROUGE/BLEU fallback)")
     need(not (cfg.reward.process_weight > 0 and cfg.judge.kind == "none"), "judge.kind",
          "the process reward (reward.process_weight > 0) needs a step judge")
     need(not (cfg.algo.name == "mrpo" and cfg.judge.kind == "none"), "judge.kind",

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from mrpo_kernels import LossInputs
 
+from mrpo.config import UserInputError
 from mrpo.data.records import load_record_images
 from mrpo.eval.reasoning import ffp_stage, first_failure_index
 from mrpo.models.backbone import PromptTooLongError
@@ -64,7 +65,9 @@ class PromptPool:
             self.encode([rec])
         except PromptTooLongError as err:
             if self.cfg.on_bad_row == "error":
-                raise ValueError(f"record {rec['id']}: {err}") from None
+                raise UserInputError(f"record {rec['id']}: {err} (data.on_bad_row=error; shorten the question, "
+                                     f"raise data.max_prompt_length or lower data.max_pixels, or set "
+                                     f"data.on_bad_row=skip)") from None
             self.too_long.add(rec["id"])
             if len(self.too_long) <= 5:
                 log.warning("skipping over-long prompt %s (%s tokens > data.max_prompt_length=%d)",
@@ -83,8 +86,10 @@ class PromptPool:
             if i not in chosen and self.fits(self.records[i]):
                 chosen.append(i)
         if len(chosen) < count:
-            raise ValueError(f"only {len(chosen)} training prompts fit data.max_prompt_length="
-                             f"{self.cfg.max_prompt_length}; {count} are needed per step")
+            raise UserInputError(f"only {len(chosen)} of {n} training prompts fit data.max_prompt_length="
+                                 f"{self.cfg.max_prompt_length} (text + image tokens; {len(self.too_long)} too "
+                                 f"long, e.g. {sorted(self.too_long)[:3]}), {count} are needed per step: raise "
+                                 f"data.max_prompt_length or lower data.max_pixels")
         return [self.records[i] for i in chosen]
 
 

@@ -216,7 +216,15 @@ def check_resume_config(cfg, checkpoint: str | os.PathLike) -> list[tuple[str, A
         log.warning("resume from %s: no saved config at %s, cannot check that the experiment is unchanged",
                     checkpoint, path)
         return []
-    saved = yaml.safe_load(path.read_text()) or {}
+    try:
+        saved = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ResumeConfigError(f"cannot check the resume from {checkpoint}: the saved config {path} is not valid "
+                                f"YAML ({type(e).__name__}); restore it, or start a new run (another output_dir, "
+                                f"or checkpoint.resume=none)", []) from None
+    if not isinstance(saved, dict):
+        raise ResumeConfigError(f"cannot check the resume from {checkpoint}: the saved config {path} is not a "
+                                f"mapping; restore it, or start a new run (checkpoint.resume=none)", [])
     experiment, schedule = config_differences(saved, cfg)
     show = lambda diffs: "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs)   # noqa: E731
     if experiment and not cfg.checkpoint.resume_ignore_config:

@@ -8,8 +8,9 @@ Before training, rank 0 locks the output folder (a second run into it exits with
 holder), checks that a resumed checkpoint was trained with the same experiment (exit 2 with the differing
 keys otherwise, see checkpoint.resume_ignore_config), moves metrics rows that the resumed run will write
 again to metrics.dropped.jsonl, and checks an http judge's key and endpoint (exit 4). Workers started by
-torchrun exit when torchrun dies. Exit codes: 0 done, 2 configuration, 3 output folder in use, 4 judge
-unavailable or outage, 75 stopped by a signal (resumable).
+torchrun exit when torchrun dies. Exit codes: 0 done, 2 configuration or other bad input (a data or model
+file, a judge file, a broken checkpoint given as checkpoint.resume: mrpo.config.UserInputError, one line, no
+traceback), 3 output folder in use, 4 judge unavailable or outage, 75 stopped by a signal (resumable).
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def prepare_output(cfg) -> list:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mrpo.config import ConfigError, parse_args
+    from mrpo.config import ConfigError, UserInputError, parse_args
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("mrpo").setLevel(logging.INFO)   # our progress lines; libraries stay at WARNING
@@ -69,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         except OutputLockedError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             return EXIT_LOCKED
+        except OSError as e:   # not a folder, not writable
+            print(f"error: output_dir={cfg.output_dir}: cannot create or lock the output folder ({e}); "
+                  f"choose a writable folder", file=sys.stderr, flush=True)
+            return EXIT_CONFIG
     try:
         if rank == 0:
             print("resolved config:\n" + cfg.to_yaml(), flush=True)
@@ -78,13 +83,17 @@ def main(argv: list[str] | None = None) -> int:
                     log.info("judge preflight: %s", check_endpoint(cfg.judge.base_url, cfg.judge.model,
                                                                    cfg.judge.api_key_env,
                                                                    min(cfg.judge.timeout_s, 10.0)))
-            except ResumeConfigError as e:
+            except (ResumeConfigError, UserInputError) as e:
                 print(f"error: {e}", file=sys.stderr, flush=True)
                 return EXIT_CONFIG
             except JudgeUnavailableError as e:
                 print(f"error: step judge unavailable: {e}", file=sys.stderr, flush=True)
                 return EXIT_JUDGE
         return _train(cfg, rank, JudgeOutageError, describe_outputs, stop_message)
+    except UserInputError as e:   # bad data, model folder, judge files or checkpoint: one line, every rank exits 2
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
     finally:
         if lock is not None:
             lock.release()

@@ -212,7 +212,7 @@ class Trainer:
                 self.stop_phase = "warm-up"
                 break
             self.sft_step = step + 1
-            rollout = gold_rollout(self.pool, [self.pool.records[i] for i in sampler.next(per_rank)],
+            rollout = gold_rollout(self.pool, self.pool.usable(sampler.next(per_rank), per_rank),
                                    self.backbone.tokenizer, self.reasoning_tag, self.backbone.eos_token_ids[0])
             seqs = list(range(len(rollout.records)))
             hidden, weight = self.hidden_states(self.model, rollout, seqs)
@@ -297,7 +297,7 @@ class Trainer:
         return None
 
     def _resume(self) -> None:
-        path = checkpoint.resolve_resume(self.cfg.checkpoint.resume, self.out / "checkpoints")
+        path = checkpoint.agree_resume(self.cfg.checkpoint.resume, self.out / "checkpoints")   # verified on rank 0
         if path is None:
             return
         state = self.engine.load(path)

@@ -229,3 +229,13 @@ def test_describe_outputs_lists_only_what_exists(tmp_path):
                     f"checkpoints/step_000002 (+1 older), eval/{{start}}")
     (out / "final_model" / "config.json").write_text("{}")
     assert "final_model/" in describe_outputs(out)
+
+
+def test_unreadable_saved_config_is_refused_with_one_line(tmp_path):
+    ckpt = _saved_run(tmp_path)
+    (tmp_path / "config.yaml").write_text("seed: [unclosed\n")
+    with pytest.raises(ResumeConfigError, match=r"saved config .*config.yaml is not valid YAML \(.*checkpoint.resume=none"):
+        check_resume_config(load_config(None, [f"output_dir={tmp_path}"]), ckpt)
+    (tmp_path / "config.yaml").write_text("just a string\n")
+    with pytest.raises(ResumeConfigError, match="is not a mapping"):
+        check_resume_config(load_config(None, [f"output_dir={tmp_path}"]), ckpt)

@@ -20,6 +20,7 @@ whatever the world size).
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 
 import torch
@@ -27,6 +28,8 @@ import torch.distributed as dist
 
 from mrpo import checkpoint as ckpt
 from mrpo.models.lora import is_lora_model, merged_state_dict, save_adapter
+
+log = logging.getLogger("mrpo")
 
 
 class Engine:
@@ -81,9 +84,25 @@ class Engine:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ checkpoints and export
-    def save(self, root: str | Path, step: int, trainer_state: dict, keep_last: int) -> Path:
-        """A complete checkpoint for `step` (every rank calls), written atomically (mrpo.checkpoint)."""
-        return ckpt.write_checkpoint(root, step, self.save_weights, trainer_state, keep_last)
+    def save(self, root: str | Path, step: int, trainer_state: dict, keep_last: int) -> Path | None:
+        """A complete checkpoint for `step` (every rank calls), written atomically (mrpo.checkpoint); None
+        when it was skipped for lack of disk space."""
+        return ckpt.write_checkpoint(root, step, self.save_weights, trainer_state, keep_last,
+                                     expected_bytes=self.checkpoint_bytes())
+
+    def checkpoint_bytes(self) -> int:
+        """Expected size of a checkpoint before the first one exists: the saved weights (all of them, or
+        with LoRA the trainable ones) plus two fp32 AdamW moments per trainable parameter. Global sizes:
+        DTensor.numel() and DeepSpeed's ds_numel count the whole parameter, not this rank's shard."""
+        lora = is_lora_model(self.model)
+        total = 0
+        for p in self.model.parameters():
+            numel = getattr(p, "ds_numel", p.numel())
+            if p.requires_grad:
+                total += numel * (p.element_size() + 8)
+            elif not lora:
+                total += numel * p.element_size()
+        return total
 
     def load(self, path: str | Path) -> dict:
         """Restore weights, optimizer and this rank's RNG from `path`; returns the trainer state."""
@@ -104,11 +123,21 @@ class Engine:
         calls, rank 0 writes). With LoRA: the peft adapter folder out_dir/adapter, and with merge_lora the
         merged model in out_dir."""
         state = self.full_state_dict()
-        if self.rank == 0 and is_lora_model(self.model):
-            save_adapter(self.model, out_dir / "adapter", state)
-            if merge_lora:
-                backbone.save(out_dir, state_dict=merged_state_dict(self.model, state))
-        elif self.rank == 0:
-            backbone.save(out_dir, state_dict=state)
+        if self.rank == 0 and self._room_for_export(state, out_dir):
+            if is_lora_model(self.model):
+                save_adapter(self.model, out_dir / "adapter", state)
+                if merge_lora:
+                    backbone.save(out_dir, state_dict=merged_state_dict(self.model, state))
+            else:
+                backbone.save(out_dir, state_dict=state)
         if dist.is_initialized():
             dist.barrier()
+
+    @staticmethod
+    def _room_for_export(state: dict, out_dir: Path) -> bool:
+        """Whether the export's file system has room for the state dict's bytes; logs why not (rank 0)."""
+        needed = sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t))
+        problem = ckpt.space_problem(out_dir.parent, needed, "the exported model")
+        if problem is not None:
+            log.error("%s: export skipped, nothing written (the last checkpoint holds the trained weights)", problem)
+        return problem is None

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from mrpo.config import UserInputError
 from mrpo.models.lora import is_lora_model
 
 from .base import Engine
@@ -106,7 +107,8 @@ class ZeROEngine(Engine):
         try:
             import deepspeed
         except ImportError as err:
-            raise ImportError("distributed.engine=deepspeed needs DeepSpeed: pip install -e '.[deepspeed]'") from err
+            raise UserInputError(f"distributed.engine=deepspeed needs DeepSpeed ({err}): pip install -e "
+                                 f"'.[deepspeed]', or use distributed.engine=fsdp2") from None
 
         _init_comm(device)
         super().__init__(model, ref_model, cfg, device)

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+from mrpo.config import UserInputError
 from mrpo.judges.base import JudgeRequest, JudgeStats, StepJudge, StepVerdict
 
 
@@ -41,12 +42,25 @@ JUDGES = {"http": _http, "local": _local, "rule": _rule, "labels": _labels, "pyt
           "none": lambda cfg: None}
 
 
+# the key naming what a judge reads at set-up, for the one-line error when it cannot be read
+_SOURCE_KEY = {"local": "judge.local_model_path", "labels": "judge.labels_path"}
+
+
 def build_judge(cfg) -> StepJudge | None:
-    """The judge for cfg.kind (a JudgeConfig or anything with the same attributes); None for "none"."""
+    """The judge for cfg.kind (a JudgeConfig or anything with the same attributes); None for "none".
+    A labels file or local model that cannot be read raises UserInputError naming the key."""
     kind = getattr(cfg, "kind", None)
     if kind not in JUDGES:
         raise ValueError(f"judge.kind={kind!r} is not one of {', '.join(repr(k) for k in JUDGES)}")
-    return JUDGES[kind](cfg)
+    try:
+        return JUDGES[kind](cfg)
+    except (OSError, ValueError) as e:
+        if kind not in _SOURCE_KEY or isinstance(e, UserInputError):
+            raise
+        key = _SOURCE_KEY[kind]
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserInputError(f"judge.kind={kind}: {key}={getattr(cfg, key.split('.')[1], None)}: {first}; "
+                             f"fix the file or point {key} at a readable one") from None
 
 
 __all__ = ["JudgeRequest", "JudgeStats", "StepJudge", "StepVerdict", "build_judge", "JUDGES"]

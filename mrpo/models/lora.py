@@ -53,6 +53,8 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn as nn
 
+from mrpo.config import UserInputError
+
 ADAPTER_NAME = "default"
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # peft's own file names (PeftModel.save_pretrained / from_pretrained)
@@ -62,7 +64,7 @@ ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
 
 
-class LoraError(ValueError):
+class LoraError(UserInputError):
     """A LoRA setting that cannot work with this model; the message names the `lora.*` key."""
 
 

@@ -15,3 +15,34 @@ def sigkill_after_scoring(trainer):
         return advantages(rewards)
 
     trainer.global_advantages = wrapped
+
+
+def sigkill_during_save(trainer):
+    """SIGKILL this process in the middle of writing the checkpoint of step MRPO_FAULT_STEP: the model and
+    optimizer files are written, the trainer state and the COMPLETE marker are not."""
+    step = int(os.environ["MRPO_FAULT_STEP"])
+    save_weights = trainer.engine.save_weights
+
+    def wrapped(folder):
+        save_weights(folder)
+        if trainer.step == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    trainer.engine.save_weights = wrapped
+
+
+def disk_full(trainer):
+    """Every file system reports 1 MiB free to shutil.disk_usage (what the space checks of checkpoints and
+    the export read)."""
+    import shutil
+
+    real = shutil.disk_usage
+    shutil.disk_usage = lambda path: real(path)._replace(free=2**20)
+
+
+def raise_a_bug(trainer):
+    """A plain ValueError from our own code at the first RL step (must keep its traceback)."""
+    def broken(*args, **kwargs):
+        raise ValueError("a bug in our code")
+
+    trainer.train_step = broken

@@ -77,7 +77,9 @@ def _fake_checkpoint(shared_data, out, **saved):
     (out / "config.yaml").write_text(cfg.to_yaml())
     ckpt = out / "checkpoints" / "step_000001"
     ckpt.mkdir(parents=True)
-    (ckpt / "COMPLETE").write_text("1\n")
+    (ckpt / "COMPLETE").write_text("1\n")   # an earlier version's marker: only the files' presence is checked
+    (ckpt / "trainer_state.pt").write_bytes(b"")
+    (ckpt / ".metadata").write_bytes(b"")
 
 
 def test_resume_with_a_changed_experiment_is_refused(shared_data, tmp_path):
