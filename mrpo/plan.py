@@ -45,6 +45,8 @@ FRAGMENTATION = 0.05                    # caching-allocator slack on top of the 
 CUDA_CHUNK_BYTES = 2 * GiB              # kernels.utils: a [chunk, V] buffer of at most 2 GiB on CUDA
 CPU_CHUNK_BYTES = 128 * 2 ** 20         # ... and 128 MiB on CPU
 ZERO_BUCKET = 500_000_000               # DeepSpeed reduce_bucket_size (elements)
+SAMPLING_COPIES = 7                     # [rows, V] fp32 logits alive while sampling (logits, warped, probs, ...;
+                                        # measured with V = 151936: tests/test_plan.py)
 PHASES = ("rollout", "logprobs", "train")
 
 
@@ -184,6 +186,15 @@ class Plan:
     def fits(self) -> bool:
         return self.peak <= self.gpu_mem_gib * GiB
 
+    def measurable_peak(self, name: str, first_step: bool = True) -> int:
+        """The phase's planned peak as torch counts it (allocated bytes: no CUDA context, no fragmentation
+        reserve). first_step: torch's AdamW creates its state at the first optimizer step, so the first
+        step's rollout and log-prob passes run without it."""
+        skip = ("CUDA context", "allocator")
+        if first_step and name != "train":
+            skip += ("AdamW exp_avg",)
+        return sum(v for k, v in self.phases[name].terms.items() if not k.startswith(skip))
+
     def worst_phase(self) -> str:
         return max(self.phases, key=lambda k: self.phases[k].peak)
 
@@ -299,7 +310,7 @@ def make_plan(cfg, gpus: int, gpu_mem_gib: float, shape: ModelShape, device: str
     ph.terms[f"KV cache ({'static' if static else 'dynamic'}, {gen_rows} rows x {seq} tokens)"] = kv
     prefill_rows_tokens = gen_rows * cfg.data.max_prompt_length
     ph.terms[f"prefill working set ({gen_rows} x {cfg.data.max_prompt_length} prompt tokens, no grad)"] = \
-        text_infer(prefill_rows_tokens) + 3 * gen_rows * s.vocab * 4
+        text_infer(prefill_rows_tokens) + SAMPLING_COPIES * gen_rows * s.vocab * 4
     ph.terms[f"vision tower, no grad ({gen_rows} images x {s.patches_per_image} patches)"] = \
         vision_infer(gen_rows) + gen_rows * s.tokens_per_image * s.hidden * pd
     if not static:
@@ -510,14 +521,13 @@ def check_at_startup(cfg, model_path, world: int, device, is_main: bool, log=pri
 
 
 def compare_measured(plan: Plan | None, peaks: dict[str, int]) -> str | None:
-    """One line: planned vs measured peak per phase (measured = max allocated, so the plan's CUDA context and
-    fragmentation reserve are left out of the planned figure)."""
+    """One line: planned vs measured peak per phase of the first step (Plan.measurable_peak: allocated bytes,
+    no AdamW state before the first optimizer step)."""
     if plan is None or not peaks:
         return None
     parts = []
     for name, measured in peaks.items():
-        ph = plan.phases[name]
-        planned = ph.peak - sum(v for k, v in ph.terms.items() if k.startswith(("CUDA context", "allocator")))
+        planned = plan.measurable_peak(name, first_step=True)
         parts.append(f"{name} planned {planned / GiB:.2f} GiB, measured {measured / GiB:.2f} GiB "
                      f"({(planned - measured) / max(measured, 1):+.0%})")
     return "memory after the first step: " + "; ".join(parts)

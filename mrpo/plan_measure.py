@@ -113,6 +113,10 @@ class PhaseMemory:
     def enabled(self) -> bool:
         return self.device.type == "cuda" or self.cpu_objects is not None
 
+    def stop(self) -> None:
+        """Measure nothing from now on (the peaks measured so far are kept)."""
+        self.device, self.cpu_objects = torch.device("meta"), None
+
     @contextlib.contextmanager
     def phase(self, name: str):
         if self.device.type == "cuda":
