@@ -460,6 +460,15 @@ def plan_for(cfg, gpus: int, gpu_mem_gib: float, device: str = "cuda", model_pat
     return plan
 
 
+def plan_as_run(cfg, model_path, gpus: int, device: str, prompt_tokens: int, completion_tokens: int) -> Plan:
+    """The plan of the shapes one step really ran (prompts padded to prompt_tokens, completions of
+    completion_tokens): what measured peaks are compared with (tests/test_plan.py, benchmarks/bench_plan.py)."""
+    cfg = copy.deepcopy(cfg)
+    cfg.data.max_prompt_length, cfg.rollout.max_new_tokens = prompt_tokens, completion_tokens
+    hf_config, source = resolve_model_config(cfg, model_path)
+    return make_plan(cfg, gpus, float("inf"), model_shape(cfg, hf_config, source), device)
+
+
 def format_plan(plan: Plan, title: str = "") -> str:
     s, cfg = plan.shape, plan.cfg
     names: list[str] = []

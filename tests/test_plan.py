@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from mrpo.config import REPO_ROOT, load_config
-from mrpo.plan import GiB, PHASES, PlanDoesNotFit, check_at_startup, main, make_plan, model_shape, plan_for, resolve_model_config
-from mrpo.plan_measure import LiveBytes, PhaseMemory, tensor_bytes
+from mrpo.plan import GiB, PHASES, PlanDoesNotFit, check_at_startup, main, plan_for
+from mrpo.plan_measure import LiveBytes, first_step_vs_plan, tensor_bytes
 
 PUBLISHED = {"configs/qwen2_5_vl_7b_mrpo.yaml": 8.29e9, "configs/qwen3_vl_8b_mrpo.yaml": 8.77e9,
              "configs/internvl3_8b_mrpo.yaml": 7.94e9}
@@ -95,26 +95,10 @@ def _one_step(tmp_path, overrides: list[str], model_path=None):
     cfg = load_config(REPO_ROOT / "configs" / "tiny_cpu.yaml", base + overrides)
     torch.manual_seed(0)
     trainer = Trainer(cfg)
-    trainer.phase_memory = PhaseMemory(trainer.device, cpu_objects=lambda: (
-        trainer.model, trainer.ref_model, trainer.engine.optimizer))
-    seen = {}
-    original = trainer.hidden_states
-
-    def record(model, rollout, seqs):   # the prompt length (padded) and completion length that really ran
-        seen["prompt"] = int(rollout.prompts["attention_mask"].shape[1])
-        seen["completion"] = max(len(c) for c in rollout.completion_ids)
-        return original(model, rollout, seqs)
-
-    trainer.hidden_states = record
     try:
-        trainer.train_step()
+        return first_step_vs_plan(trainer)
     finally:
         trainer.close()
-    # plan the shapes that ran: prompts padded to the batch's longest, completions of the longest length
-    cfg.data.max_prompt_length, cfg.rollout.max_new_tokens = seen["prompt"], seen["completion"]
-    hf_config, source = resolve_model_config(cfg, trainer.model_path)
-    plan = make_plan(cfg, 1, float("inf"), model_shape(cfg, hf_config, source), device="cpu")
-    return plan, trainer.phase_memory.peaks
 
 
 CASES = {
