@@ -419,20 +419,32 @@ def knob_candidates(cfg, gpus: int) -> list[tuple[str, object, int]]:
 
 
 def find_knobs(cfg, plan: Plan, device: str = "cuda") -> list[dict]:
-    """Re-plan with each knob alone, then cumulatively in order; the ones that fit, cheapest first."""
-    found, combined, combo = [], cfg, []
+    """Re-plan with each knob alone; when none fits, add knobs in order of cost until the plan fits, then drop
+    every knob the fit does not need. Returns [{knob, peak_gib, fits}], cheapest first."""
+    found, same_gpus = [], []
     for text, new_cfg, n in knob_candidates(cfg, plan.gpus):
         alone = make_plan(new_cfg, n, plan.gpu_mem_gib, plan.shape, device)
         found.append({"knob": text, "peak_gib": round(alone.peak / GiB, 2), "fits": alone.fits})
+        if n == plan.gpus:
+            same_gpus.append((text.split(" (")[0], new_cfg))
+
+    def combined(knobs):
+        acc = cfg
+        for _, new_cfg in knobs:
+            acc = _merge(acc, new_cfg, cfg)
+        return make_plan(acc, plan.gpus, plan.gpu_mem_gib, plan.shape, device)
+
     if not any(k["fits"] for k in found):
-        for text, new_cfg, n in knob_candidates(cfg, plan.gpus):
-            if n != plan.gpus:
-                continue
-            combo.append(text.split(" (")[0])
-            combined = _merge(combined, new_cfg, cfg)
-            alone = make_plan(combined, plan.gpus, plan.gpu_mem_gib, plan.shape, device)
-            if alone.fits:
-                found.append({"knob": " + ".join(combo), "peak_gib": round(alone.peak / GiB, 2), "fits": True})
+        for i in range(2, len(same_gpus) + 1):
+            if combined(same_gpus[:i]).fits:
+                chosen = same_gpus[:i]
+                for knob in list(chosen):   # drop what the fit does not need
+                    rest = [k for k in chosen if k is not knob]
+                    if rest and combined(rest).fits:
+                        chosen = rest
+                result = combined(chosen)
+                found.append({"knob": " + ".join(t for t, _ in chosen), "peak_gib": round(result.peak / GiB, 2),
+                              "fits": True})
                 break
     return found
 
