@@ -481,18 +481,23 @@ def plan_as_run(cfg, model_path, gpus: int, device: str, prompt_tokens: int, com
     return make_plan(cfg, gpus, float("inf"), model_shape(cfg, hf_config, source), device)
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
+
+
 def format_plan(plan: Plan, title: str = "") -> str:
     s, cfg = plan.shape, plan.cfg
     names: list[str] = []
     for ph in plan.phases.values():
         names += [k for k in ph.terms if k not in names]
     width = max(len(n) for n in names) + 2
-    lines = [f"memory plan{': ' + title if title else ''} on {plan.gpus} x {plan.gpu_mem_gib:g} GiB "
-             f"(engine {plan.engine}, {cfg.model.dtype})",
+    bounded = math.isfinite(plan.gpu_mem_gib)
+    where = f"{plan.gpus} x {plan.gpu_mem_gib:g} GiB" if bounded else f"{plan.gpus} process(es), no memory limit"
+    lines = [f"memory plan{': ' + title if title else ''} on {where} (engine {plan.engine}, {cfg.model.dtype})",
              f"  model config: {s.source}",
-             f"  parameters {s.params_total / 1e9:.2f}B (vision {s.params_vision / 1e9:.2f}B"
-             + (f", LoRA {s.lora_in_out * cfg.lora.rank / 1e6:.0f}M" if cfg.lora.rank else "")
-             + f"), trainable {_trainable(s, cfg) / 1e9:.3f}B; image at data.max_pixels: {s.patches_per_image} "
+             f"  parameters {_count(s.params_total)} (vision {_count(s.params_vision)}"
+             + (f", LoRA {_count(s.lora_in_out * cfg.lora.rank)}" if cfg.lora.rank else "")
+             + f"), trainable {_count(_trainable(s, cfg))}; image at data.max_pixels: {s.patches_per_image} "
                f"patches -> {s.tokens_per_image} tokens",
              f"  {'GiB per GPU':<{width}}" + "".join(f"{p:>10}" for p in PHASES)]
     for n in names:
@@ -504,7 +509,8 @@ def format_plan(plan: Plan, title: str = "") -> str:
         for note in plan.phases[p].notes:
             lines.append(f"  note ({p}): {note}")
     worst = plan.worst_phase()
-    verdict = (f"fits: peak {plan.peak / GiB:.1f} GiB ({worst}) of {plan.gpu_mem_gib:g} GiB" if plan.fits else
+    verdict = (f"peak {plan.peak / GiB:.2f} GiB ({worst})" if not bounded else
+               f"fits: peak {plan.peak / GiB:.1f} GiB ({worst}) of {plan.gpu_mem_gib:g} GiB" if plan.fits else
                f"DOES NOT FIT: {worst} needs {plan.peak / GiB:.1f} GiB per GPU, {plan.gpu_mem_gib:g} GiB available")
     lines.append("  " + verdict)
     if not plan.fits:
