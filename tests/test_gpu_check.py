@@ -48,10 +48,15 @@ def test_report_ratios(tmp_path):
     (out / "step.json").write_text(json.dumps({"decode": "eager", "step_s": 2.0, "phases": {"generate": 1.5},
                                                "tokens_per_s": 100.0, "padding_fraction": 0.1,
                                                "allgathers_per_rollout": "n/a", "decode_ms_per_token": 5.0}))
+    (out / "plan.json").write_text(json.dumps({"phases": {
+        "rollout": {"planned_gib": 5.0, "measured_gib": 4.5, "error": 0.111},
+        "train": {"planned_gib": 7.0, "measured_gib": 5.0, "error": 0.4}}}))
     args = types.SimpleNamespace(out=str(out), dry_run=False, tag="h200", budget_s=480.0)
     runner = types.SimpleNamespace(results={"env": {"status": "ok"}}, t0=0.0)
     gpu_check.report(args, runner, {"torch": "x"}, {"gb_per_s": 4000.0})
     got = {r["metric"]: r for r in csv.DictReader(open(out / "summary.csv"))}
+    assert got["plan rollout error"]["value"] == "11.1" and got["plan rollout error"]["met"] == "yes"
+    assert got["plan train error"]["met"] == "no" and got["plan train measured"]["value"] == "5.0"
     assert got["loss ours / 3 GEMMs"]["value"] == "1.1" and got["loss ours / 3 GEMMs"]["met"] == "yes"
     assert got["loss peak mem ours / liger"]["met"] == "yes"
     # 4e9 bytes at 4000 GB/s = 1 ms; 5 ms per decode step = 5x > 3x

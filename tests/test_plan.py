@@ -51,6 +51,36 @@ def test_cli_json_and_knobs(tmp_path, capsys):
     assert 100e6 < lora.to_json()["params_lora"] < 250e6
 
 
+def test_engine_state_terms():
+    """The persistent and gradient terms follow what each engine keeps (sizes from the meta-device count)."""
+    from mrpo.plan import make_plan, model_shape, resolve_model_config
+
+    cfg = load_config(REPO_ROOT / "configs" / "qwen2_5_vl_7b_mrpo.yaml")
+    shape = model_shape(cfg, *resolve_model_config(cfg))
+    n = shape.params_total
+    fsdp = make_plan(cfg, 4, 80.0, shape)
+    train = fsdp.phases["train"].terms
+    assert train["AdamW exp_avg + exp_avg_sq (bfloat16, no fp32 master)"] == 2 * n * 2 // 4
+    assert train["reference model (frozen copy, sharded like the policy)"] == n * 2 // 4
+    # no-sync accumulation over the 8 micro-batches: every gradient unsharded, in reduce_dtype float32
+    assert train["gradients accumulated unsharded over 8 micro-batches"] == n * 4
+    ds = make_plan(load_config(REPO_ROOT / "configs" / "qwen2_5_vl_7b_mrpo.yaml", ["distributed.engine=deepspeed"]),
+                   4, 80.0, shape)
+    assert ds.phases["train"].terms["optimizer: fp32 master + AdamW moments + fp32 gradient partition"] == 16 * n // 4
+    lora_cfg = load_config(REPO_ROOT / "configs" / "qwen2_5_vl_7b_mrpo.yaml", ["lora.rank=64"])
+    lora = make_plan(lora_cfg, 4, 80.0, shape).phases["train"].terms
+    adapters = shape.lora_in_out * 64
+    assert lora["AdamW exp_avg + exp_avg_sq (float32 adapters, no fp32 master)"] == 2 * adapters * 4 // 4
+    assert not any("reference" in k for k in lora)
+    # KV cache: 2 x 28 layers x 4 KV heads x 128 x bf16 x 16 rows x (1024 + 512) tokens
+    assert fsdp.phases["rollout"].terms["KV cache (dynamic, 16 rows x 1536 tokens)"] == 2 * 28 * 4 * 128 * 2 * 16 * 1536
+    # gradient checkpointing keeps ~1/30 of the activations at these widths
+    no_ckpt = make_plan(load_config(REPO_ROOT / "configs" / "qwen2_5_vl_7b_mrpo.yaml",
+                                    ["model.gradient_checkpointing=false"]), 4, 80.0, shape)
+    act = lambda p, w: p.phases["train"].terms[f"activations (3072 tokens, {w} gradient checkpointing)"]  # noqa: E731
+    assert act(no_ckpt, "without") > 10 * act(fsdp, "with")
+
+
 def test_refuses_to_start_on_cuda_when_it_does_not_fit(monkeypatch):
     cfg = load_config(REPO_ROOT / "configs" / "qwen2_5_vl_7b_mrpo.yaml")
 
