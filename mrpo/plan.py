@@ -162,6 +162,8 @@ def model_shape(cfg, hf_config, source: str) -> ModelShape:
 class Phase:
     terms: dict[str, int] = field(default_factory=dict)    # name -> bytes per GPU
     notes: list[str] = field(default_factory=list)
+    step_temporaries: int = 0                              # train: AdamW step's temporaries (bytes)
+    activation_keys: tuple = ()                            # train: the terms freed before the optimizer step
 
     @property
     def peak(self) -> int:
@@ -189,11 +191,20 @@ class Plan:
     def measurable_peak(self, name: str, first_step: bool = True) -> int:
         """The phase's planned peak as torch counts it (allocated bytes: no CUDA context, no fragmentation
         reserve). first_step: torch's AdamW creates its state at the first optimizer step, so the first
-        step's rollout and log-prob passes run without it."""
+        step's rollout and log-prob passes run without it, and so does its backward pass unless
+        algo.num_iterations > 1 (a second backward after the first optimizer step)."""
+        ph = self.phases[name]
         skip = ("CUDA context", "allocator")
+        if first_step and name == "train" and self.cfg.algo.num_iterations == 1:
+            # backward without AdamW state, then the step with it: the larger of the two moments
+            adam = sum(v for k, v in ph.terms.items() if k.startswith("AdamW exp_avg"))
+            act = sum(ph.terms.get(k, 0) for k in ph.activation_keys)
+            rest = sum(v for k, v in ph.terms.items() if not k.startswith(skip + ("AdamW",))
+                       and k not in ph.activation_keys)
+            return rest + max(act, adam + ph.step_temporaries)
         if first_step and name != "train":
             skip += ("AdamW exp_avg",)
-        return sum(v for k, v in self.phases[name].terms.items() if not k.startswith(skip))
+        return sum(v for k, v in ph.terms.items() if not k.startswith(skip))
 
     def worst_phase(self) -> str:
         return max(self.phases, key=lambda k: self.phases[k].peak)
@@ -338,9 +349,10 @@ def make_plan(cfg, gpus: int, gpu_mem_gib: float, shape: ModelShape, device: str
     if engine == "fsdp2":
         # no-sync accumulation keeps every trainable parameter's gradient unsharded, upcast to reduce_dtype
         red = max(DTYPE_BYTES[d.reduce_dtype] if device == "cuda" else 4, t_bytes)
-        if micro_batches > 1:
+        if micro_batches > 1:   # reduce-scattered unit by unit into the shards at the last micro-batch
             ph.terms[f"gradients accumulated unsharded over {micro_batches} micro-batches"] = trainable * red
-        ph.terms[f"gradients (1/{shard} shard)"] = trainable * t_bytes // shard
+        else:
+            ph.terms[f"gradients (1/{shard} shard)"] = trainable * t_bytes // shard
     elif engine == "deepspeed":
         ph.terms["ZeRO reduce bucket"] = min(ZERO_BUCKET, trainable) * pd
     else:
@@ -367,6 +379,7 @@ def make_plan(cfg, gpus: int, gpu_mem_gib: float, shape: ModelShape, device: str
     # backward, when activations are gone, so the phase peak is the larger of the two moments
     step_tmp = trainable * t_bytes // shard
     act_keys = [k for k in ph.terms if k.startswith(("activations", "vision tower", "fused loss"))]
+    ph.step_temporaries, ph.activation_keys = step_tmp, tuple(act_keys)
     if step_tmp > sum(ph.terms[k] for k in act_keys):
         for k in act_keys:
             del ph.terms[k]

@@ -45,13 +45,12 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {a.untyped_storage().data_ptr() for a in pytree.tree_leaves((args, kwargs))
-                  if isinstance(a, torch.Tensor) and a.device.type != "meta"}
+        inputs = {_storage(a)[1] for a in pytree.tree_leaves((args, kwargs)) if _storage(a)}
         for t in pytree.tree_leaves(out):
-            if not isinstance(t, torch.Tensor) or t.device.type == "meta" or t._is_view():
+            found = _storage(t) if isinstance(t, torch.Tensor) and not t._is_view() else None
+            if found is None:
                 continue
-            storage = t.untyped_storage()
-            ptr, n = storage.data_ptr(), storage.nbytes()
+            storage, ptr, n = found
             if n == 0 or ptr in inputs or ptr in self._refs:
                 continue
             self._refs[ptr] = weakref.ref(storage, functools.partial(self._free, ptr, n))
@@ -67,16 +66,28 @@ class LiveBytes(TorchDispatchMode):
         self.peak = self.live
 
 
+def _storage(t) -> tuple | None:
+    """(untyped storage, data pointer, bytes) of a tensor with real storage (a DTensor's local shard), else
+    None (meta tensors, storages FSDP2 has freed)."""
+    if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+        return None
+    t = getattr(t, "_local_tensor", t)   # a DTensor: its shard (made by ops the mode does not see)
+    try:
+        st = t.untyped_storage()
+        return st, st.data_ptr(), st.nbytes()
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
 def tensor_bytes(*objects) -> int:
     """Bytes of the distinct storages of every tensor in `objects` (modules: parameters, their gradients
     and buffers; optimizers: their state; anything else: the tensors in it)."""
     seen: dict[int, int] = {}
 
     def add(t):
-        if isinstance(t, torch.Tensor) and t.device.type != "meta":
-            t = getattr(t, "_local_tensor", t)   # a DTensor's shard
-            st = t.untyped_storage()
-            seen[st.data_ptr()] = st.nbytes()
+        found = _storage(t)
+        if found is not None:
+            seen[found[1]] = found[2]
 
     for obj in objects:
         if obj is None:
