@@ -333,7 +333,10 @@ def make_plan(cfg, gpus: int, gpu_mem_gib: float, shape: ModelShape, device: str
     runs = [n for n, on in (("old", cfg.algo.num_iterations > 1), ("reference", cfg.loss.beta > 0)) if on]
     if runs:
         if working:
-            ph.terms["parameters unsharded per unit (root + 2 blocks)"] = working
+            # measured under FSDP2 on 2 CPU ranks (tests/test_plan.py): the no-grad passes hold about one unit
+            # more than the training forward; the plan adds the vision tower's unit (the largest) there
+            ph.terms["parameters unsharded per unit (root + vision + 2 blocks)"] = \
+                s.params_root * pd + (2 * s.params_layer + s.params_vision) * pd
         ph.terms[f"forward working set ({mb_tokens} tokens, no grad)"] = text_infer(mb_tokens) + vision_infer(images_mb)
         rows = min(mb_completion, max(1, chunk_bytes // (s.vocab * pd)))
         ph.terms[f"linear_logprobs [{rows}, {s.vocab}] logits buffer"] = rows * s.vocab * pd + mb_completion * s.hidden * pd
