@@ -292,9 +292,11 @@ def make_plan(cfg, gpus: int, gpu_mem_gib: float, shape: ModelShape, device: str
         base[f"AdamW exp_avg + exp_avg_sq ({'float32 adapters' if lora else m.dtype}, no fp32 master)"] = \
             2 * trainable * t_bytes // shard
     if has_ref:
-        base["reference model (frozen copy, sharded like the policy)"] = s.params_total * (pd if engine == "deepspeed" else p) // shard
+        ref_bytes = pd if engine == "deepspeed" else p
+        base["reference model (frozen copy, sharded like the policy)"] = s.params_total * ref_bytes // shard
     if device == "cuda":
-        base["CUDA context" + (" + NCCL buffers" if gpus > 1 else "")] = CUDA_CONTEXT + (NCCL_BUFFERS if gpus > 1 else 0)
+        nccl = NCCL_BUFFERS if gpus > 1 else 0
+        base["CUDA context" + (" + NCCL buffers" if nccl else "")] = CUDA_CONTEXT + nccl
 
     # FSDP2 / ZeRO-3 working set of one forward: the root unit (embeddings, lm_head, norm, projector) stays
     # unsharded, plus the running and the prefetched decoder block (or the whole vision tower, one unit)
@@ -339,7 +341,8 @@ def make_plan(cfg, gpus: int, gpu_mem_gib: float, shape: ModelShape, device: str
                 s.params_root * pd + (2 * s.params_layer + s.params_vision) * pd
         ph.terms[f"forward working set ({mb_tokens} tokens, no grad)"] = text_infer(mb_tokens) + vision_infer(images_mb)
         rows = min(mb_completion, max(1, chunk_bytes // (s.vocab * pd)))
-        ph.terms[f"linear_logprobs [{rows}, {s.vocab}] logits buffer"] = rows * s.vocab * pd + mb_completion * s.hidden * pd
+        ph.terms[f"linear_logprobs [{rows}, {s.vocab}] logits buffer"] = \
+            rows * s.vocab * pd + mb_completion * s.hidden * pd
         ph.notes.append(f"passes: {' + '.join(runs)} log-probs, {micro_batches} micro-batches each")
     else:
         ph.notes.append("not run (num_iterations = 1 and loss.beta = 0)")
@@ -411,10 +414,10 @@ def knob_candidates(cfg, gpus: int) -> list[tuple[str, object, int]]:
     o, out = cfg.optim, []
     if o.per_device_batch_size > 1 and not cfg.loss.max_tokens_per_micro_batch:
         b = max(1, o.per_device_batch_size // 2)
-        out.append((f"optim.per_device_batch_size={b} optim.grad_accum_steps={o.grad_accum_steps * o.per_device_batch_size // b}"
-                    " (smaller micro-batches, same step)",
-                    _with(cfg, optim__per_device_batch_size=b,
-                          optim__grad_accum_steps=o.grad_accum_steps * o.per_device_batch_size // b), gpus))
+        accum = o.grad_accum_steps * o.per_device_batch_size // b
+        out.append((f"optim.per_device_batch_size={b} optim.grad_accum_steps={accum} "
+                    "(smaller micro-batches, same step)",
+                    _with(cfg, optim__per_device_batch_size=b, optim__grad_accum_steps=accum), gpus))
     if not cfg.model.gradient_checkpointing:
         out.append(("model.gradient_checkpointing=true (~30% slower steps)",
                     _with(cfg, model__gradient_checkpointing=True), gpus))

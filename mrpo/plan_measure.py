@@ -198,9 +198,10 @@ def toy_config(family: str, hidden: int, intermediate: int, heads: int, kv_heads
             vis.fullatt_block_indexes = [0]
         else:
             vis.deepstack_visual_indexes = []
-    if hasattr(text, "rope_parameters") and isinstance(text.rope_parameters, dict) and "mrope_section" in text.rope_parameters:
+    rope = getattr(text, "rope_parameters", None)
+    if isinstance(rope, dict) and "mrope_section" in rope:   # M-RoPE sections sum to head_dim / 2
         q = head_dim // 2
-        text.rope_parameters["mrope_section"] = [q - 2 * (q // 3), q // 3, q // 3]
+        rope["mrope_section"] = [q - 2 * (q // 3), q // 3, q // 3]
     cfg.tie_word_embeddings = False
     return cfg
 

@@ -32,8 +32,8 @@ def test_recipe_backbones_plan_without_weights(config):
 
 def test_cli_json_and_knobs(tmp_path, capsys):
     out = tmp_path / "plan.json"
-    assert main(["--config", str(REPO_ROOT / "configs" / "qwen2_5_vl_7b_mrpo.yaml"), "--gpus", "1", "--gpu-mem-gib", "80",
-                 "--json", str(out)]) == 0
+    config = str(REPO_ROOT / "configs" / "qwen2_5_vl_7b_mrpo.yaml")
+    assert main(["--config", config, "--gpus", "1", "--gpu-mem-gib", "80", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     assert "DOES NOT FIT" in text and "knobs that make it fit" in text
     data = json.loads(out.read_text())

@@ -1,5 +1,6 @@
-"""torchrun worker for tests/test_plan.py (here, not in tests/, whose kernels/ would shadow a package): one RL step of the tiny model under FSDP2 on 2 CPU ranks, with
-per-phase LiveBytes peaks; rank 0 writes {phase: [planned, measured]} and the plan's terms to argv[1]."""
+"""torchrun worker for tests/test_plan.py (here, not in tests/, whose kernels/ would shadow a package): one
+RL step of the tiny model under FSDP2 on 2 CPU ranks with per-phase LiveBytes peaks; rank 0 writes
+{phase: [planned, measured]} and the plan's terms to argv[1]."""
 import json
 import sys
 
