@@ -363,11 +363,16 @@ def make_plan(cfg, gpus: int, gpu_mem_gib: float, shape: ModelShape, device: str
         ph.terms["ZeRO reduce bucket"] = min(ZERO_BUCKET, trainable) * pd
     else:
         ph.terms["gradients"] = trainable * t_bytes
+    def activations(ckpt: bool) -> int:
+        per_layer = _per_token(t_c, "ckpt" if ckpt else "train", text)
+        one_layer = _per_token(t_c, "backward", text) + (_per_token(t_c, "train", text) if ckpt else 0)
+        return int(mb_tokens * (s.layers * per_layer + one_layer + 2 * s.hidden * pd))
+
     ckpt = m.gradient_checkpointing
-    per_layer = _per_token(t_c, "ckpt" if ckpt else "train", text)
-    one_layer = _per_token(t_c, "backward", text) + (_per_token(t_c, "train", text) if ckpt else 0)
     ph.terms[f"activations ({mb_tokens} tokens, {'with' if ckpt else 'without'} gradient checkpointing)"] = \
-        int(mb_tokens * (s.layers * per_layer + one_layer + 2 * s.hidden * pd))
+        activations(ckpt)
+    ph.notes.append(f"activations {'without' if ckpt else 'with'} gradient checkpointing would be "
+                    f"{activations(not ckpt) / GiB:.2f} GiB")
     vision_trains = not (m.freeze_vision or lora)
     if vision_trains:
         v_layer = _per_token(v_c, "ckpt" if ckpt else "train", vis)
