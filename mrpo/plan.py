@@ -587,8 +587,18 @@ def compare_measured(plan: Plan | None, peaks: dict[str, int]) -> str | None:
 def _drop_repo_root_from_path() -> None:
     # `python -m` puts the working directory first on sys.path; from the repository root its kernels/
     # folder (installed as mrpo_kernels) would hide the `kernels` package that transformers 5.2x imports
+    import importlib.metadata
+    import importlib.util
+
     root = Path(__file__).resolve().parents[1]
+    try:
+        importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        return
+    saved = sys.path[:]
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != root]
+    if importlib.util.find_spec("mrpo_kernels") is None:   # not installed: the checkout is the only source
+        sys.path[:] = saved
 
 
 def main(argv=None) -> int:
