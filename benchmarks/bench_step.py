@@ -273,6 +273,7 @@ def run(args, work: str, argv=None) -> None:
 
     t_setup = time.perf_counter()
     trainer = Trainer(cfg)
+    trainer.phase_memory.stop()   # its per-phase peak resets would clear this benchmark's CUDA peak counter
     if args.sft_steps:
         trainer.sft_warmup()
     t_setup = time.perf_counter() - t_setup

@@ -10,6 +10,8 @@ skipped and says so):
   loss       bench_loss at bf16 N=16384, D=4096, V=151936 (fwd+bwd): ours-triton vs the three cuBLAS
              GEMMs (bound) vs Liger-Kernel, time and peak memory
   model      a random-initialised Qwen2.5-VL-shaped model of ~1.9B parameters (gpu_models.py)
+  plan       bench_plan on that model (loss.beta=0.04: reference pass on): mrpo.plan's per-phase peak of the
+             shapes the step ran vs torch.cuda.max_memory_allocated per phase, target |error| <= 15%
   step       bench_step on that model, one GPU, rollout.decode=eager: tokens/s, phases, decode ms/token
   packing    bench_step --compare-packing on that model: the loss + backward of one rollout with the packed
              (varlen attention) and the padded forward, interleaved, and the rollout's per-token log-probs
@@ -229,6 +231,14 @@ def report(args, runner: Runner, env: dict, bw: dict | None) -> None:
         add("packing loss+backward padded", s["padded_s"], "s")
         add("packing packed / padded loss+backward", s["ratio_p50"], "x", "<= 1", "yes" if s["ratio_p50"] <= 1 else "no")
         add(f"packing log-probs packed vs padded, max abs diff ({s['dtype']})", s["logprob_max_abs_diff"], "nats")
+    plan_json = out / "plan.json"
+    if plan_json.exists():
+        for phase, r in json.loads(plan_json.read_text())["phases"].items():
+            add(f"plan {phase} planned", r["planned_gib"], "GiB")
+            add(f"plan {phase} measured", r["measured_gib"], "GiB")
+            if r["error"] is not None:
+                add(f"plan {phase} error", round(100 * r["error"], 1), "%", "|e| <= 15",
+                    "yes" if abs(r["error"]) <= 0.15 else "no")
     for stage in ("step", "step_fast"):
         js = out / f"{stage}.json"
         if not js.exists():
@@ -292,7 +302,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     args.tag = "dry" if args.dry_run else "h200" if "H200" in torch.cuda.get_device_name() else "cuda"
     runner = Runner(args)
-    for stale in ("summary.md", "summary.csv", "step.json", "packing.json", "step_fast.json", f"loss_{args.tag}.csv",
+    for stale in ("summary.md", "summary.csv", "step.json", "packing.json", "plan.json", "step_fast.json", f"loss_{args.tag}.csv",
                   "bandwidth.json"):
         (out / stale).unlink(missing_ok=True)   # the report reads only this run's outputs
     py, dry = runner.py, args.dry_run
@@ -329,6 +339,13 @@ def main(argv=None) -> int:
     overrides = [f"model.path={model_dir}", "model.family=qwen2_5_vl",
                  f"model.dtype={'float32' if dry else 'bfloat16'}", f"rollout.max_new_tokens={8 if dry else 128}",
                  "optim.per_device_batch_size=8", "optim.grad_accum_steps=2", "rollout.group_size=8"]
+    if "plan" not in args.skip:   # issue 23: mrpo.plan's per-phase peaks against the allocator's, same model
+        if (model_dir / "gpu_model.json").exists():
+            runner.run("plan", 150, py + ["benchmarks/bench_plan.py", "--json", str(out / "plan.json"),
+                                          *overrides, "loss.beta=0.04"] + (["--threads", "1"] if dry else []),
+                       min_s=40)
+        else:
+            runner.note("plan", "skipped", why="no model (the model stage failed or was skipped)")
     for stage, decode in (("step", "eager"), ("packing", "eager"), ("step_fast", "static_compiled")):
         if stage in args.skip:
             continue

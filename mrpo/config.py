@@ -205,6 +205,12 @@ class DistributedConfig:
 
 
 @dataclass
+class PlanConfig:
+    """The memory plan printed at start-up (python -m mrpo.plan does the same for any GPU count)."""
+    enforce: bool = _f(True, "on CUDA, refuse to start (exit 2) when the plan's peak exceeds the device memory")
+
+
+@dataclass
 class CheckpointConfig:
     every_steps: int = _f(100, "RL steps between checkpoints (0 = only at the end)")
     keep_last: int = _f(2, "complete checkpoints kept")
@@ -246,6 +252,7 @@ class Config:
     lora: LoraConfig = _f(help="LoRA adapters (rank 0 = full fine-tuning)", factory=LoraConfig)
     distributed: DistributedConfig = _f(help="multi-process engine", factory=DistributedConfig)
     checkpoint: CheckpointConfig = _f(help="checkpoints and resume", factory=CheckpointConfig)
+    plan: PlanConfig = _f(help="start-up memory plan", factory=PlanConfig)
     logging: LoggingConfig = _f(help="metrics, evaluation cadence", factory=LoggingConfig)
 
     def to_dict(self) -> dict:

@@ -159,7 +159,7 @@ RESUME_ALLOWED = (
     "judge.max_concurrency", "judge.timeout_s", "judge.max_retries", "judge.backoff_s", "judge.cache_dir",
     "judge.api_key_env", "judge.base_url", "judge.max_unjudged_fraction", "judge.unjudged_window",
     "model.attn_implementation", "model.gradient_checkpointing", "loss.backend", "loss.chunk_size",
-    "distributed.gather_for_generation",
+    "distributed.gather_for_generation", "plan.",
 )
 
 

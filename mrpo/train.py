@@ -108,9 +108,15 @@ def _train(cfg, rank: int, JudgeOutageError, describe_outputs, stop_message) -> 
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
 
     from mrpo.checkpoint import complete_checkpoints
+    from mrpo.plan import PlanDoesNotFit
     from mrpo.trainer import Trainer
 
-    trainer = Trainer(cfg)
+    try:
+        trainer = Trainer(cfg)
+    except PlanDoesNotFit as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
     hook = os.environ.get("MRPO_TEST_HOOK")   # "module:function" called with the trainer (fault-injection tests)
     if hook:
         import importlib

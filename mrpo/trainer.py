@@ -37,6 +37,8 @@ from mrpo.judges.outage import JudgeOutageError, UnjudgedGuard
 from mrpo.metrics_log import MetricsLogger
 from mrpo.models.lora import adapters_disabled
 from mrpo.models.parallelize import hidden_states_mode, init_distributed
+from mrpo.plan import check_at_startup, compare_measured
+from mrpo.plan_measure import PhaseMemory
 from mrpo.rewards import RewardModel
 from mrpo.run_safety import GracefulStop, agree_all
 from mrpo.rollout import (PromptPool, Rollout, first_failure_stage, gold_rollout, greedy_texts, in_background,
@@ -63,6 +65,8 @@ class Trainer:
 
         train, test = build.load_splits(cfg, self.is_main, self.prompts_per_rank * self.world)
         self.model_path = build.model_path(cfg, self.is_main)
+        self.memory_plan = check_at_startup(cfg, self.model_path, self.world, self.device, self.is_main, log.info)
+        self.phase_memory = PhaseMemory(self.device)   # per-phase peaks (CUDA), compared with the plan once
         self.backbone = build.load_policy(cfg, self.model_path, self.device)
         self.model = self.backbone.model
         self.reasoning_tag = self.backbone.reasoning_tag
@@ -88,24 +92,27 @@ class Trainer:
     def train_step(self) -> dict:
         cfg, t = self.cfg, [time.perf_counter()]
         prompts = self.pool.usable(self.sampler.next(self.prompts_per_rank), self.prompts_per_rank)
-        rollout = sample_groups(self.engine, self.backbone, self.pool, prompts, cfg.rollout)
+        with self.phase_memory.phase("rollout"):
+            rollout = sample_groups(self.engine, self.backbone, self.pool, prompts, cfg.rollout)
         t.append(time.perf_counter())
         judged = in_background(score, rollout, self.reward_model, self.backbone.tokenizer)   # overlaps the passes
-        if cfg.algo.num_iterations > 1:
-            rollout.old_logprobs = self.logprobs(self.model, rollout)
-        if cfg.loss.beta > 0:
-            rollout.ref_logprobs = self.reference_logprobs(rollout)
+        with self.phase_memory.phase("logprobs"):
+            if cfg.algo.num_iterations > 1:
+                rollout.old_logprobs = self.logprobs(self.model, rollout)
+            if cfg.loss.beta > 0:
+                rollout.ref_logprobs = self.reference_logprobs(rollout)
         t.append(time.perf_counter())
         (scored, metrics), judge_s = judged.result()
         rollout.advantages = self.global_advantages(self.reward_model.reward_matrix(scored))
         t.append(time.perf_counter())
         weights, micro = self.step_token_weights(rollout), self.micro_batches(rollout)
         sums, norms, skipped = 0, [], 0
-        for _ in range(cfg.algo.num_iterations):
-            sums = sums + self.accumulate_gradients(rollout, weights, micro)
-            norm, applied = self.engine.step()
-            norms.append(norm)
-            skipped += not applied
+        with self.phase_memory.phase("train"):
+            for _ in range(cfg.algo.num_iterations):
+                sums = sums + self.accumulate_gradients(rollout, weights, micro)
+                norm, applied = self.engine.step()
+                norms.append(norm)
+                skipped += not applied
         self.scheduler.step()
         t.append(time.perf_counter())
         loss_sum, clipped, kl = sums.tolist()   # one host sync for the step's loss metrics
@@ -246,6 +253,9 @@ class Trainer:
         while self.step < self.total_steps and not self.stop.requested:
             self.stop_phase = "rollout"
             last = self.train_step()
+            if self.is_main and (line := compare_measured(self.memory_plan, self.phase_memory.peaks)):
+                log.info(line)
+            self.phase_memory.stop()   # first step only: later steps leave the allocator's peak counters alone
             self.step += 1
             last["step"] = self.step
             self.metrics.log(last)

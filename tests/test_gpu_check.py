@@ -50,10 +50,15 @@ def test_report_ratios(tmp_path):
                                                "allgathers_per_rollout": "n/a", "decode_ms_per_token": 5.0}))
     (out / "packing.json").write_text(json.dumps({"packed_kernel": "torch_varlen", "packed_s": 0.8, "padded_s": 1.0,
                                                   "ratio_p50": 0.8, "dtype": "bfloat16", "logprob_max_abs_diff": 0.03}))
+    (out / "plan.json").write_text(json.dumps({"phases": {
+        "rollout": {"planned_gib": 5.0, "measured_gib": 4.5, "error": 0.111},
+        "train": {"planned_gib": 7.0, "measured_gib": 5.0, "error": 0.4}}}))
     args = types.SimpleNamespace(out=str(out), dry_run=False, tag="h200", budget_s=480.0)
     runner = types.SimpleNamespace(results={"env": {"status": "ok"}}, t0=0.0)
     gpu_check.report(args, runner, {"torch": "x"}, {"gb_per_s": 4000.0})
     got = {r["metric"]: r for r in csv.DictReader(open(out / "summary.csv"))}
+    assert got["plan rollout error"]["value"] == "11.1" and got["plan rollout error"]["met"] == "yes"
+    assert got["plan train error"]["met"] == "no" and got["plan train measured"]["value"] == "5.0"
     assert got["loss ours / 3 GEMMs"]["value"] == "1.1" and got["loss ours / 3 GEMMs"]["met"] == "yes"
     assert got["loss peak mem ours / liger"]["met"] == "yes"
     # 4e9 bytes at 4000 GB/s = 1 ms; 5 ms per decode step = 5x > 3x

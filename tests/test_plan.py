@@ -1,0 +1,188 @@
+"""mrpo.plan: exact parameter counts of the recipe backbones from their shipped config.json, the CLI and its
+JSON, the trainer's refusal to start, and the plan against peaks measured on CPU for every phase of a real
+RL step (tiny model and a scaled-down Qwen2.5-VL with the real 151936-token vocabulary), within 15%."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mrpo.config import REPO_ROOT, load_config
+from mrpo.plan import GiB, PHASES, PlanDoesNotFit, check_at_startup, main, plan_for
+from mrpo.plan_measure import LiveBytes, first_step_vs_plan, tensor_bytes
+
+PUBLISHED = {"configs/qwen2_5_vl_7b_mrpo.yaml": 8.29e9, "configs/qwen3_vl_8b_mrpo.yaml": 8.77e9,
+             "configs/internvl3_8b_mrpo.yaml": 7.94e9}
+
+
+@pytest.mark.parametrize("config", sorted(PUBLISHED))
+def test_recipe_backbones_plan_without_weights(config):
+    """model.path (/models/...) does not exist: the shipped config.json is used, and the meta-device count
+    matches the published size."""
+    cfg = load_config(REPO_ROOT / config)
+    plan = plan_for(cfg, 4, 80.0, knobs=False)
+    assert "configs/backbones/" in plan.shape.source and "not found" in plan.shape.source
+    assert plan.shape.params_total == pytest.approx(PUBLISHED[config], rel=0.005)
+    # FSDP2 over 4 GPUs: a quarter of the bf16 parameters per GPU; the rollout gathers the whole model
+    terms = plan.phases["rollout"].terms
+    assert terms["parameters (bfloat16, 1/4 FSDP2 shard)"] == plan.shape.params_total * 2 // 4
+    assert terms["parameters gathered for generation (2-byte, whole model)"] == plan.shape.params_total * 2
+
+
+def test_cli_json_and_knobs(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    config = str(REPO_ROOT / "configs" / "qwen2_5_vl_7b_mrpo.yaml")
+    assert main(["--config", config, "--gpus", "1", "--gpu-mem-gib", "80", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "DOES NOT FIT" in text and "knobs that make it fit" in text
+    data = json.loads(out.read_text())
+    assert data["fits"] is False and data["params_total"] > 8e9
+    assert set(data["phases"]) == set(PHASES)
+    assert data["peak_gib"] == max(p["peak_gib"] for p in data["phases"].values())
+    for p in data["phases"].values():
+        assert p["peak_gib"] == pytest.approx(sum(p["terms_gib"].values()), abs=0.02)
+    fitting = [k for k in data["knobs"] if k["fits"]]
+    assert fitting and all(k["peak_gib"] <= 80 for k in fitting)
+    # LoRA: no reference copy, adapters only carry optimizer state
+    cfg = load_config(REPO_ROOT / "configs" / "qwen2_5_vl_7b_mrpo_lora.yaml")
+    lora = plan_for(cfg, 1, 80.0, knobs=False)
+    assert not any("reference" in k for k in lora.phases["train"].terms)
+    assert 100e6 < lora.to_json()["params_lora"] < 250e6
+
+
+def test_engine_state_terms():
+    """The persistent and gradient terms follow what each engine keeps (sizes from the meta-device count)."""
+    from mrpo.plan import make_plan, model_shape, resolve_model_config
+
+    cfg = load_config(REPO_ROOT / "configs" / "qwen2_5_vl_7b_mrpo.yaml")
+    shape = model_shape(cfg, *resolve_model_config(cfg))
+    n = shape.params_total
+    fsdp = make_plan(cfg, 4, 80.0, shape)
+    train = fsdp.phases["train"].terms
+    assert train["AdamW exp_avg + exp_avg_sq (bfloat16, no fp32 master)"] == 2 * n * 2 // 4
+    assert train["reference model (frozen copy, sharded like the policy)"] == n * 2 // 4
+    # no-sync accumulation over the 8 micro-batches: every gradient unsharded, in reduce_dtype float32
+    assert train["gradients accumulated unsharded over 8 micro-batches"] == n * 4
+    ds = make_plan(load_config(REPO_ROOT / "configs" / "qwen2_5_vl_7b_mrpo.yaml", ["distributed.engine=deepspeed"]),
+                   4, 80.0, shape)
+    assert ds.phases["train"].terms["optimizer: fp32 master + AdamW moments + fp32 gradient partition"] == 16 * n // 4
+    lora_cfg = load_config(REPO_ROOT / "configs" / "qwen2_5_vl_7b_mrpo.yaml", ["lora.rank=64"])
+    lora = make_plan(lora_cfg, 4, 80.0, shape).phases["train"].terms
+    adapters = shape.lora_in_out * 64
+    assert lora["AdamW exp_avg + exp_avg_sq (float32 adapters, no fp32 master)"] == 2 * adapters * 4 // 4
+    assert not any("reference" in k for k in lora)
+    # KV cache: 2 x 28 layers x 4 KV heads x 128 x bf16 x 16 rows x (1024 + 512) tokens
+    assert fsdp.phases["rollout"].terms["KV cache (dynamic, 16 rows x 1536 tokens)"] == 2 * 28 * 4 * 128 * 2 * 16 * 1536
+    # gradient checkpointing keeps ~1/30 of the activations at these widths
+    no_ckpt = make_plan(load_config(REPO_ROOT / "configs" / "qwen2_5_vl_7b_mrpo.yaml",
+                                    ["model.gradient_checkpointing=false"]), 4, 80.0, shape)
+    act = lambda p, w: p.phases["train"].terms[f"activations (3072 tokens, {w} gradient checkpointing)"]  # noqa: E731
+    assert act(no_ckpt, "without") > 10 * act(fsdp, "with")
+
+
+def test_refuses_to_start_on_cuda_when_it_does_not_fit(monkeypatch):
+    cfg = load_config(REPO_ROOT / "configs" / "qwen2_5_vl_7b_mrpo.yaml")
+
+    class Props:
+        total_memory = 24 * GiB
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props)
+    with pytest.raises(PlanDoesNotFit, match="phase needs .* GiB per GPU.*knobs"):
+        check_at_startup(cfg, cfg.model.path, 1, torch.device("cuda:0"), True, log=lambda *_: None)
+    cfg.plan.enforce = False
+    assert check_at_startup(cfg, cfg.model.path, 1, torch.device("cuda:0"), True, log=lambda *_: None) is not None
+
+
+def test_live_bytes_counts_saved_activations():
+    lin = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64))
+    x = torch.randn(128, 64)
+    with LiveBytes() as live:
+        y = lin(x)
+        # saved for backward: GELU's input and the second Linear's input ([128, 256] fp32 each), plus y
+        assert live.live == 2 * 128 * 256 * 4 + 128 * 64 * 4
+        y.sum().backward()
+        del y
+        assert live.live == tensor_bytes(*[p.grad for p in lin.parameters()])
+
+
+# ----------------------------------------------------------------------------- planned vs measured on CPU
+
+
+def _one_step(tmp_path, overrides: list[str], model_path=None):
+    """Run one RL step of the real Trainer on CPU with per-phase LiveBytes peaks; returns (plan, peaks)."""
+    from mrpo.trainer import Trainer
+
+    base = [f"output_dir={tmp_path / 'run'}", f"data.synthetic_dir={tmp_path / 'data' / 'synthetic'}",
+            "data.synthetic_train=32", "data.synthetic_test=4", "sft.steps=0", "optim.max_steps=1",
+            "logging.eval_at_end=false", "logging.eval_at_start=false", "logging.eval_every=0",
+            "logging.progress=false", "logging.tensorboard=false", "checkpoint.every_steps=0",
+            "checkpoint.export_final=false", "data.max_pixels=3136", "loss.packing=false",
+            "rollout.max_new_tokens=24", "optim.per_device_batch_size=4", "optim.grad_accum_steps=2",
+            "rollout.group_size=4", "distributed.engine=none"]
+    if model_path is not None:
+        base.append(f"model.path={model_path}")
+    cfg = load_config(REPO_ROOT / "configs" / "tiny_cpu.yaml", base + overrides)
+    torch.manual_seed(0)
+    trainer = Trainer(cfg)
+    try:
+        return first_step_vs_plan(trainer)
+    finally:
+        trainer.close()
+
+
+CASES = {
+    # the tiny offline model (hidden 128, vocab ~2k); reference model and old log-probs on
+    "tiny": (["loss.beta=0.04", "algo.num_iterations=2"], None),
+    # the GPU benchmark's Qwen2.5-VL at toy widths with the real 151936-token vocabulary, gradient checkpointing
+    "scaled_down": (["loss.beta=0.04", "model.gradient_checkpointing=true"], "gpu_model"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_plan_matches_measured_peaks_on_cpu(tmp_path, case, capsys):
+    overrides, model = CASES[case]
+    path = None
+    if model == "gpu_model":
+        import importlib.util
+        import sys
+        from pathlib import Path
+
+        spec = importlib.util.spec_from_file_location(
+            "gpu_models", Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_models.py")
+        gpu_models = importlib.util.module_from_spec(spec)
+        sys.modules.setdefault("gpu_models", gpu_models)
+        spec.loader.exec_module(gpu_models)
+        path = gpu_models.make_qwen2_5_vl_1b(tmp_path / "model", size="tiny", dtype=torch.float32, device="cpu")["path"]
+    plan, peaks = _one_step(tmp_path, overrides, path)
+    rows = []
+    for name in PHASES:
+        planned, measured = plan.measurable_peak(name, first_step=True), peaks[name]
+        rows.append(f"{case} {name}: planned {planned / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB, "
+                    f"error {(planned - measured) / measured:+.1%}")
+    with capsys.disabled():
+        print("\n" + "\n".join(rows))
+    for name in PHASES:
+        assert plan.measurable_peak(name, first_step=True) == pytest.approx(peaks[name], rel=0.15), rows
+
+
+@pytest.mark.slow
+def test_plan_matches_measured_peaks_fsdp2_two_ranks(tmp_path):
+    """FSDP2 on 2 CPU ranks (gloo): sharded state, the whole model gathered for generation, the unsharded
+    working set and no-sync gradient accumulation, against LiveBytes peaks (DTensor shards counted)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "result.json"
+    worker = Path(__file__).parent / "trainer" / "plan_fsdp_worker.py"   # a script in tests/ sees tests/kernels/ first
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    str(worker), str(out), str(tmp_path)], check=True, timeout=600,
+                   env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    result = json.loads(out.read_text())
+    for name in PHASES:
+        planned, measured = result[name]
+        print(f"fsdp2 x2 {name}: planned {planned / 2**20:.2f} MiB, measured {measured / 2**20:.2f} MiB, "
+              f"error {(planned - measured) / measured:+.1%}")
+        assert planned == pytest.approx(measured, rel=0.15), name
