@@ -29,7 +29,6 @@ import argparse
 import csv
 import importlib.util
 import json
-import os
 import shutil
 import subprocess
 import sys

@@ -584,25 +584,7 @@ def compare_measured(plan: Plan | None, peaks: dict[str, int]) -> str | None:
     return "memory after the first step: " + "; ".join(parts)
 
 
-def _drop_repo_root_from_path() -> None:
-    # `python -m` puts the working directory first on sys.path; from the repository root its kernels/
-    # folder (installed as mrpo_kernels) would hide the `kernels` package that transformers 5.2x imports
-    import importlib.metadata
-    import importlib.util
-
-    root = Path(__file__).resolve().parents[1]
-    try:
-        importlib.metadata.distribution("kernels")
-    except importlib.metadata.PackageNotFoundError:
-        return
-    saved = sys.path[:]
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != root]
-    if importlib.util.find_spec("mrpo_kernels") is None:   # not installed: the checkout is the only source
-        sys.path[:] = saved
-
-
 def main(argv=None) -> int:
-    _drop_repo_root_from_path()
     from mrpo.config import ConfigError, load_config
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,

@@ -185,7 +185,7 @@ def test_all_ranks_agree_on_the_checkpoint_rank0_verified(tmp_path):
         "    err = str(e)\n"
         "print(f'rank{dist.get_rank()} path={path.name} err={err}', flush=True)\n"
         "dist.destroy_process_group()\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONSAFEPATH": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]

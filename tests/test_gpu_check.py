@@ -27,7 +27,7 @@ def test_unpack_wheels_only_missing(tmp_path, monkeypatch, capsys):
     _wheel(wheels, "zz_mrpo_missing-1.0-py3-none-any.whl", {"zz_mrpo_missing/__init__.py": "X = 2\n",
                                                             "zz_mrpo_missing-1.0.dist-info/METADATA": ""})
     _wheel(wheels, "zz_binary-1.0-cp27-cp27-manylinux1_x86_64.whl", {"zz_binary/__init__.py": ""})   # other Python
-    gpu_check.unpack_wheels(wheels, site, ROOT)
+    gpu_check.unpack_wheels(wheels, site)
     assert (site / "zz_mrpo_missing" / "__init__.py").exists()
     assert not (site / "json").exists() and not (site / "zz_binary").exists()
     msg = capsys.readouterr().out

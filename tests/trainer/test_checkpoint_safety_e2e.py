@@ -13,9 +13,8 @@ import pytest
 from .conftest import tiny_overrides
 
 REPO = Path(__file__).resolve().parents[2]
-# PYTHONSAFEPATH: the working directory is not put on sys.path, so the repository's kernels/ folder does not
-# shadow the `kernels` package that transformers >= 5.2x imports; the fault hooks are imported as `fault_hooks`
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONSAFEPATH": "1",
+# the fault hooks are imported as `fault_hooks`
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
        "PYTHONPATH": str(Path(__file__).parent)}
 EXTRA = {"optim.max_steps": 4, "logging.eval_at_end": False, "checkpoint.export_final": False,
          "checkpoint.keep_last": 5, "logging.tensorboard": False}

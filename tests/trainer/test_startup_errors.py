@@ -12,8 +12,7 @@ import pytest
 from .conftest import tiny_overrides
 
 REPO = Path(__file__).resolve().parents[2]
-# PYTHONSAFEPATH: see test_checkpoint_safety_e2e.py (the repository's kernels/ folder would shadow `kernels`)
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONSAFEPATH": "1",
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
        "PYTHONPATH": str(Path(__file__).parent)}
 
 
