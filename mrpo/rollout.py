@@ -182,6 +182,27 @@ def rollout_metrics(scored, stats: dict, completion_ids) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class MicroBatch:
+    """The completions (indices into the rollout, in packing order) of one forward (+ backward).
+
+    filler: a zero-weight micro-batch that only keeps the ranks' collectives matched (see
+    pad_micro_batches): its loss is multiplied by token weights 0 and its log-probs are dropped."""
+    seqs: list[int]
+    filler: bool = False
+
+
+def pad_micro_batches(micro: list[list[int]], count: int, lengths: list[int]) -> list[MicroBatch]:
+    """`micro` followed by filler micro-batches up to `count` (the largest micro-batch count of any rank).
+
+    Under FSDP2 / DeepSpeed ZeRO-3 every forward and backward is a sequence of collectives (parameter
+    all-gathers, gradient reduce-scatters, the vision-filler all-reduce), so every rank must run the same
+    number of them, whatever its own token-budget or count split gave. A filler forwards this rank's
+    shortest sequence (lengths: tokens per sequence) with weight 0: it adds exactly 0 to the gradients."""
+    shortest = min(range(len(lengths)), key=lengths.__getitem__)
+    return [MicroBatch(seqs) for seqs in micro] + [MicroBatch([shortest], filler=True)] * (count - len(micro))
+
+
 def micro_batches(lengths: list[int], max_seqs: int, max_tokens: int = 0) -> list[list[int]]:
     """Consecutive groups of sequence indices: at most `max_seqs` sequences and, when max_tokens > 0,
     at most `max_tokens` tokens (lengths: tokens per sequence; a longer sequence goes alone)."""
