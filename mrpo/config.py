@@ -70,7 +70,8 @@ class RolloutConfig:
     group_size: int = _f(8, "G: completions sampled per prompt")
     max_new_tokens: int = _f(512, "max completion length (tokens)")
     temperature: float = _f(1.0, "sampling temperature of the rollouts")
-    top_p: float = _f(1.0, "nucleus sampling threshold of the rollouts")
+    top_p: float = _f(1.0, "nucleus sampling threshold of the rollouts; < 1 needs loss.allow_sampling_mismatch")
+    top_k: int = _f(0, "top-k sampling of the rollouts (0 = off); > 0 needs loss.allow_sampling_mismatch")
     decode: Literal["eager", "static", "static_compiled"] = _f(
         "eager", "generate path: eager (dynamic KV cache), static (pre-allocated KV cache), static_compiled "
                  "(static cache + torch.compile'd decode step with CUDA graphs; on CUDA only, static elsewhere); "
@@ -131,6 +132,9 @@ class LossConfig:
     temperature: Optional[float] = _f(None, "log-probs of the ratio and gradient at this temperature; null = "
                                             "rollout.temperature (the distribution that sampled the tokens)")
     allow_temperature_mismatch: bool = _f(False, "accept a loss.temperature other than rollout.temperature")
+    allow_sampling_mismatch: bool = _f(False, "accept rollouts sampled from another distribution than the loss's "
+                                              "full softmax at loss.temperature: rollout.top_p < 1, rollout.top_k > 0 "
+                                              "or a loss.temperature mismatch (off-policy, biased ratio and gradient)")
     loss_agg: Optional[Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"]] = _f(
         None, "token-loss averaging over the whole optimizer step (all micro-batches, all ranks); null = "
               "seq-mean-token-sum-norm for dr_grpo, else seq-mean-token-mean")
@@ -323,10 +327,17 @@ def _validate(cfg: Config, source: str) -> None:
     need(cfg.loss.eps_low < 1, "loss.eps_low", "must be < 1 (the lower clip bound is 1 - eps_low)")
     need(cfg.loss.beta >= 0, "loss.beta", "must be >= 0")
     need(cfg.loss.temperature > 0, "loss.temperature", "must be > 0")
-    need(cfg.loss.temperature == cfg.rollout.temperature or cfg.loss.allow_temperature_mismatch,
+    need(cfg.rollout.top_k >= 0, "rollout.top_k", "must be >= 0 (0 = off)")
+    mismatch_ok = cfg.loss.allow_sampling_mismatch
+    need(cfg.loss.temperature == cfg.rollout.temperature or cfg.loss.allow_temperature_mismatch or mismatch_ok,
          "loss.temperature", f"differs from rollout.temperature={cfg.rollout.temperature}: the ratio and the "
          "gradient would use log-probs of another distribution than the one that sampled the tokens; leave "
-         "loss.temperature unset (it follows rollout.temperature) or set loss.allow_temperature_mismatch=true")
+         "loss.temperature unset (it follows rollout.temperature) or set loss.allow_sampling_mismatch=true")
+    truncated = ("the rollouts would sample from a truncated distribution while the loss takes log-probs of the "
+                 "full softmax (an off-policy, biased ratio and gradient); set loss.allow_sampling_mismatch=true "
+                 "to accept it")
+    need(cfg.rollout.top_p == 1 or mismatch_ok, "rollout.top_p", truncated)
+    need(cfg.rollout.top_k == 0 or mismatch_ok, "rollout.top_k", truncated)
     need(cfg.algo.name != "dr_grpo" or cfg.loss.loss_agg == "seq-mean-token-sum-norm", "loss.loss_agg",
          "algo.name=dr_grpo is defined with seq-mean-token-sum-norm (no length bias); leave loss.loss_agg unset")
     need(cfg.loss.max_tokens_per_micro_batch >= 0, "loss.max_tokens_per_micro_batch", "must be >= 0")
@@ -390,6 +401,14 @@ def _validate(cfg: Config, source: str) -> None:
     need(0 <= cfg.judge.max_unjudged_fraction <= 1, "judge.max_unjudged_fraction", "a share in [0, 1] (1 = never stop)")
     need(cfg.judge.unjudged_window >= 1, "judge.unjudged_window", "must be >= 1 (RL steps)")
     need(bool(cfg.output_dir), "output_dir", "must name a folder")
+
+
+def check_world_size(cfg: Config, world_size: int) -> None:
+    """Start-up checks that depend on the number of processes (torchrun's WORLD_SIZE); raises ConfigError."""
+    if world_size > 1 and cfg.distributed.engine == "none":
+        raise ConfigError(f"distributed.engine=none with {world_size} processes: the single-process engine does "
+                          "not average gradients over ranks, so each rank would train its own diverging copy; "
+                          "use distributed.engine=fsdp2 or distributed.engine=deepspeed, or run one process")
 
 
 def _get(cfg: Any, dotted: str) -> Any:

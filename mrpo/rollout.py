@@ -136,7 +136,8 @@ def sample_groups(engine, backbone, pool: PromptPool, prompts: list[dict], rollo
     backbone.model.eval()
     with engine.generation():
         ids = backbone.generate(backbone.select_rows(batch, rows), max_new_tokens=rollout_cfg.max_new_tokens,
-                                temperature=rollout_cfg.temperature, top_p=rollout_cfg.top_p, do_sample=True,
+                                temperature=rollout_cfg.temperature, top_p=rollout_cfg.top_p,
+                                top_k=rollout_cfg.top_k, do_sample=True,
                                 synced_gpus=dist.is_initialized() and dist.get_world_size() > 1,
                                 decode=rollout_cfg.decode)
     backbone.model.train()
