@@ -391,6 +391,9 @@ def _validate(cfg: Config, source: str) -> None:
     need(cfg.lora.rank >= 0, "lora.rank", "must be >= 0 (0 = LoRA off)")
     need(cfg.lora.alpha is None or cfg.lora.alpha > 0, "lora.alpha", "must be > 0 or null (= 2 * rank)")
     need(0 <= cfg.lora.dropout < 1, "lora.dropout", "must be in [0, 1)")
+    need(cfg.lora.dropout == 0 or cfg.algo.num_iterations == 1, "lora.dropout",
+         f"with algo.num_iterations={cfg.algo.num_iterations} the old log-probs and the loss's would come from "
+         "different dropout masks: the ratio is not 1 on the first pass and clipping acts on noise; use lora.dropout=0")
     need(len(cfg.lora.target_modules) > 0 and all(isinstance(t, str) and t for t in cfg.lora.target_modules),
          "lora.target_modules", "a non-empty list of module names (e.g. [q_proj, v_proj])")
     need(not {"lm_head", "embed_tokens"} & set(cfg.lora.target_modules), "lora.target_modules",

@@ -130,13 +130,12 @@ class Trainer:
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)
         for j, mb in enumerate(micro):
             hidden, weight = self.hidden_states(self.model, rollout, mb.seqs)
-            token_weights = torch.cat([weights[i] for i in mb.seqs])
-            inputs = rollout.loss_inputs(mb.seqs, token_weights * 0 if mb.filler else token_weights, self.device)
-            loss, m = mrpo_loss(hidden, weight, inputs, **self.loss_kwargs())
+            token_weights = torch.cat([weights[i] for i in mb.seqs]) * float(not mb.filler)
+            inputs = rollout.loss_inputs(mb.seqs, token_weights, self.device)
+            loss, m = mrpo_loss(hidden, weight, inputs, **self.loss_kwargs())   # a filler's loss is exactly 0
             self.engine.backward(loss, sync=j == len(micro) - 1)
-            if not mb.filler:
-                n = inputs.targets.numel()
-                sums += torch.stack([loss.detach().double(), m["clip_fraction"].double() * n, m["kl"].double() * n])
+            n = inputs.targets.numel() * (not mb.filler)   # real tokens
+            sums += torch.stack([loss.detach().double(), m["clip_fraction"].double() * n, m["kl"].double() * n])
         return sums
 
     def global_advantages(self, rewards: torch.Tensor) -> torch.Tensor:
@@ -159,9 +158,8 @@ class Trainer:
         return list(w.split(lengths))
 
     def micro_batches(self, rollout: Rollout) -> list[MicroBatch]:
-        """This rank's micro-batches (optim.per_device_batch_size sequences, at most
-        loss.max_tokens_per_micro_batch prompt + completion tokens), then zero-weight fillers up to the
-        largest count on any rank, so that every rank runs the same collectives (pad_micro_batches)."""
+        """This rank's micro-batches (by count / loss.max_tokens_per_micro_batch), then zero-weight fillers
+        up to the largest count on any rank: every rank runs the same collectives (pad_micro_batches)."""
         prompt_len = rollout.prompts["attention_mask"].sum(-1).tolist()
         lengths = [prompt_len[r] + n for r, n in zip(rollout.prompt_row, rollout.lengths)]
         micro = micro_batches(lengths, self.cfg.optim.per_device_batch_size, self.cfg.loss.max_tokens_per_micro_batch)

@@ -45,10 +45,11 @@ def test_overrides_are_typed():
     ("optim.per_device_batch_size=3", "multiple of rollout.group_size"),
     ("judge.kind=none", "judge.kind"),
     ("optim.max_steps=true", "optim.max_steps"),
+    ("lora.rank=4 lora.dropout=0.1 algo.num_iterations=2", "different dropout masks"),
 ])
 def test_bad_values_name_the_key(override, fragment):
     with pytest.raises(ConfigError, match=None) as err:
-        load_config(None, [override])
+        load_config(None, override.split())
     assert fragment in str(err.value)
 
 

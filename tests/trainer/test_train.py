@@ -141,10 +141,13 @@ def test_sigkill_mid_step_then_resume_matches_unbroken_run(shared_data, tmp_path
 
 @pytest.mark.slow
 def test_fsdp2_two_processes(shared_data, tmp_path):
-    run = _run_cli(tiny_overrides(shared_data, tmp_path, **{"optim.max_steps": 2}), nproc=2)
+    """The issue-21 reproduction in small: a token budget per micro-batch under FSDP2 finishes."""
+    run = _run_cli(tiny_overrides(shared_data, tmp_path, **{"optim.max_steps": 2,
+                                                            "loss.max_tokens_per_micro_batch": 200}), nproc=2)
     assert run.returncode == 0, run.stderr[-4000:]
     steps = _rl_steps(tmp_path)
     assert sorted(steps) == [1, 2] and all(math.isfinite(m["loss"]) for m in steps.values())
+    assert all(m["micro_batches"] >= 1 and "filler_micro_batches" in m for m in steps.values())
     from transformers import AutoModelForImageTextToText
 
     AutoModelForImageTextToText.from_pretrained(tmp_path / "final_model")
