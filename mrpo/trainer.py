@@ -8,8 +8,9 @@ One RL step on each rank (`train_step`, read it top-down):
   4. old log-probs (num_iterations > 1) and reference log-probs (beta > 0);
   5. per-token loss weights normalised over the whole step (all micro-batches, all ranks), so the
      objective does not depend on micro-batching or world size;
-  6. micro-batches by count / token budget: hidden states from the backbone (lm_head not run), fused
-     MRPO loss with the lm_head weight, backward (gradients synced on the last micro-batch only);
+  6. micro-batches by count / token budget, as many on every rank (zero-weight fillers): hidden states
+     from the backbone (lm_head not run), fused MRPO loss with the lm_head weight, backward (gradients
+     synced on the last micro-batch only);
      engine.step() clips, skips a non-finite update, steps.
 `algo.name` (mrpo | grpo | gdpo | dr_grpo) changes only the advantage, the shaping and the aggregation.
 """

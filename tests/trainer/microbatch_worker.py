@@ -1,4 +1,5 @@
-"""Unequal micro-batch splits over 2 ranks (argv: OUT DATA ENGINE), under torchrun with FSDP2 or ZeRO-3.
+"""Unequal micro-batch splits over 2 ranks (argv: OUT DATA ENGINE [key=value ...]), under torchrun with FSDP2
+or ZeRO-3; extra config overrides (e.g. model.gradient_checkpointing=true lora.rank=4) are applied on top.
 
 A token budget (loss.max_tokens_per_micro_batch) is chosen so that the two ranks' own splits give
 different micro-batch counts. Every pass must still finish (each forward/backward is a sequence of
@@ -55,11 +56,12 @@ def layout(trainer, budget: int, per_device: int):
     trainer.cfg.optim.per_device_batch_size = per_device
 
 
-def main(out: str, data_dir: str, engine: str) -> None:
+def main(out: str, data_dir: str, engine: str, *overrides: str) -> None:
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=300))   # a hang fails, not waits
-    trainer = build_trainer(data_dir, Path(out) / "run", **{"distributed.engine": engine, "loss.beta": 0.1})
+    extra = dict(o.split("=", 1) for o in overrides)
+    trainer = build_trainer(data_dir, Path(out) / "run", **{"distributed.engine": engine, "loss.beta": 0.1, **extra})
     rank, world = trainer.rank, trainer.world
-    assert world == 2 and trainer.engine.name == engine and trainer.ref_model is not None
+    assert world == 2 and trainer.engine.name == engine
     rollout = fixed_rollout(trainer, rank, world)
     everyone = [None] * world
     dist.all_gather_object(everyone, token_lengths(trainer, rollout))
@@ -96,4 +98,4 @@ def main(out: str, data_dir: str, engine: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:])
