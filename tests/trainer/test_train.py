@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mrpo.config import load_config
-from mrpo.rollout import Rollout
+from mrpo.rollout import MicroBatch, Rollout, micro_batches, pad_micro_batches
 from mrpo.trainer import PromptSampler, Trainer, first_failure_stage
 
 from .conftest import tiny_overrides
@@ -104,6 +104,16 @@ def test_first_failure_stage():
     assert first_failure_stage([True, False, True]) == "mid"
     assert first_failure_stage([True, True, False]) == "late"
     assert first_failure_stage([True, True]) is None
+
+
+def test_micro_batches_are_padded_to_the_largest_count_with_zero_weight_fillers():
+    lengths = [50, 30, 80, 20, 60]
+    own = micro_batches(lengths, max_seqs=4, max_tokens=100)
+    assert own == [[0, 1], [2, 3], [4]]
+    padded = pad_micro_batches(own, 5, lengths)
+    assert padded[:3] == [MicroBatch([0, 1]), MicroBatch([2, 3]), MicroBatch([4])]
+    assert padded[3:] == [MicroBatch([3], filler=True)] * 2   # the shortest sequence, flagged
+    assert pad_micro_batches(own, 3, lengths) == padded[:3]
 
 
 def _run_cli(args, env_extra=None, nproc=None):
