@@ -186,7 +186,8 @@ class LoraConfig:
 
 @dataclass
 class DistributedConfig:
-    engine: Literal["fsdp2", "deepspeed", "none"] = _f("fsdp2", "sharding engine with several processes")
+    engine: Literal["fsdp2", "deepspeed", "none"] = _f("fsdp2", "sharding engine with several processes; none = one "
+                                                                  "process only (refused with WORLD_SIZE > 1)")
     param_dtype: Literal["float32", "bfloat16"] = _f("float32", "FSDP2 mixed-precision compute dtype (bf16 on GPU)")
     reduce_dtype: Literal["float32", "bfloat16"] = _f("float32", "FSDP2 gradient reduction dtype")
     deepspeed_zero_stage: int = _f(3, "DeepSpeed ZeRO stage")
