@@ -76,7 +76,8 @@ class RolloutConfig:
     group_size: int = _f(8, "G: completions sampled per prompt")
     max_new_tokens: int = _f(512, "max completion length (tokens)")
     temperature: float = _f(1.0, "sampling temperature of the rollouts")
-    top_p: float = _f(1.0, "nucleus sampling threshold of the rollouts")
+    top_p: float = _f(1.0, "nucleus sampling threshold of the rollouts; < 1 needs loss.allow_sampling_mismatch")
+    top_k: int = _f(0, "top-k sampling of the rollouts (0 = off); > 0 needs loss.allow_sampling_mismatch")
     decode: Literal["eager", "static", "static_compiled"] = _f(
         "eager", "generate path: eager (dynamic KV cache), static (pre-allocated KV cache), static_compiled "
                  "(static cache + torch.compile'd decode step with CUDA graphs; on CUDA only, static elsewhere); "
@@ -145,6 +146,9 @@ class LossConfig:
     temperature: Optional[float] = _f(None, "log-probs of the ratio and gradient at this temperature; null = "
                                             "rollout.temperature (the distribution that sampled the tokens)")
     allow_temperature_mismatch: bool = _f(False, "accept a loss.temperature other than rollout.temperature")
+    allow_sampling_mismatch: bool = _f(False, "accept rollouts sampled from another distribution than the loss's "
+                                              "full softmax at loss.temperature: rollout.top_p < 1, rollout.top_k > 0 "
+                                              "or a loss.temperature mismatch (off-policy, biased ratio and gradient)")
     loss_agg: Optional[Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"]] = _f(
         None, "token-loss averaging over the whole optimizer step (all micro-batches, all ranks); null = "
               "seq-mean-token-sum-norm for dr_grpo, else seq-mean-token-mean")
@@ -197,7 +201,8 @@ class LoraConfig:
 
 @dataclass
 class DistributedConfig:
-    engine: Literal["fsdp2", "deepspeed", "none"] = _f("fsdp2", "sharding engine with several processes")
+    engine: Literal["fsdp2", "deepspeed", "none"] = _f("fsdp2", "sharding engine with several processes; none = one "
+                                                                  "process only (refused with WORLD_SIZE > 1)")
     param_dtype: Literal["float32", "bfloat16"] = _f("float32", "FSDP2 mixed-precision compute dtype (bf16 on GPU)")
     reduce_dtype: Literal["float32", "bfloat16"] = _f("float32", "FSDP2 gradient reduction dtype")
     deepspeed_zero_stage: int = _f(3, "DeepSpeed ZeRO stage")
@@ -345,10 +350,17 @@ def _validate(cfg: Config, source: str) -> None:
     need(cfg.loss.eps_low < 1, "loss.eps_low", "must be < 1 (the lower clip bound is 1 - eps_low)")
     need(cfg.loss.beta >= 0, "loss.beta", "must be >= 0")
     need(cfg.loss.temperature > 0, "loss.temperature", "must be > 0")
-    need(cfg.loss.temperature == cfg.rollout.temperature or cfg.loss.allow_temperature_mismatch,
+    need(cfg.rollout.top_k >= 0, "rollout.top_k", "must be >= 0 (0 = off)")
+    mismatch_ok = cfg.loss.allow_sampling_mismatch
+    need(cfg.loss.temperature == cfg.rollout.temperature or cfg.loss.allow_temperature_mismatch or mismatch_ok,
          "loss.temperature", f"differs from rollout.temperature={cfg.rollout.temperature}: the ratio and the "
          "gradient would use log-probs of another distribution than the one that sampled the tokens; leave "
-         "loss.temperature unset (it follows rollout.temperature) or set loss.allow_temperature_mismatch=true")
+         "loss.temperature unset (it follows rollout.temperature) or set loss.allow_sampling_mismatch=true")
+    truncated = ("the rollouts would sample from a truncated distribution while the loss takes log-probs of the "
+                 "full softmax (an off-policy, biased ratio and gradient); set loss.allow_sampling_mismatch=true "
+                 "to accept it")
+    need(cfg.rollout.top_p == 1 or mismatch_ok, "rollout.top_p", truncated)
+    need(cfg.rollout.top_k == 0 or mismatch_ok, "rollout.top_k", truncated)
     need(cfg.algo.name != "dr_grpo" or cfg.loss.loss_agg == "seq-mean-token-sum-norm", "loss.loss_agg",
          "algo.name=dr_grpo is defined with seq-mean-token-sum-norm (no length bias); leave loss.loss_agg unset")
     need(cfg.loss.max_tokens_per_micro_batch >= 0, "loss.max_tokens_per_micro_batch", "must be >= 0")
@@ -412,6 +424,9 @@ def _validate(cfg: Config, source: str) -> None:
     need(cfg.lora.rank >= 0, "lora.rank", "must be >= 0 (0 = LoRA off)")
     need(cfg.lora.alpha is None or cfg.lora.alpha > 0, "lora.alpha", "must be > 0 or null (= 2 * rank)")
     need(0 <= cfg.lora.dropout < 1, "lora.dropout", "must be in [0, 1)")
+    need(cfg.lora.dropout == 0 or cfg.algo.num_iterations == 1, "lora.dropout",
+         f"with algo.num_iterations={cfg.algo.num_iterations} the old log-probs and the loss's would come from "
+         "different dropout masks: the ratio is not 1 on the first pass and clipping acts on noise; use lora.dropout=0")
     need(len(cfg.lora.target_modules) > 0 and all(isinstance(t, str) and t for t in cfg.lora.target_modules),
          "lora.target_modules", "a non-empty list of module names (e.g. [q_proj, v_proj])")
     need(not {"lm_head", "embed_tokens"} & set(cfg.lora.target_modules), "lora.target_modules",
@@ -477,6 +492,14 @@ def _check_plugins(cfg: Config, source: str) -> None:
             JudgePrompt.from_file(cfg.judge.prompt_template)
     except (PluginError, ValueError, OSError) as e:
         raise ConfigError(f"{source}: {e}") from None
+
+
+def check_world_size(cfg: Config, world_size: int) -> None:
+    """Start-up checks that depend on the number of processes (torchrun's WORLD_SIZE); raises ConfigError."""
+    if world_size > 1 and cfg.distributed.engine == "none":
+        raise ConfigError(f"distributed.engine=none with {world_size} processes: the single-process engine does "
+                          "not average gradients over ranks, so each rank would train its own diverging copy; "
+                          "use distributed.engine=fsdp2 or distributed.engine=deepspeed, or run one process")
 
 
 def _get(cfg: Any, dotted: str) -> Any:

@@ -51,6 +51,15 @@ def all_reduce_mean(metrics: dict[str, float], device: torch.device) -> dict[str
     return {k: (v / c if c > 0 else float("nan")) for k, v, c in zip(keys, total, count)}
 
 
+def all_reduce_max(value: int, device: torch.device) -> int:
+    """The largest of every rank's integer `value` (the value itself on one process)."""
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=_comm_device(device))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank if `flag` is true on any rank."""
     if not dist.is_initialized():

@@ -142,7 +142,8 @@ def sample_groups(engine, backbone, pool: PromptPool, prompts: list[dict], rollo
     backbone.model.eval()
     with engine.generation():
         ids = backbone.generate(backbone.select_rows(batch, rows), max_new_tokens=rollout_cfg.max_new_tokens,
-                                temperature=rollout_cfg.temperature, top_p=rollout_cfg.top_p, do_sample=True,
+                                temperature=rollout_cfg.temperature, top_p=rollout_cfg.top_p,
+                                top_k=rollout_cfg.top_k, do_sample=True,
                                 synced_gpus=dist.is_initialized() and dist.get_world_size() > 1,
                                 decode=rollout_cfg.decode)
     backbone.model.train()
@@ -189,6 +190,27 @@ def rollout_metrics(scored, stats: dict, completion_ids) -> dict:
         **judge_metrics(stats),
         **custom_reward_metrics(scored, stats),
     }
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """The completions (indices into the rollout, in packing order) of one forward (+ backward).
+
+    filler: a zero-weight micro-batch that only keeps the ranks' collectives matched (see
+    pad_micro_batches): its loss is multiplied by token weights 0 and its log-probs are dropped."""
+    seqs: list[int]
+    filler: bool = False
+
+
+def pad_micro_batches(micro: list[list[int]], count: int, lengths: list[int]) -> list[MicroBatch]:
+    """`micro` followed by filler micro-batches up to `count` (the largest micro-batch count of any rank).
+
+    Under FSDP2 / DeepSpeed ZeRO-3 every forward and backward is a sequence of collectives (parameter
+    all-gathers, gradient reduce-scatters, the vision-filler all-reduce), so every rank must run the same
+    number of them, whatever its own token-budget or count split gave. A filler forwards this rank's
+    shortest sequence (lengths: tokens per sequence) with weight 0: it adds exactly 0 to the gradients."""
+    shortest = min(range(len(lengths)), key=lengths.__getitem__)
+    return [MicroBatch(seqs) for seqs in micro] + [MicroBatch([shortest], filler=True)] * (count - len(micro))
 
 
 def micro_batches(lengths: list[int], max_seqs: int, max_tokens: int = 0) -> list[list[int]]:

@@ -46,12 +46,13 @@ def prepare_output(cfg) -> list:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mrpo.config import ConfigError, UserInputError, parse_args
+    from mrpo.config import ConfigError, UserInputError, check_world_size, parse_args
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("mrpo").setLevel(logging.INFO)   # our progress lines; libraries stay at WARNING
     try:
         cfg = parse_args(argv)
+        check_world_size(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return EXIT_CONFIG

@@ -8,8 +8,9 @@ One RL step on each rank (`train_step`, read it top-down):
   4. old log-probs (num_iterations > 1) and reference log-probs (beta > 0);
   5. per-token loss weights normalised over the whole step (all micro-batches, all ranks), so the
      objective does not depend on micro-batching or world size;
-  6. micro-batches by count / token budget: hidden states from the backbone (lm_head not run), fused
-     MRPO loss with the lm_head weight, backward (gradients synced on the last micro-batch only);
+  6. micro-batches by count / token budget, as many on every rank (zero-weight fillers): hidden states
+     from the backbone (lm_head not run), fused MRPO loss with the lm_head weight, backward (gradients
+     synced on the last micro-batch only);
      engine.step() clips, skips a non-finite update, steps.
 `algo.name` (mrpo | grpo | gdpo | dr_grpo) changes only the advantage, the shaping and the aggregation.
 """
@@ -29,7 +30,7 @@ from mrpo import build, checkpoint
 from mrpo.algo.advantages import compute_advantages
 from mrpo.config import Config
 from mrpo.data.sampler import PromptSampler
-from mrpo.distributed import all_gather_rows, all_reduce_mean, all_reduce_sum, barrier
+from mrpo.distributed import all_gather_rows, all_reduce_max, all_reduce_mean, all_reduce_sum, barrier
 from mrpo.engines import build_engine
 from mrpo.eval.reasoning import evaluate_generations
 from mrpo.judges import build_judge
@@ -41,8 +42,8 @@ from mrpo.plan import check_at_startup, compare_measured
 from mrpo.plan_measure import PhaseMemory
 from mrpo.rewards import RewardModel
 from mrpo.run_safety import GracefulStop, agree_all
-from mrpo.rollout import (PromptPool, Rollout, first_failure_stage, gold_rollout, greedy_texts, in_background,
-                          micro_batches, sample_groups, score)
+from mrpo.rollout import (MicroBatch, PromptPool, Rollout, first_failure_stage, gold_rollout, greedy_texts,
+                          in_background, micro_batches, pad_micro_batches, sample_groups, score)
 
 log = logging.getLogger("mrpo")
 
@@ -120,7 +121,8 @@ class Trainer:
         metrics.update({
             "loss": loss_sum / cfg.algo.num_iterations, "clip_fraction": clipped / max(tokens, 1),
             "kl": kl / max(tokens, 1), "grad_norm": sum(norms) / len(norms), "lr": self.scheduler.get_last_lr()[0],
-            "skipped_updates": float(skipped), "micro_batches": float(len(micro)),
+            "skipped_updates": float(skipped), "micro_batches": float(sum(not mb.filler for mb in micro)),
+            "filler_micro_batches": float(sum(mb.filler for mb in micro)),
             "time/generate": t[1] - t[0], "time/judge": judge_s, "time/logprobs": t[2] - t[1],
             "time/loss_backward": t[4] - t[3], "time/step": t[4] - t[0],
             "tokens_per_s": sum(rollout.lengths) * self.world / (t[4] - t[0]),
@@ -129,16 +131,18 @@ class Trainer:
         })
         return all_reduce_mean(metrics, self.device)
 
-    def accumulate_gradients(self, rollout: Rollout, weights: list[torch.Tensor], micro: list[list[int]]) -> torch.Tensor:
-        """Forward + backward of every micro-batch (gradients synced on the last one only).
-        Returns [3] float64 on the device: loss, clipped tokens, KL summed over tokens (no host sync)."""
+    def accumulate_gradients(self, rollout: Rollout, weights: list[torch.Tensor], micro: list[MicroBatch]) -> torch.Tensor:
+        """Forward + backward of every micro-batch, fillers with token weights 0 (gradients synced on the
+        last one only, the same index on every rank). Returns [3] float64 on the device: loss, clipped
+        tokens, KL summed over the real tokens (no host sync)."""
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)
-        for j, seqs in enumerate(micro):
-            hidden, weight = self.hidden_states(self.model, rollout, seqs)
-            inputs = rollout.loss_inputs(seqs, torch.cat([weights[i] for i in seqs]), self.device)
-            loss, m = mrpo_loss(hidden, weight, inputs, **self.loss_kwargs())
+        for j, mb in enumerate(micro):
+            hidden, weight = self.hidden_states(self.model, rollout, mb.seqs)
+            token_weights = torch.cat([weights[i] for i in mb.seqs]) * float(not mb.filler)
+            inputs = rollout.loss_inputs(mb.seqs, token_weights, self.device)
+            loss, m = mrpo_loss(hidden, weight, inputs, **self.loss_kwargs())   # a filler's loss is exactly 0
             self.engine.backward(loss, sync=j == len(micro) - 1)
-            n = inputs.targets.numel()
+            n = inputs.targets.numel() * (not mb.filler)   # real tokens
             sums += torch.stack([loss.detach().double(), m["clip_fraction"].double() * n, m["kl"].double() * n])
         return sums
 
@@ -164,10 +168,13 @@ class Trainer:
                                scale=float(self.engine.grad_average_world))
         return list(w.split(lengths))
 
-    def micro_batches(self, rollout: Rollout) -> list[list[int]]:
+    def micro_batches(self, rollout: Rollout) -> list[MicroBatch]:
+        """This rank's micro-batches (by count / loss.max_tokens_per_micro_batch), then zero-weight fillers
+        up to the largest count on any rank: every rank runs the same collectives (pad_micro_batches)."""
         prompt_len = rollout.prompts["attention_mask"].sum(-1).tolist()
         lengths = [prompt_len[r] + n for r, n in zip(rollout.prompt_row, rollout.lengths)]
-        return micro_batches(lengths, self.cfg.optim.per_device_batch_size, self.cfg.loss.max_tokens_per_micro_batch)
+        micro = micro_batches(lengths, self.cfg.optim.per_device_batch_size, self.cfg.loss.max_tokens_per_micro_batch)
+        return pad_micro_batches(micro, all_reduce_max(len(micro), self.device), lengths)
 
     def loss_kwargs(self) -> dict:
         c = self.cfg.loss
@@ -189,12 +196,14 @@ class Trainer:
     def logprobs(self, model, rollout: Rollout) -> list[torch.Tensor]:
         """Per completion, log-probs [T_i] of its tokens under `model` at the loss temperature."""
         out = []
-        for seqs in self.micro_batches(rollout):
-            hidden, weight = self.hidden_states(model, rollout, seqs)
-            targets = torch.tensor([t for i in seqs for t in rollout.completion_ids[i]], device=self.device)
+        for mb in self.micro_batches(rollout):
+            hidden, weight = self.hidden_states(model, rollout, mb.seqs)   # a filler's forward only keeps ranks in step
+            if mb.filler:
+                continue
+            targets = torch.tensor([t for i in mb.seqs for t in rollout.completion_ids[i]], device=self.device)
             lp = linear_logprobs(hidden, weight, targets, temperature=self.cfg.loss.temperature,
                                  backend=self.cfg.loss.backend).float().cpu()
-            out.extend(lp.split([len(rollout.completion_ids[i]) for i in seqs]))
+            out.extend(lp.split([len(rollout.completion_ids[i]) for i in mb.seqs]))
         return out
 
     def reference_logprobs(self, rollout: Rollout) -> list[torch.Tensor]:

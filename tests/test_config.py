@@ -45,10 +45,11 @@ def test_overrides_are_typed():
     ("optim.per_device_batch_size=3", "multiple of rollout.group_size"),
     ("judge.kind=none", "judge.kind"),
     ("optim.max_steps=true", "optim.max_steps"),
+    ("lora.rank=4 lora.dropout=0.1 algo.num_iterations=2", "different dropout masks"),
 ])
 def test_bad_values_name_the_key(override, fragment):
     with pytest.raises(ConfigError, match=None) as err:
-        load_config(None, [override])
+        load_config(None, override.split())
     assert fragment in str(err.value)
 
 
@@ -67,3 +68,37 @@ def test_roundtrip_yaml(tmp_path):
     path.write_text(cfg.to_yaml())
     assert load_config(path) == cfg
     assert isinstance(Config().optim.adam_betas, list)
+
+
+@pytest.mark.parametrize("override, key", [("rollout.top_p=0.9", "rollout.top_p"), ("rollout.top_k=20", "rollout.top_k"),
+                                           ("loss.temperature=1.3", "loss.temperature")])
+def test_sampling_mismatch_needs_opt_in(override, key):
+    """Truncated rollouts (top_p < 1, top_k > 0) or another loss temperature are refused unless opted in."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert f"{key}=" in str(err.value) and "loss.allow_sampling_mismatch=true" in str(err.value)
+    cfg = load_config(None, [override, "loss.allow_sampling_mismatch=true"])
+    assert (cfg.rollout.top_p, cfg.rollout.top_k, cfg.loss.temperature) != (1.0, 0, cfg.rollout.temperature)
+
+
+def test_sampling_defaults_and_the_older_temperature_key():
+    cfg = load_config(None, [])
+    assert cfg.rollout.top_p == 1.0 and cfg.rollout.top_k == 0 and not cfg.loss.allow_sampling_mismatch
+    assert load_config(None, ["loss.temperature=1.3", "loss.allow_temperature_mismatch=true"]).loss.temperature == 1.3
+    with pytest.raises(ConfigError, match="rollout.top_p"):   # the older key covers the temperature only
+        load_config(None, ["rollout.top_p=0.9", "loss.allow_temperature_mismatch=true"])
+    with pytest.raises(ConfigError, match="rollout.top_k"):
+        load_config(None, ["rollout.top_k=-1"])
+
+
+def test_engine_none_on_several_processes_is_refused(monkeypatch, capsys):
+    from mrpo.config import check_world_size
+    from mrpo.train import EXIT_CONFIG, main
+
+    cfg = load_config(None, ["distributed.engine=none"])
+    check_world_size(cfg, 1)
+    check_world_size(load_config(None, []), 2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["distributed.engine=none"]) == EXIT_CONFIG
+    msg = capsys.readouterr().err
+    assert "distributed.engine=none" in msg and "distributed.engine=fsdp2" in msg and "distributed.engine=deepspeed" in msg

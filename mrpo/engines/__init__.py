@@ -9,9 +9,12 @@ from .base import Engine
 
 def build_engine(model: torch.nn.Module, ref_model: torch.nn.Module | None, cfg, device: torch.device) -> Engine:
     """The engine for `distributed.engine` (one process always runs the single engine)."""
+    from mrpo.config import check_world_size
+
     world = dist.get_world_size() if dist.is_initialized() else 1
+    check_world_size(cfg, world)   # engine=none on several ranks would train unsynced copies
     name = cfg.distributed.engine
-    if world == 1 or name == "none":
+    if world == 1:
         from .single import SingleEngine
 
         return SingleEngine(model, ref_model, cfg, device)

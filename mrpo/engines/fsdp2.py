@@ -5,6 +5,10 @@
 - Generation (rollouts, evaluation) gathers every unit once and keeps it unsharded until the end of
   the context (distributed.gather_for_generation), instead of an all-gather per unit per decoded
   token; with gather_for_generation=false the per-unit path is kept for models that do not fit.
+- Trainable parameters are sharded in fp32 whatever model.dtype (the optimizer's master weights);
+  forwards run in distributed.param_dtype. AdamW on bf16 weights rounds away every update smaller
+  than half the weight's bf16 spacing: at lr 1e-6 almost all of them (the spacing near 0.02 is 1.2e-4).
+  The export is cast back to model.dtype.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import contextlib
 import torch
 from torch.distributed.fsdp import FSDPModule
 
+from mrpo.models.lora import is_lora_model
 from mrpo.models.parallelize import apply_fsdp2
 
 from .single import SingleEngine
@@ -39,11 +44,15 @@ class FSDP2Engine(SingleEngine):
         dcfg = cfg.distributed
         param_dtype = DTYPES[dcfg.param_dtype] if device.type == "cuda" else torch.float32
         reduce_dtype = DTYPES[dcfg.reduce_dtype]
+        for p in model.parameters():   # fp32 master weights (a tied weight is cast once, and stays tied)
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
         for m in (model, ref_model):
             if m is not None:
                 apply_fsdp2(m, device, param_dtype, reduce_dtype)
                 _init_root(m)
         super().__init__(model, ref_model, cfg, device)   # the optimizer sees the sharded (DTensor) params
+        self.export_dtype = getattr(torch, cfg.model.dtype)
 
     def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
         self.model.set_requires_gradient_sync(sync)
@@ -51,6 +60,14 @@ class FSDP2Engine(SingleEngine):
 
     def generation(self):
         return generation_context(self.model, self.cfg.distributed.gather_for_generation)
+
+    def full_state_dict(self) -> dict | None:
+        """The unsharded CPU state dict, full fine-tuning's fp32 master weights cast back to model.dtype
+        (LoRA adapters, trained in fp32 whatever the base, are exported as they are)."""
+        state = super().full_state_dict()
+        if is_lora_model(self.model):
+            return state
+        return {k: v.to(self.export_dtype) if v.is_floating_point() else v for k, v in state.items()}
 
 
 @contextlib.contextmanager

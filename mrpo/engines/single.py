@@ -36,6 +36,12 @@ class SingleEngine(Engine):
     def __init__(self, model, ref_model, cfg, device):
         super().__init__(model, ref_model, cfg, device)
         self.optimizer = _adamw(self.trainable_parameters(), cfg.optim)
+        low = {str(p.dtype) for p in self.trainable_parameters() if p.dtype != torch.float32}
+        if low and self.name == "single" and self.rank == 0:
+            log.warning("training %s weights without fp32 master weights: AdamW rounds away every update smaller "
+                        "than half a weight's spacing in that dtype (at lr %g most of them); use model.dtype=float32, "
+                        "LoRA (fp32 adapters) or several processes (fsdp2 / deepspeed keep fp32 master weights)",
+                        "/".join(sorted(low)), cfg.optim.lr)
 
     def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
         loss.backward()

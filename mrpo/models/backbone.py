@@ -90,7 +90,7 @@ def format_prompt(prompt_template: str | None, question: str, reasoning_tag: str
                                                         answer_tag=ANSWER_TAG)
 
 # Override a checkpoint's generation_config.json (e.g. Qwen's top_k=1, repetition_penalty=1.05): rollouts
-# must sample from the policy's own distribution (only temperature / top_p, as configured).
+# must sample from the policy's own distribution (only temperature / top_p / top_k, as configured).
 _NEUTRAL_SAMPLING = dict(temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0,
                          eta_cutoff=0.0, repetition_penalty=1.0, encoder_repetition_penalty=1.0,
                          no_repeat_ngram_size=0, min_new_tokens=0, num_beams=1,
@@ -355,15 +355,17 @@ class Backbone:
 
     @torch.no_grad()
     def generate(self, batch: dict, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
-                 do_sample: bool = True, synced_gpus: bool = False, decode: str = "eager") -> list[list[int]]:
+                 do_sample: bool = True, synced_gpus: bool = False, decode: str = "eager", top_k: int = 0
+                 ) -> list[list[int]]:
         """Batched generate with KV cache. Returns each completion's token ids without padding,
         cut after (and including) the first EOS; a completion without EOS has max_new_tokens ids.
-        decode: eager | static | static_compiled (see decode_kwargs; greedy ids are the same on every path)."""
+        decode: eager | static | static_compiled (see decode_kwargs; greedy ids are the same on every path).
+        top_k: sample among the k most likely tokens only (0 = off)."""
         kwargs = dict(_NEUTRAL_SAMPLING, max_new_tokens=max_new_tokens, do_sample=do_sample, use_cache=True,
                       pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_ids,
                       suppress_tokens=self.suppress_token_ids or None, synced_gpus=synced_gpus)
         if do_sample:
-            kwargs.update(temperature=temperature, top_p=top_p)
+            kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
         rows = batch["input_ids"].shape[0]
         filler = self._vision_filler(batch, self.model)
         if filler is not None:

@@ -80,6 +80,7 @@ def test_build_encode_forward_generate(bb, images):
     assert not set(t for c in comps for t in c) & set(bb.suppress_token_ids)
     greedy = bb.generate(batch, max_new_tokens=8, do_sample=False)
     assert greedy == bb.generate(batch, max_new_tokens=8, do_sample=False)  # greedy is deterministic
+    assert bb.generate(batch, max_new_tokens=8, temperature=1.0, top_k=1) == greedy   # rollout.top_k reaches generate
     # a checkpoint's generation_config (repetition penalty, top_k, ...) must not bend the rollouts
     gc = bb.model.generation_config
     saved = gc.repetition_penalty, gc.no_repeat_ngram_size, gc.top_k

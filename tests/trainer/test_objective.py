@@ -2,6 +2,7 @@
 rank and as 2 ranks x 2x4 under FSDP2 give the same gradients, for every loss aggregation; global
 advantages (GDPO, GRPO scale=batch) are the same on 2 ranks as on 1."""
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -61,3 +62,33 @@ def test_two_ranks_equal_one_rank(one_rank, shared_data, tmp_path):
         assert_same(grads[agg][16], two["grads"][agg], f"{agg}: 1 rank vs 2 ranks")
     for method in ("gdpo", "grpo"):
         torch.testing.assert_close(advantages[method], two["advantages"][method], rtol=0, atol=1e-6)
+
+
+def _torchrun_or_kill(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """torchrun in its own session; on timeout the whole process group is killed (a hang fails the test
+    instead of leaving workers behind)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(WORKER.parent), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"hung for {timeout} s: {err[-3000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["fsdp2", "deepspeed"])
+def test_unequal_token_budget_splits_finish_with_the_same_gradients(shared_data, tmp_path, engine):
+    """See microbatch_worker.py: a token budget giving the 2 ranks different micro-batch counts finishes
+    (old, reference and loss passes) and its gradients and log-probs equal the count split's."""
+    if engine == "deepspeed":
+        pytest.importorskip("deepspeed")
+    run = _torchrun_or_kill([str(WORKER.with_name("microbatch_worker.py")), str(tmp_path), str(shared_data), engine],
+                            timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    assert run.stdout.count(" ok: budget") == 2, run.stdout

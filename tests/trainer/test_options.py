@@ -65,3 +65,15 @@ def test_gradient_checkpointing_gives_the_same_gradients(shared_data, tmp_path):
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_bf16_policy_under_fsdp2_keeps_fp32_master_weights(shared_data, tmp_path):
+    """See dtype_worker.py: a bf16 policy's lr-1e-6 update is not rounded away (fp32 master weights)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(HERE / "dtype_worker.py"), str(tmp_path), str(shared_data)], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    assert run.stdout.count(" ok: ") == 2, run.stdout

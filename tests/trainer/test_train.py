@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mrpo.config import load_config
-from mrpo.rollout import Rollout
+from mrpo.rollout import MicroBatch, Rollout, micro_batches, pad_micro_batches
 from mrpo.trainer import PromptSampler, Trainer, first_failure_stage
 
 from .conftest import tiny_overrides
@@ -106,6 +106,16 @@ def test_first_failure_stage():
     assert first_failure_stage([True, True]) is None
 
 
+def test_micro_batches_are_padded_to_the_largest_count_with_zero_weight_fillers():
+    lengths = [50, 30, 80, 20, 60]
+    own = micro_batches(lengths, max_seqs=4, max_tokens=100)
+    assert own == [[0, 1], [2, 3], [4]]
+    padded = pad_micro_batches(own, 5, lengths)
+    assert padded[:3] == [MicroBatch([0, 1]), MicroBatch([2, 3]), MicroBatch([4])]
+    assert padded[3:] == [MicroBatch([3], filler=True)] * 2   # the shortest sequence, flagged
+    assert pad_micro_batches(own, 3, lengths) == padded[:3]
+
+
 def _run_cli(args, env_extra=None, nproc=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env_extra or {})}
     if nproc:
@@ -141,10 +151,13 @@ def test_sigkill_mid_step_then_resume_matches_unbroken_run(shared_data, tmp_path
 
 @pytest.mark.slow
 def test_fsdp2_two_processes(shared_data, tmp_path):
-    run = _run_cli(tiny_overrides(shared_data, tmp_path, **{"optim.max_steps": 2}), nproc=2)
+    """The issue-21 reproduction in small: a token budget per micro-batch under FSDP2 finishes."""
+    run = _run_cli(tiny_overrides(shared_data, tmp_path, **{"optim.max_steps": 2,
+                                                            "loss.max_tokens_per_micro_batch": 200}), nproc=2)
     assert run.returncode == 0, run.stderr[-4000:]
     steps = _rl_steps(tmp_path)
     assert sorted(steps) == [1, 2] and all(math.isfinite(m["loss"]) for m in steps.values())
+    assert all(m["micro_batches"] >= 1 and "filler_micro_batches" in m for m in steps.values())
     from transformers import AutoModelForImageTextToText
 
     AutoModelForImageTextToText.from_pretrained(tmp_path / "final_model")
