@@ -17,8 +17,9 @@ model.family shipped in configs/backbones/ (the output says which). Per phase, p
             fp32, [chunk, V] logits buffer), gradients (FSDP2 accumulates UNSHARDED gradients in
             reduce_dtype over the micro-batches of a step: no-sync accumulation), the AdamW step.
 
-Every phase carries the persistent state: parameters (1/N under FSDP2 / ZeRO-3), AdamW state (FSDP2 and
-one process: exp_avg + exp_avg_sq in the parameters' dtype, no fp32 master copy; DeepSpeed: fp32 master,
+Every phase carries the persistent state: parameters (1/N under FSDP2 / ZeRO-3), AdamW state (FSDP2: trainable
+parameters sharded as fp32 master weights, fp32 exp_avg + exp_avg_sq; one process: the parameters' dtype, no
+fp32 master copy; DeepSpeed: fp32 master,
 moments and gradient partitions), the reference model (none with LoRA: the policy with adapters off), and
 on CUDA the headroom: CUDA context + NCCL buffers, and a fragmentation reserve of the caching allocator.
 Activation costs per token and layer are the linear forms of mrpo/plan_calibration.json, measured on the
@@ -288,8 +289,16 @@ def make_plan(cfg, gpus: int, gpu_mem_gib: float, shape: ModelShape, device: str
         base["optimizer: fp32 master + AdamW moments + fp32 gradient partition"] = 16 * trainable // shard
     else:
         where = f"1/{shard} FSDP2 shard" if shard > 1 else "whole"
-        base[f"parameters ({m.dtype}, {where})"] = s.params_total * p // shard
-        base[f"AdamW exp_avg + exp_avg_sq ({'float32 adapters' if lora else m.dtype}, no fp32 master)"] = \
+        if engine == "fsdp2" and not lora:   # FSDP2 shards trainable parameters as fp32 master weights
+            t_bytes = 4
+            base[f"parameters (trainable float32 master weights, {where})"] = trainable * 4 // shard
+            if s.params_total > trainable:
+                base[f"parameters (frozen, {m.dtype}, {where})"] = (s.params_total - trainable) * p // shard
+        else:
+            base[f"parameters ({m.dtype}, {where})"] = s.params_total * p // shard
+        master = "float32 master weights" if engine == "fsdp2" and not lora else "no fp32 master"
+        moments = "float32 adapters" if lora else ("float32" if t_bytes == 4 else m.dtype)
+        base[f"AdamW exp_avg + exp_avg_sq ({moments}, {master})"] = \
             2 * trainable * t_bytes // shard
     if has_ref:
         ref_bytes = pd if engine == "deepspeed" else p

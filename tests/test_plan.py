@@ -24,9 +24,13 @@ def test_recipe_backbones_plan_without_weights(config):
     plan = plan_for(cfg, 4, 80.0, knobs=False)
     assert "configs/backbones/" in plan.shape.source and "not found" in plan.shape.source
     assert plan.shape.params_total == pytest.approx(PUBLISHED[config], rel=0.005)
-    # FSDP2 over 4 GPUs: a quarter of the bf16 parameters per GPU; the rollout gathers the whole model
+    # FSDP2 over 4 GPUs: a quarter of the parameters per GPU, trainable ones as fp32 master weights, frozen
+    # ones in bf16; the rollout gathers the whole model in bf16
     terms = plan.phases["rollout"].terms
-    assert terms["parameters (bfloat16, 1/4 FSDP2 shard)"] == plan.shape.params_total * 2 // 4
+    trainable = terms["parameters (trainable float32 master weights, 1/4 FSDP2 shard)"] * 4 // 4
+    frozen = terms.get("parameters (frozen, bfloat16, 1/4 FSDP2 shard)", 0) * 4 // 2
+    assert trainable + frozen == pytest.approx(plan.shape.params_total, abs=8)
+    assert terms["AdamW exp_avg + exp_avg_sq (float32, float32 master weights)"] == 2 * trainable * 4 // 4
     assert terms["parameters gathered for generation (2-byte, whole model)"] == plan.shape.params_total * 2
 
 
@@ -60,7 +64,10 @@ def test_engine_state_terms():
     n = shape.params_total
     fsdp = make_plan(cfg, 4, 80.0, shape)
     train = fsdp.phases["train"].terms
-    assert train["AdamW exp_avg + exp_avg_sq (bfloat16, no fp32 master)"] == 2 * n * 2 // 4
+    assert train["parameters (trainable float32 master weights, 1/4 FSDP2 shard)"] == n * 4 // 4
+    assert train["AdamW exp_avg + exp_avg_sq (float32, float32 master weights)"] == 2 * n * 4 // 4
+    single = make_plan(cfg, 1, 80.0, shape).phases["train"].terms   # one process: bf16, no master copy
+    assert single["AdamW exp_avg + exp_avg_sq (bfloat16, no fp32 master)"] == 2 * n * 2
     assert train["reference model (frozen copy, sharded like the policy)"] == n * 2 // 4
     # no-sync accumulation over the 8 micro-batches: every gradient unsharded, in reduce_dtype float32
     assert train["gradients accumulated unsharded over 8 micro-batches"] == n * 4
@@ -74,11 +81,15 @@ def test_engine_state_terms():
     assert not any("reference" in k for k in lora)
     # KV cache: 2 x 28 layers x 4 KV heads x 128 x bf16 x 16 rows x (1024 + 512) tokens
     assert fsdp.phases["rollout"].terms["KV cache (dynamic, 16 rows x 1536 tokens)"] == 2 * 28 * 4 * 128 * 2 * 16 * 1536
-    # gradient checkpointing keeps ~1/30 of the activations at these widths
+    # gradient checkpointing keeps ~1/30 of the activations at these widths (with LoRA, whose optimizer step is
+    # small, so the train peak is the backward's and the activation terms are listed)
     no_ckpt = make_plan(load_config(REPO_ROOT / "configs" / "qwen2_5_vl_7b_mrpo.yaml",
-                                    ["model.gradient_checkpointing=false"]), 4, 80.0, shape)
+                                    ["lora.rank=64", "model.gradient_checkpointing=false"]), 4, 80.0, shape)
+    with_ckpt = make_plan(lora_cfg, 4, 80.0, shape)
     act = lambda p, w: p.phases["train"].terms[f"activations (3072 tokens, {w} gradient checkpointing)"]  # noqa: E731
-    assert act(no_ckpt, "without") > 10 * act(fsdp, "with")
+    assert act(no_ckpt, "without") > 10 * act(with_ckpt, "with")
+    # full fine-tuning under FSDP2: the AdamW step's fp32 temporaries outweigh the checkpointed activations
+    assert "AdamW step temporaries (foreach)" in train
 
 
 def test_refuses_to_start_on_cuda_when_it_does_not_fit(monkeypatch):
