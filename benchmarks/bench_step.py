@@ -443,8 +443,9 @@ def compare_packing(trainer, args, tag: str, world: int) -> dict:
     cpu_ratios = [a / b for a, b in zip(cpu["packed"], cpu["padded"])]
     prompt_len = rollout.prompts["attention_mask"].sum(-1).tolist()
     lengths = [prompt_len[r] + n for r, n in zip(rollout.prompt_row, rollout.lengths)]
-    width = [max(prompt_len[rollout.prompt_row[i]] for i in m) + max(rollout.lengths[i] for i in m) for m in micro]
-    padded_positions = sum(w * len(m) for w, m in zip(width, micro))
+    seqs = [mb.seqs for mb in micro if not mb.filler]
+    width = [max(prompt_len[rollout.prompt_row[i]] for i in m) + max(rollout.lengths[i] for i in m) for m in seqs]
+    padded_positions = sum(w * len(m) for w, m in zip(width, seqs))
     summary = {
         "rounds": args.compare_packing, "device": common.device_name(str(dev)), "threads": torch.get_num_threads(),
         "packed_s": common.quantiles(wall["packed"])[0], "padded_s": common.quantiles(wall["padded"])[0],

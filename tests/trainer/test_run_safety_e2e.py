@@ -200,7 +200,7 @@ def test_judge_outage_stops_the_run_with_a_checkpoint(shared_data, tmp_path, mon
 
     # the tiny policy without warm-up writes no reasoning block; give every completion one step so that
     # each one is sent to the (failing) judge
-    monkeypatch.setattr(mrpo.rewards, "segment_steps", lambda text, tag="think": [Step(text[:1], 0, len(text[:1]))])
+    monkeypatch.setattr(mrpo.rewards, "segment_steps", lambda text, tag="think", *special: [Step(text[:1], 0, len(text[:1]))])
     caplog.set_level(logging.WARNING, logger="mrpo.judges.http")
     judge = _FailingJudge()
     out = tmp_path / "run"
