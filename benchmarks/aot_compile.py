@@ -11,6 +11,7 @@ linear_logprobs.py / fused_mrpo_loss.py (torch tensors are 16-byte aligned; V of
 a multiple of 16).
 
     python benchmarks/aot_compile.py                  # full sweep -> results/aot_compile.{csv,md}
+    python benchmarks/aot_compile.py --branches cover  # every branch value, 13 of the 64 loss-kernel branches
     python benchmarks/aot_compile.py --jobs 2 --arch 90 --dtype bf16
 
 tests/kernels/test_aot_compile.py compiles a representative subset of the same variants.
@@ -92,18 +93,34 @@ def kernels():
     return {"_logprobs_kernel": _logprobs_kernel, "_mrpo_loss_kernel": _mrpo_loss_kernel}
 
 
-def branches(kernel: str) -> list[tuple]:
-    """Every constexpr combination (except BLOCK_V) the launchers pass to `kernel`."""
+LOSS_FLAGS = ("HAS_OLD", "HAS_REF", "WITH_ENTROPY", "COMPUTE_GRAD")
+
+
+def branches(kernel: str, cover: bool = False) -> list[tuple]:
+    """Every constexpr combination (except BLOCK_V) the launchers pass to `kernel`.
+
+    cover=True: for the loss kernel a subset in which every branch value occurs: all flags off, all on,
+    each flag flipped from either, and every (SHAPING, VALID_CREDIT) with all other flags on (13 of 64)."""
     if kernel == "_logprobs_kernel":
         return [(("WITH_ENTROPY", e),) for e in (False, True)]
     from mrpo_kernels.fused_mrpo_loss import K3_MAX, LOG_RATIO_MAX
 
+    shapings = ((False, 0), (True, 0), (True, 1), (True, 2))   # credit matters only when shaping
+    combos = [(flags, sc) for flags in itertools.product((False, True), repeat=len(LOSS_FLAGS)) for sc in shapings]
+    if cover:
+        keep = set()
+        for base in (False, True):
+            keep.add(((base,) * 4, shapings[2 if base else 0]))
+            for i in range(len(LOSS_FLAGS)):
+                flipped = tuple(not base if j == i else base for j in range(len(LOSS_FLAGS)))
+                keep.add((flipped, shapings[2 if base else 0]))
+        keep.update(((True,) * 4, sc) for sc in shapings)
+        combos = [c for c in combos if c in keep]
     out = []
-    for has_old, has_ref, with_entropy, grad in itertools.product((False, True), repeat=4):
-        for shaping, credit in ((False, 0), (True, 0), (True, 1), (True, 2)):  # credit matters only when shaping
-            out.append((("HAS_OLD", has_old), ("HAS_REF", has_ref), ("SHAPING", shaping), ("VALID_CREDIT", credit),
-                        ("WITH_ENTROPY", with_entropy), ("COMPUTE_GRAD", grad),
-                        ("LOG_RATIO_MAX", LOG_RATIO_MAX), ("K3_MAX", K3_MAX)))
+    for (has_old, has_ref, with_entropy, grad), (shaping, credit) in combos:
+        out.append((("HAS_OLD", has_old), ("HAS_REF", has_ref), ("SHAPING", shaping), ("VALID_CREDIT", credit),
+                    ("WITH_ENTROPY", with_entropy), ("COMPUTE_GRAD", grad),
+                    ("LOG_RATIO_MAX", LOG_RATIO_MAX), ("K3_MAX", K3_MAX)))
     return out
 
 
@@ -114,11 +131,11 @@ def autotune_configs() -> list[tuple[int, int, int]]:
     return [(c.kwargs["BLOCK_V"], c.num_warps, c.num_stages) for c in AUTOTUNE_CONFIGS]
 
 
-def all_variants(archs=ARCHS, dtypes=DTYPES, kernel_names=tuple(ARG_TYPES)) -> list[Variant]:
+def all_variants(archs=ARCHS, dtypes=DTYPES, kernel_names=tuple(ARG_TYPES), cover: bool = False) -> list[Variant]:
     return [
         Variant(k, arch, dt, bv, nw, ns, br)
         for k in kernel_names for arch in archs for dt in dtypes
-        for bv, nw, ns in autotune_configs() for br in branches(k)
+        for bv, nw, ns in autotune_configs() for br in branches(k, cover)
     ]
 
 
@@ -213,7 +230,7 @@ def write_csv(results: list[Result], path: Path) -> None:
                         f"{r.compile_s:.2f}", r.error])
 
 
-def summary_md(results: list[Result], versions: str, wall_s: float) -> str:
+def summary_md(results: list[Result], versions: str, wall_s: float, branches_mode: str = "all") -> str:
     """Per kernel x arch x dtype x config: variants, max registers, max spills, max shared memory."""
     groups: dict[tuple, list[Result]] = {}
     for r in results:
@@ -225,10 +242,11 @@ def summary_md(results: list[Result], versions: str, wall_s: float) -> str:
         "# Ahead-of-time compilation of the mrpo_kernels Triton kernels (no GPU)",
         "",
         f"{versions}. {len(results)} variants (kernel x arch x logits dtype x autotune config x constexpr "
-        f"branch) in {wall_s:.0f} s: **{n_err} compile errors, {n_spill} variants with spills**.",
+        f"branch; loss-kernel branches: {branches_mode}) in {wall_s:.0f} s: **{n_err} compile errors, "
+        f"{n_spill} variants with spills**.",
         "Registers, spills and stack from `ptxas -v` (Triton's own ptxas for the arch); shared memory from "
         "the compiled kernel's metadata. Max over the constexpr branches of each row.",
-        "Re-run: `python benchmarks/aot_compile.py` (see its docstring).",
+        f"Re-run: `python benchmarks/aot_compile.py --branches {branches_mode}` (see its docstring).",
         "",
         "| kernel | arch | logits | BLOCK_V | warps | stages | branches | max regs | max spill st/ld (B) "
         "| max stack (B) | max shared (B) | errors |",
@@ -270,13 +288,16 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), help="compute capabilities (80 90)")
     ap.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=DTYPES, help="logits/hidden dtypes")
     ap.add_argument("--kernel", nargs="+", default=list(ARG_TYPES), choices=list(ARG_TYPES))
+    ap.add_argument("--branches", choices=["all", "cover"], default="all",
+                    help="constexpr branches of the loss kernel: all 64 combinations, or a cover in which every "
+                         "branch value occurs (13; see `branches`)")
     ap.add_argument("--jobs", type=int, default=max(1, min(4, os.cpu_count() or 1)), help="compile processes")
     ap.add_argument("--out", default=str(RESULTS_DIR / "aot_compile"), help="path stem of the .csv and .md")
     args = ap.parse_args(argv)
 
     os.environ.pop("TRITON_INTERPRET", None)
     kernels()  # fail fast in interpreter mode
-    variants = all_variants(tuple(args.arch), tuple(args.dtype), tuple(args.kernel))
+    variants = all_variants(tuple(args.arch), tuple(args.dtype), tuple(args.kernel), args.branches == "cover")
     print(f"{len(variants)} variants, {args.jobs} processes", flush=True)
     t0 = time.perf_counter()
     results = []
@@ -292,7 +313,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_csv(results, out.with_suffix(".csv"))
-    md = summary_md(results, versions_line(), wall)
+    md = summary_md(results, versions_line(), wall, args.branches)
     out.with_suffix(".md").write_text(md)
     print(md)
     return 1 if any(r.error for r in results) else 0

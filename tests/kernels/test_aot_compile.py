@@ -59,6 +59,16 @@ def test_sweep_covers_every_branch_and_config():
     assert {b["VALID_CREDIT"] for b in loss_branches if b["SHAPING"]} == {0, 1, 2}
     variants = aot.all_variants()
     assert len(variants) == len(aot.ARCHS) * len(aot.DTYPES) * len(AUTOTUNE_CONFIGS) * (2 + len(loss_branches))
+    cover = [dict(b) for b in aot.branches("_mrpo_loss_kernel", cover=True)]
+    assert all(b in loss_branches for b in cover) and len(cover) < len(loss_branches)
+    for flag in ("HAS_OLD", "HAS_REF", "SHAPING", "WITH_ENTROPY", "COMPUTE_GRAD"):
+        assert {b[flag] for b in cover} == {False, True}
+        # each flag is flipped alone from all-off and from all-on
+        others = [f for f in aot.LOSS_FLAGS if f != flag]
+        for base in (False, True):
+            if flag in aot.LOSS_FLAGS:
+                assert any(b[flag] != base and all(b[o] == base for o in others) for b in cover), (flag, base)
+    assert {b["VALID_CREDIT"] for b in cover if b["SHAPING"]} == {0, 1, 2}
 
 
 def test_signature_matches_kernel_arguments():
