@@ -24,7 +24,8 @@ its prompts with its own sampler (TRL: its RepeatSampler), so the completions an
 per-position generation cost is compared for that reason. TRL's own overheads (its dataloader, chat
 templating and image processing per step, logging metrics, entropy of every token) stay in TRL's time.
 
-Per step (optimizer step) and per side: wall time of the step; the rollout phase (ours: prompt encoding,
+Per step (optimizer step) and per side, as wall time and as process CPU time (steadier on a loaded
+machine; with one thread it is the work done): the step; the rollout phase (ours: prompt encoding,
 generation, scoring, advantages; TRL: `_generate_and_score_completions`, which also tokenizes and
 processes images); generation per decoded position (wall ms of each generate call / its decode steps,
 i.e. the longest completion of the call; ours: `Backbone.generate`, TRL: `_generate_single_turn`); and
@@ -54,7 +55,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 GROUP, PROMPTS_PER_STEP, MICRO_BATCH = 8, 2, 8
-METRICS = ("step_s", "rollout_s", "decode_ms_per_position", "loss_backward_optimizer_s", "completion_tokens")
+METRICS = ("step_s", "rollout_s", "decode_ms_per_position", "loss_backward_optimizer_s",
+           "step_cpu_s", "rollout_cpu_s", "decode_cpu_ms_per_position", "loss_backward_optimizer_cpu_s",
+           "completion_tokens")
 
 
 def parse_args(argv=None):
@@ -93,12 +96,36 @@ def run_ours(cfg, steps: int, warmup: int) -> list[dict]:
 
     trainer = Trainer(cfg)
     probe = StepProbe(trainer)
+    cpu = {"decode": [], "train": 0.0}
+    generate, accumulate, engine_step = trainer.backbone.generate, trainer.accumulate_gradients, trainer.engine.step
+
+    def cpu_generate(batch, max_new_tokens, *a, **k):
+        c0 = time.process_time()
+        ids = generate(batch, max_new_tokens, *a, **k)
+        cpu["decode"].append(1e3 * (time.process_time() - c0) / max(1, max(len(c) for c in ids)))
+        return ids
+
+    def cpu_timed(fn):
+        def timed(*a, **k):
+            c0 = time.process_time()
+            try:
+                return fn(*a, **k)
+            finally:
+                cpu["train"] += time.process_time() - c0
+        return timed
+
+    trainer.backbone.generate = cpu_generate   # under StepProbe's wall-clock wrapper
+    trainer.accumulate_gradients, trainer.engine.step = cpu_timed(accumulate), cpu_timed(engine_step)
     out = []
     try:
         for i in range(warmup + steps):
             probe.active = i >= warmup
             probe.decode_ms.clear()
+            cpu["decode"].clear()
+            cpu["train"] = 0.0
+            c0 = time.process_time()
             m = trainer.train_step()
+            step_cpu = time.process_time() - c0
             trainer.step += 1
             if i >= warmup:
                 out.append({
@@ -106,6 +133,9 @@ def run_ours(cfg, steps: int, warmup: int) -> list[dict]:
                     "rollout_s": m["time/step"] - m["time/loss_backward"],
                     "decode_ms_per_position": statistics.fmean(probe.decode_ms),
                     "loss_backward_optimizer_s": m["time/loss_backward"],
+                    "step_cpu_s": step_cpu, "rollout_cpu_s": step_cpu - cpu["train"],
+                    "decode_cpu_ms_per_position": statistics.fmean(cpu["decode"]),
+                    "loss_backward_optimizer_cpu_s": cpu["train"],
                     "completion_tokens": m["completion_len"] * PROMPTS_PER_STEP * GROUP,
                 })
     finally:
@@ -146,33 +176,41 @@ class _TRLTimer:
 
         class Callback(TrainerCallback):
             def on_step_begin(self, args, state, control, **kw):
-                timer._cur = {"t0": time.perf_counter(), "rollout_s": 0.0, "decode": [], "tokens": 0}
+                timer._cur = {"t0": time.perf_counter(), "c0": time.process_time(), "rollout_s": 0.0,
+                              "rollout_cpu_s": 0.0, "decode": [], "decode_cpu": [], "tokens": 0}
 
             def on_step_end(self, args, state, control, **kw):
                 c = timer._cur
-                step = time.perf_counter() - c["t0"]
+                step, step_cpu = time.perf_counter() - c["t0"], time.process_time() - c["c0"]
+                nan = float("nan")
                 timer.steps.append({"step_s": step, "rollout_s": c["rollout_s"],
-                                    "decode_ms_per_position": statistics.fmean(c["decode"]) if c["decode"] else float("nan"),
+                                    "decode_ms_per_position": statistics.fmean(c["decode"]) if c["decode"] else nan,
                                     "loss_backward_optimizer_s": step - c["rollout_s"],
+                                    "step_cpu_s": step_cpu, "rollout_cpu_s": c["rollout_cpu_s"],
+                                    "decode_cpu_ms_per_position": statistics.fmean(c["decode_cpu"]) if c["decode_cpu"] else nan,
+                                    "loss_backward_optimizer_cpu_s": step_cpu - c["rollout_cpu_s"],
                                     "completion_tokens": c["tokens"]})
 
         trainer.add_callback(Callback())
         rollout, single = trainer._generate_and_score_completions, trainer._generate_single_turn
 
         def timed_rollout(*a, **k):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = rollout(*a, **k)
             self._cur["rollout_s"] += time.perf_counter() - t0
+            self._cur["rollout_cpu_s"] += time.process_time() - c0
             return out
 
         def timed_generate(*a, **k):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = single(*a, **k)
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
             completion_ids = out[0]   # (completion_ids, logprobs)
             steps = max((len(c) for c in completion_ids), default=0)
             self._cur["tokens"] += sum(len(c) for c in completion_ids)
             if steps:
-                self._cur["decode"].append(1e3 * (time.perf_counter() - t0) / steps)
+                self._cur["decode"].append(1e3 * wall / steps)
+                self._cur["decode_cpu"].append(1e3 * cpu / steps)
             return out
 
         trainer._generate_and_score_completions = timed_rollout
@@ -242,8 +280,10 @@ def summarise(rows: list[dict], sides: list[str]) -> dict:
     for side in sides:
         mine = [r for r in rows if r["side"] == side]
         out[side] = {m: statistics.median(r[m] for r in mine) for m in METRICS}
-        out[side]["run_step_medians"] = [statistics.median(r["step_s"] for r in mine if r["run"] == k)
-                                         for k in sorted({r["run"] for r in mine})]
+        runs = sorted({r["run"] for r in mine})
+        out[side]["run_step_medians"] = [statistics.median(r["step_s"] for r in mine if r["run"] == k) for k in runs]
+        out[side]["run_step_cpu_medians"] = [statistics.median(r["step_cpu_s"] for r in mine if r["run"] == k)
+                                             for k in runs]
     return out
 
 
@@ -269,17 +309,24 @@ def write_report(rows, summary, args, cmd: str, load_before: str, path_stem: Pat
     sides = [s for s in ("ours", "trl") if s in summary]
     header = "| measure | " + " | ".join(sides) + (" | ours / TRL |" if len(sides) == 2 else " |")
     lines += [header, "|---|" + "---:|" * (len(sides) + (len(sides) == 2))]
-    names = {"step_s": "step (s)", "rollout_s": "rollout phase (s)",
-             "decode_ms_per_position": "generation (ms per decoded position)",
-             "loss_backward_optimizer_s": "loss + backward + optimizer (s)",
+    names = {"step_s": "step, wall (s)", "rollout_s": "rollout phase, wall (s)",
+             "decode_ms_per_position": "generation, wall (ms per decoded position)",
+             "loss_backward_optimizer_s": "loss + backward + optimizer, wall (s)",
+             "step_cpu_s": "step, process CPU (s)", "rollout_cpu_s": "rollout phase, CPU (s)",
+             "decode_cpu_ms_per_position": "generation, CPU (ms per decoded position)",
+             "loss_backward_optimizer_cpu_s": "loss + backward + optimizer, CPU (s)",
              "completion_tokens": "completion tokens per step"}
     for m in METRICS:
         vals = [summary[s][m] for s in sides]
         cells = " | ".join(f"{v:.3f}" if m != "completion_tokens" else f"{v:.0f}" for v in vals)
         ratio = f" | {vals[0] / vals[1]:.2f} |" if len(sides) == 2 and vals[1] else " |"
         lines.append(f"| {names[m]} | {cells}{ratio}")
-    lines += ["", "Per-run median step time (s): " + "; ".join(
-        f"{s}: " + ", ".join(f"{v:.3f}" for v in summary[s]["run_step_medians"]) for s in sides), "",
+    lines += ["", "Process CPU time counts the work of this process's threads whatever the load; wall time also "
+              "counts waiting for a core (with other jobs on the machine it varies run to run).", "",
+              "Per-run median step time, wall (s): " + "; ".join(
+        f"{s}: " + ", ".join(f"{v:.3f}" for v in summary[s]["run_step_medians"]) for s in sides),
+        "Per-run median step time, CPU (s): " + "; ".join(
+        f"{s}: " + ", ".join(f"{v:.3f}" for v in summary[s]["run_step_cpu_medians"]) for s in sides), "",
         "Mismatches that remain: ours runs MRPO step-wise shaping (TRL: plain GRPO; a few element-wise ops per "
         "token) and suppresses vision tokens while decoding; the prompts of a step and so the completion lengths "
         "differ (each side samples its own), hence the per-position generation cost; TRL's step also holds its "
