@@ -1,12 +1,23 @@
-"""Decode paths side by side in one process: Backbone.generate with rollout.decode = eager / static /
-static_compiled on the same batch, rounds interleaved (so load from other processes hits all alike).
+"""Decode side by side in one process, rounds interleaved (so load from other processes hits all alike):
+Backbone.generate with rollout.decode = eager / static / static_compiled, plain `model.generate` with the
+same settings, and the settings Backbone.generate passed before the lean decode, on the same batch.
 
     python benchmarks/bench_decode.py                       # tiny Qwen2.5-VL, CPU, 16 rows x 96 tokens
+    python benchmarks/bench_decode.py --mode sample greedy --providers eager plain all-neutral
     python benchmarks/bench_decode.py --model-path DIR      # any local folder (e.g. gpu_models.py output)
 
-Reports p50 wall ms and (CPU) process CPU ms per decoded position (call time / longest completion),
-and checks that greedy ids agree across the paths. On CPU static_compiled runs as static (transformers
-compiles only on CUDA-type devices). Writes results/decode_<tag>.md and .csv.
+Providers:
+  eager, static, static_compiled  Backbone.generate with that rollout.decode (only the sampling settings that
+                                  change something, vision tokens suppressed by a mask built once)
+  plain                           model.generate(**batch, do_sample, temperature, top_k=0 (sampling: the full
+                                  distribution, as ours), max_new_tokens, pad/eos ids, suppress_tokens=vision ids)
+  all-neutral                     model.generate with every neutral sampling setting spelled out (min_p=0.0,
+                                  min_new_tokens=0, ...: what Backbone.generate passed before the lean decode)
+Modes: sample (temperature 0.7, the rollout setting; every provider starts from one seed) and greedy.
+Reports p50 wall ms and (CPU) process CPU ms per decoded position (call time / longest completion) and
+the ratio to `plain`, and checks that the ids agree across providers within each mode. On CPU
+static_compiled runs as static (transformers compiles only on CUDA-type devices).
+Writes results/decode_<tag>.md and .csv.
 """
 from __future__ import annotations
 
@@ -24,6 +35,58 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 PATHS = ["eager", "static", "static_compiled"]
+PROVIDERS = PATHS + ["plain", "all-neutral"]
+# what Backbone.generate passed before the lean decode (min_p=0.0 and min_new_tokens=0 add processors)
+ALL_NEUTRAL = dict(temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
+                   repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0,
+                   num_beams=1, num_return_sequences=1, bad_words_ids=None, begin_suppress_tokens=None,
+                   forced_bos_token_id=None, forced_eos_token_id=None, sequence_bias=None,
+                   exponential_decay_length_penalty=None, renormalize_logits=False)
+
+
+def cut_at_eos(seqs, prompt_len: int, eos: set[int]) -> list[list[int]]:
+    """Completion ids of model.generate output, cut after the first EOS (as Backbone.generate)."""
+    out = []
+    for row in seqs[:, prompt_len:].tolist():
+        out.append(row[:next((i + 1 for i, t in enumerate(row) if t in eos), len(row))])
+    return out
+
+
+def capture_processors(bb, fns: dict) -> dict:
+    """{(provider, mode): the LogitsProcessorList generate() builds for it}, from one short call each
+    (a spy on transformers' private `_get_logits_processor`)."""
+    seen, original = {}, bb.model._get_logits_processor
+    key = [None]
+
+    def spy(*a, **k):
+        out = original(*a, **k)
+        seen.setdefault(key[0], out)
+        return out
+
+    bb.model._get_logits_processor = spy
+    try:
+        for k, call in fns.items():
+            key[0] = k
+            call()
+    finally:
+        del bb.model._get_logits_processor
+    return seen
+
+
+def time_processors(processors: dict, input_ids: torch.Tensor, vocab: int, reps: int = 7, iters: int = 200) -> dict:
+    """{key: (processor names, p50 microseconds per call on [rows, vocab] scores)}, rounds interleaved."""
+    scores = torch.randn(input_ids.shape[0], vocab)
+    fns = {}
+    for k, plist in processors.items():
+        def call(plist=plist):
+            for _ in range(iters):
+                plist(input_ids, scores.clone())
+        fns[k] = call
+    wall, cpu = common.time_interleaved_cpu(fns, warmup=1, reps=reps)
+    clone_s = common.quantiles(common.time_interleaved_cpu({"clone": lambda: [scores.clone() for _ in range(iters)]},
+                                                           warmup=1, reps=reps)[1]["clone"])[0]
+    return {k: ([type(p).__name__ for p in processors[k]], 1e6 * (common.quantiles(cpu[k])[0] - clone_s) / iters)
+            for k in processors}
 
 
 def main(argv=None) -> None:
@@ -34,7 +97,9 @@ def main(argv=None) -> None:
     ap.add_argument("--new-tokens", type=int, default=96)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--paths", nargs="+", choices=PATHS, default=PATHS)
+    ap.add_argument("--providers", "--paths", nargs="+", choices=PROVIDERS, default=["eager", "plain", "all-neutral"])
+    ap.add_argument("--mode", nargs="+", choices=["sample", "greedy"], default=["sample", "greedy"])
+    ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--tag", help="results/decode_<tag>.* (default: <device>)")
     ap.add_argument("--out-dir", default=str(common.RESULTS_DIR))
     args = ap.parse_args(argv)
@@ -51,41 +116,75 @@ def main(argv=None) -> None:
     image = make_example(0, "train", 0, image_size=56)[1]
     questions = [f"Question {i}: is there a lesion in the {'left' if i % 2 else 'right'} kidney?" for i in range(args.rows)]
     batch = bb.encode_prompts(questions, [[image] if i % 2 else [] for i in range(args.rows)])
-    outs = {}
+    eos = set(bb.eos_token_ids)
+    prompt_len = batch["input_ids"].shape[1]
+    outs: dict[tuple[str, str], list[list[int]]] = {}
 
-    def fn(p):
+    def fn(provider, mode):
+        sample = mode == "sample"
+
         def call():
-            outs[p] = bb.generate(batch, args.new_tokens, do_sample=False, decode=p)
+            torch.manual_seed(1234)
+            if provider in PATHS:
+                ids = bb.generate(batch, args.new_tokens, temperature=args.temperature, do_sample=sample, decode=provider)
+            else:
+                kwargs = dict(ALL_NEUTRAL) if provider == "all-neutral" else ({"top_k": 0} if sample else {})
+                if sample:
+                    kwargs["temperature"] = args.temperature
+                seqs = bb.model.generate(**batch, **kwargs, max_new_tokens=args.new_tokens, do_sample=sample,
+                                         pad_token_id=bb.pad_token_id, eos_token_id=bb.eos_token_ids,
+                                         suppress_tokens=bb.suppress_token_ids or None)
+                ids = cut_at_eos(seqs, prompt_len, eos)
+            outs[(provider, mode)] = ids
             if dev == "cuda":
                 torch.cuda.synchronize()
         return call
 
-    wall, cpu = common.time_interleaved_cpu({p: fn(p) for p in args.paths}, warmup=1, reps=args.reps)
-    steps = max(len(c) for c in outs[args.paths[0]])
-    same = {p: outs[p] == outs[args.paths[0]] for p in args.paths}
-    meta = {"kernel": "generate", "mode": "greedy", "x_name": "rows", "x_value": args.rows, "dtype": str(bb.model.dtype),
+    fns = {(p, m): fn(p, m) for m in args.mode for p in args.providers}
+    processors = capture_processors(bb, fns)
+    wall, cpu = common.time_interleaved_cpu(fns, warmup=1, reps=args.reps)
+    proc_us = time_processors(processors, batch["input_ids"], bb.model.config.get_text_config().vocab_size)
+    meta = {"kernel": "generate", "x_name": "rows", "x_value": args.rows, "dtype": str(bb.model.dtype),
             "device": common.device_name(dev), **common.versions(), "timestamp": common.timestamp()}
-    note = f"new_tokens={args.new_tokens}; decode steps={steps}; load={common.load_average()}"
-    rows, lines = [], [f"# Decode paths: {meta['device']}", "",
-                       f"`python benchmarks/bench_decode.py {' '.join(sys.argv[1:] if argv is None else argv)}`".replace(" `", "`")
-                       + f" at {meta['timestamp']}; {args.rows} rows, {note}.", "",
-                       "| decode | wall ms / position (p50) | CPU ms / position (p50) | greedy ids = " + args.paths[0] + " |",
-                       "|---|---|---|---|"]
-    for p in args.paths:
-        w = common.quantiles(1e3 * t / steps for t in wall[p])
-        c = common.quantiles(1e3 * t / steps for t in cpu[p])
-        rows.append({**meta, "provider": p, "metric": "time_per_position", "unit": "ms", "p50": w[0], "p20": w[1],
-                     "p80": w[2], "note": note})
-        rows.append({**meta, "provider": p, "metric": "cpu_time_per_position", "unit": "ms", "p50": c[0], "p20": c[1],
-                     "p80": c[2], "note": note})
-        lines.append(f"| {p} | {w[0]:.2f} | {c[0]:.2f} | {'yes' if same[p] else 'NO'} |")
+    cmd = " ".join(sys.argv[1:] if argv is None else argv)
+    rows, lines = [], [f"# Decode: {meta['device']}", "",
+                       f"`python benchmarks/bench_decode.py{' ' + cmd if cmd else ''}` at {meta['timestamp']}; "
+                       f"{args.rows} rows (half with an image), {args.new_tokens} new tokens, temperature "
+                       f"{args.temperature} when sampling, {args.threads} thread(s), {args.reps} interleaved rounds; "
+                       f"load {common.load_average()} (shared machine: compare within a table only).", "",
+                       "| mode | provider | decode steps | wall ms / position (p50) | CPU ms / position (p50) "
+                       "| CPU vs plain | ids = " + args.providers[0] + " |",
+                       "|---|---|---:|---:|---:|---:|---|"]
+    failed = []
+    for m in args.mode:
+        first = outs[(args.providers[0], m)]
+        steps = max(len(c) for c in first)
+        plain_cpu = common.quantiles(cpu[("plain", m)])[0] if "plain" in args.providers else None
+        for p in args.providers:
+            same = outs[(p, m)] == first
+            failed += [] if same else [(p, m)]
+            w = common.quantiles(1e3 * t / steps for t in wall[(p, m)])
+            c = common.quantiles(1e3 * t / steps for t in cpu[(p, m)])
+            ratio = common.quantiles(cpu[(p, m)])[0] / plain_cpu if plain_cpu else float("nan")
+            note = f"new_tokens={args.new_tokens}; decode steps={steps}; temperature={args.temperature if m == 'sample' else 0}"
+            for metric, q in (("time_per_position", w), ("cpu_time_per_position", c)):
+                rows.append({**meta, "provider": p, "mode": m, "metric": metric, "unit": "ms", "p50": q[0],
+                             "p20": q[1], "p80": q[2], "note": note})
+            lines.append(f"| {m} | {p} | {steps} | {w[0]:.3f} | {c[0]:.3f} | {ratio:.3f} | {'yes' if same else 'NO'} |")
+    lines += ["", "Logits processors that generate() built for each provider, timed alone on [rows, V] fp32 scores "
+              "(p50 of interleaved rounds; the per-position work they add on top of the forward):", "",
+              "| mode | provider | processors | us / position (p50) |", "|---|---|---|---:|"]
+    for (p, m), (names, us) in proc_us.items():
+        lines.append(f"| {m} | {p} | {', '.join(names) or '-'} | {us:.1f} |")
+        rows.append({**meta, "provider": p, "mode": m, "metric": "logits_processors_per_position", "unit": "us",
+                     "p50": us, "note": ", ".join(names)})
     tag = args.tag or dev
     out = Path(args.out_dir)
     common.write_csv(out / f"decode_{tag}.csv", rows)
     (out / f"decode_{tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    if not all(same.values()):
-        raise SystemExit("bench_decode: greedy ids differ between decode paths")
+    if failed:
+        raise SystemExit(f"bench_decode: ids differ from {args.providers[0]} for {failed}")
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from PIL import Image
+from transformers.generation import LogitsProcessorList, SuppressTokensLogitsProcessor
 
 from mrpo.data.records import fit_max_pixels
 from mrpo.models.varlen_attention import KWARG as PACKED_KWARG
@@ -89,14 +90,61 @@ def format_prompt(prompt_template: str | None, question: str, reasoning_tag: str
     return load_prompt_template(prompt_template).format(question=question, reasoning_tag=reasoning_tag,
                                                         answer_tag=ANSWER_TAG)
 
-# Override a checkpoint's generation_config.json (e.g. Qwen's top_k=1, repetition_penalty=1.05): rollouts
-# must sample from the policy's own distribution (only temperature / top_p / top_k, as configured).
+# Rollouts sample from the policy's own distribution (only temperature / top_p / top_k, as configured): a
+# checkpoint's generation_config.json (e.g. Qwen's top_k=1, repetition_penalty=1.05) and transformers'
+# global defaults (top_k=50) are overridden with these neutral values. Only the settings that are not
+# neutral already are passed (see _sampling_overrides): some neutral values still make generate() add a
+# logits processor that changes no token yet costs time at every decoded position (min_p=0.0 adds a
+# MinPLogitsWarper; min_new_tokens=0 becomes min_length=prompt length, a MinLengthLogitsProcessor).
 _NEUTRAL_SAMPLING = dict(temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0,
                          eta_cutoff=0.0, repetition_penalty=1.0, encoder_repetition_penalty=1.0,
-                         no_repeat_ngram_size=0, min_new_tokens=0, num_beams=1,
-                         num_return_sequences=1, bad_words_ids=None, begin_suppress_tokens=None,
-                         forced_bos_token_id=None, forced_eos_token_id=None, sequence_bias=None,
-                         exponential_decay_length_penalty=None, renormalize_logits=False)
+                         no_repeat_ngram_size=0, min_length=0, min_new_tokens=0, num_beams=1,
+                         num_return_sequences=1, bad_words_ids=None, suppress_tokens=None,
+                         begin_suppress_tokens=None, forced_bos_token_id=None, forced_eos_token_id=None,
+                         sequence_bias=None, exponential_decay_length_penalty=None, renormalize_logits=False,
+                         guidance_scale=None, watermarking_config=None, remove_invalid_values=False,
+                         output_scores=False, output_logits=False, return_dict_in_generate=False)
+_WARPER_KEYS = ("temperature", "top_p", "top_k", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")  # sampling only
+
+
+def _sampling_overrides(generation_config, do_sample: bool) -> dict:
+    """The entries of _NEUTRAL_SAMPLING whose value generate() would otherwise take from
+    `generation_config` (the model's; unset fields fall back to transformers' global defaults) and
+    which differ from the neutral value. Keys this transformers' GenerationConfig lacks are skipped,
+    and so are the warpers' (_WARPER_KEYS) when not sampling (greedy search applies none)."""
+    defaults = {}
+    if hasattr(generation_config, "_get_default_generation_params"):  # transformers >= 5: unset fields are None
+        defaults = generation_config._get_default_generation_params()
+    out = {}
+    for key, neutral in _NEUTRAL_SAMPLING.items():
+        if not _generation_config_has(key) or (not do_sample and key in _WARPER_KEYS):
+            continue
+        value = getattr(generation_config, key, None)
+        if value is None:
+            value = defaults.get(key)
+        if value is not None and value != neutral:
+            out[key] = neutral
+    return out
+
+
+class _SuppressTokens(SuppressTokensLogitsProcessor):
+    """SuppressTokensLogitsProcessor with its [V] boolean mask built once per vocabulary size and device
+    instead of at every decoded position (arange + isin each call); the same scores (-inf at the
+    suppressed ids), so the same tokens."""
+
+    def __init__(self, suppress_tokens: list[int]):
+        super().__init__(suppress_tokens)
+        self._masks: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        key = (scores.shape[-1], scores.device)
+        mask = self._masks.get(key)
+        if mask is None:
+            mask = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)
+            ids = self.suppress_tokens.to(scores.device)
+            mask[ids[ids < scores.shape[-1]]] = True
+            self._masks[key] = mask
+        return scores.masked_fill(mask, -float("inf"))
 
 
 class PromptTooLongError(ValueError):
@@ -140,6 +188,7 @@ class Backbone:
     eos_token_ids: list[int] = field(default_factory=list)
     suppress_token_ids: list[int] = field(default_factory=list)   # vision tokens: never generated
     max_pixels: int | None = None                # images are downscaled to at most this many pixels
+    _suppress: object = field(default=None, init=False, repr=False, compare=False)   # _SuppressTokens, built once
 
     def __post_init__(self):
         if not self.reasoning_tag:
@@ -361,11 +410,17 @@ class Backbone:
         cut after (and including) the first EOS; a completion without EOS has max_new_tokens ids.
         decode: eager | static | static_compiled (see decode_kwargs; greedy ids are the same on every path).
         top_k: sample among the k most likely tokens only (0 = off)."""
-        kwargs = dict(_NEUTRAL_SAMPLING, max_new_tokens=max_new_tokens, do_sample=do_sample, use_cache=True,
-                      pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_ids,
-                      suppress_tokens=self.suppress_token_ids or None, synced_gpus=synced_gpus)
+        kwargs = dict(_sampling_overrides(self.model.generation_config, do_sample), max_new_tokens=max_new_tokens,
+                      do_sample=do_sample, use_cache=True, pad_token_id=self.pad_token_id,
+                      eos_token_id=self.eos_token_ids, synced_gpus=synced_gpus)
         if do_sample:
-            kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
+            kwargs.update(temperature=temperature, top_p=top_p)
+            if top_k > 0:
+                kwargs["top_k"] = top_k
+        if self.suppress_token_ids:
+            if self._suppress is None:
+                self._suppress = _SuppressTokens(self.suppress_token_ids)
+            kwargs["logits_processor"] = LogitsProcessorList([self._suppress])
         rows = batch["input_ids"].shape[0]
         filler = self._vision_filler(batch, self.model)
         if filler is not None:

@@ -90,3 +90,98 @@ def test_config_key():
     assert load_config(None, ["rollout.decode=static_compiled"]).rollout.decode == "static_compiled"
     with pytest.raises(ConfigError, match="rollout.decode"):
         load_config(None, ["rollout.decode=fast"])
+
+
+# ----------------------------------------------------------------------------- lean decode
+# The neutral settings Backbone.generate passed before it passed only the non-neutral ones: the reference
+# its token ids must still equal (min_p=0.0 and min_new_tokens=0 added processors that change no token).
+_ALL_NEUTRAL = dict(temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0,
+                    eta_cutoff=0.0, repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
+                    min_new_tokens=0, num_beams=1, num_return_sequences=1, bad_words_ids=None,
+                    begin_suppress_tokens=None, forced_bos_token_id=None, forced_eos_token_id=None, sequence_bias=None,
+                    exponential_decay_length_penalty=None, renormalize_logits=False)
+
+
+def _reference_generate(bb, batch, new, do_sample, temperature=0.7, top_p=1.0):
+    """Plain model.generate with every neutral setting spelled out and transformers' own suppress_tokens."""
+    kwargs = dict(_ALL_NEUTRAL, max_new_tokens=new, do_sample=do_sample, use_cache=True, pad_token_id=bb.pad_token_id,
+                  eos_token_id=bb.eos_token_ids, suppress_tokens=bb.suppress_token_ids or None)
+    if do_sample:
+        kwargs.update(temperature=temperature, top_p=top_p)
+    seqs = bb.model.generate(**batch, **kwargs)[:, batch["input_ids"].shape[1]:].tolist()
+    eos = set(bb.eos_token_ids)
+    return [row[:next((i + 1 for i, t in enumerate(row) if t in eos), len(row))] for row in seqs]
+
+
+def _processors(bb, monkeypatch) -> list[list[str]]:
+    """Names of the logits processors of every generate call (transformers' private hook: the test
+    is about which per-token work generate does)."""
+    if not hasattr(bb.model, "_get_logits_processor"):
+        pytest.skip("this transformers builds its logits processors elsewhere")
+    seen, original = [], bb.model._get_logits_processor
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        seen.append([type(p).__name__ for p in out])
+        return out
+
+    monkeypatch.setattr(bb.model, "_get_logits_processor", spy)
+    return seen
+
+
+@pytest.mark.parametrize("do_sample,top_p", [(True, 1.0), (True, 0.9), (False, 1.0)])
+def test_lean_decode_same_ids_as_all_neutral_settings(bb, do_sample, top_p):
+    """Same seed, same ids as the reference with every neutral setting passed (sampling at T=0.7 with and
+    without top-p, and greedy); the suppressed (vision) ids never appear."""
+    import torch
+
+    batch = _batch(bb)
+    torch.manual_seed(123)
+    ours = bb.generate(batch, NEW, temperature=0.7, top_p=top_p, do_sample=do_sample)
+    torch.manual_seed(123)
+    ref = _reference_generate(bb, batch, NEW, do_sample, top_p=top_p)
+    assert max(len(c) for c in ours) >= 8, ours
+    assert ours == ref, f"{bb.family}: {ours} != {ref}"
+    assert not {t for c in ours for t in c} & set(bb.suppress_token_ids)
+
+
+def test_lean_decode_adds_only_the_processors_that_act(bb, monkeypatch):
+    """Sampling: vision-token suppression and temperature; greedy: suppression only (no MinP, MinLength,
+    TopK... with neutral values); and no unused flag warnings."""
+    seen = _processors(bb, monkeypatch)
+    calls = _spy(bb, monkeypatch)
+    batch = _batch(bb)
+    bb.generate(batch, 4, temperature=0.7, do_sample=True)
+    bb.generate(batch, 4, do_sample=False)
+    assert seen == [["_SuppressTokens", "TemperatureLogitsWarper"], ["_SuppressTokens"]]
+    assert "min_p" not in calls[0] and "min_new_tokens" not in calls[0] and "top_k" in calls[0]  # top_k: default 50
+    assert not {"top_k", "min_p", "temperature", "top_p"} & set(calls[1])
+
+
+def test_checkpoint_sampling_settings_are_overridden(bb, monkeypatch):
+    """A checkpoint's generation_config (Qwen's top_k=1, repetition_penalty=1.05; min_p, min_new_tokens) does
+    not change the rollouts: the same ids as with every neutral setting passed."""
+    import torch
+
+    gc = bb.model.generation_config
+    for key, value in dict(top_k=1, repetition_penalty=1.05, min_p=0.2, min_new_tokens=6, no_repeat_ngram_size=2).items():
+        monkeypatch.setattr(gc, key, value)
+    batch = _batch(bb)
+    torch.manual_seed(5)
+    ours = bb.generate(batch, NEW, temperature=0.7)
+    torch.manual_seed(5)
+    ref = _reference_generate(bb, batch, NEW, True)
+    assert ours == ref
+
+
+def test_suppress_tokens_processor_matches_transformers():
+    import torch
+    from transformers.generation import SuppressTokensLogitsProcessor
+
+    scores = torch.randn(3, 50)
+    ids = torch.zeros(3, 4, dtype=torch.long)
+    ours = backbone_mod._SuppressTokens([1, 7, 49, 60])   # 60: outside the vocabulary, ignored as by transformers
+    ref = SuppressTokensLogitsProcessor([1, 7, 49, 60])
+    for _ in range(2):   # the cached mask is reused
+        assert torch.equal(ours(ids, scores), ref(ids, scores))
+    assert torch.equal(ours(ids, scores[:, :40]), ref(ids, scores[:, :40]))
