@@ -1,7 +1,5 @@
 """judge.kind=python (a step judge as your function), judge.prompt_template, and the plug-in loader."""
 import json
-import textwrap
-import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,18 +16,6 @@ from mrpo.plugins import PluginError, load_function
 from mrpo.rewards import judge_metrics
 
 REPO_PAPER_PROMPT = Path(__file__).resolve().parents[2] / "configs" / "judge_prompts" / "paper.yaml"
-
-
-@pytest.fixture
-def plugin(tmp_path, monkeypatch):
-    """plugin(source) -> the name of a fresh importable module holding `source`."""
-    monkeypatch.syspath_prepend(str(tmp_path))
-
-    def write(source: str) -> str:
-        name = f"plug_{uuid.uuid4().hex[:8]}"
-        (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
-        return name
-    return write
 
 
 def _req(steps=("The lesion is left.", "So the answer is left."), sid="s0", **kw):

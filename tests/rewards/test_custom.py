@@ -1,7 +1,5 @@
 """reward.custom: your own reward functions, each its own reward column (calls, async, failures, advantages)."""
 import math
-import textwrap
-import uuid
 from types import SimpleNamespace
 
 import pytest
@@ -10,18 +8,6 @@ import torch
 from mrpo.algo.advantages import compute_advantages
 from mrpo.config import ConfigError, load_config
 from mrpo.rewards.custom import CUSTOM_FAILURE_CAUSES, CustomRewards
-
-
-@pytest.fixture
-def plugin(tmp_path, monkeypatch):
-    """plugin(source) -> the name of a fresh importable module holding `source`."""
-    monkeypatch.syspath_prepend(str(tmp_path))
-
-    def write(source: str) -> str:
-        name = f"plug_{uuid.uuid4().hex[:8]}"
-        (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
-        return name
-    return write
 
 
 def _custom(*items):
