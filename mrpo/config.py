@@ -440,7 +440,7 @@ def _validate(cfg: Config, source: str) -> None:
 
 
 _CUSTOM_KEYS = ("name", "function", "weight")
-BUILTIN_REWARDS = ("answer", "process", "length", "format")   # = mrpo.rewards.REWARD_COLUMNS (not imported: torch)
+BUILTIN_REWARDS = ("answer", "process", "length", "format")   # mrpo.rewards.REWARD_COLUMNS, in column order
 
 
 def _custom_rewards(items: list, source: str) -> list[dict]:

@@ -38,12 +38,14 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mrpo.config import UserInputError
+
 GiB = 2 ** 30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 CUDA_CONTEXT = int(0.75 * GiB)          # CUDA context + cuBLAS workspaces: device memory outside torch's allocator
 NCCL_BUFFERS = int(0.5 * GiB)           # NCCL communicator buffers (several ranks only)
 FRAGMENTATION = 0.05                    # caching-allocator slack on top of the allocated peak
-CUDA_CHUNK_BYTES = 2 * GiB              # kernels.utils: a [chunk, V] buffer of at most 2 GiB on CUDA
+CUDA_CHUNK_BYTES = 2 * GiB              # mrpo_kernels.utils: a [chunk, V] buffer of at most 2 GiB on CUDA
 CPU_CHUNK_BYTES = 128 * 2 ** 20         # ... and 128 MiB on CPU
 ZERO_BUCKET = 500_000_000               # DeepSpeed reduce_bucket_size (elements)
 SAMPLING_COPIES = 7                     # [rows, V] fp32 logits alive while sampling (logits, warped, probs, ...;
@@ -51,8 +53,8 @@ SAMPLING_COPIES = 7                     # [rows, V] fp32 logits alive while samp
 PHASES = ("rollout", "logprobs", "train")
 
 
-class PlanDoesNotFit(RuntimeError):
-    """The plan's peak exceeds device memory (the trainer exits 2 with this message)."""
+class PlanDoesNotFit(UserInputError):
+    """The plan's peak exceeds device memory (a user input error: mrpo.train exits 2 with this message)."""
 
 
 # ----------------------------------------------------------------------------- the model's shape

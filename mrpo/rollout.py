@@ -252,6 +252,7 @@ def greedy_texts(engine, backbone, pool: PromptPool, records: list[dict], max_ne
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     mine, texts = records[rank::world], []
+    eos = set(backbone.eos_token_ids)
     with engine.generation():
         for b in range(math.ceil(len(records) / world / batch_size)):   # same number of generate calls per rank
             if stop():
@@ -260,7 +261,6 @@ def greedy_texts(engine, backbone, pool: PromptPool, records: list[dict], max_ne
             ids = backbone.generate(pool.encode(chunk or records[:1]), max_new_tokens=max_new_tokens,
                                     do_sample=False, synced_gpus=world > 1, decode=decode)
             if chunk:
-                eos = set(backbone.eos_token_ids)
                 texts.extend(backbone.tokenizer.decode(i[:-1] if i and i[-1] in eos else i, skip_special_tokens=False)
                              for i in ids)
     if world > 1:

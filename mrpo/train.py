@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                     log.info("judge preflight: %s", check_endpoint(cfg.judge.base_url, cfg.judge.model,
                                                                    cfg.judge.api_key_env,
                                                                    min(cfg.judge.timeout_s, 10.0)))
-            except (ResumeConfigError, UserInputError) as e:
+            except ResumeConfigError as e:
                 print(f"error: {e}", file=sys.stderr, flush=True)
                 return EXIT_CONFIG
             except JudgeUnavailableError as e:
@@ -109,15 +109,9 @@ def _train(cfg, rank: int, JudgeOutageError, describe_outputs, stop_message) -> 
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
 
     from mrpo.checkpoint import complete_checkpoints
-    from mrpo.plan import PlanDoesNotFit
     from mrpo.trainer import Trainer
 
-    try:
-        trainer = Trainer(cfg)
-    except PlanDoesNotFit as e:
-        if rank == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        return EXIT_CONFIG
+    trainer = Trainer(cfg)   # a memory plan that does not fit raises PlanDoesNotFit, a UserInputError (exit 2)
     hook = os.environ.get("MRPO_TEST_HOOK")   # "module:function" called with the trainer (fault-injection tests)
     if hook:
         import importlib

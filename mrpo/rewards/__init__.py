@@ -15,6 +15,7 @@ from typing import Sequence
 
 import torch
 
+from mrpo.config import BUILTIN_REWARDS
 from mrpo.judges.base import FAILURE_CAUSES, JudgeRequest, StepVerdict
 from mrpo.rewards.answer import AnswerScorer, extract_answer
 from mrpo.rewards.custom import CUSTOM_FAILURE_CAUSES, CustomRewards
@@ -23,7 +24,7 @@ from mrpo.rewards.length import length_reward
 from mrpo.rewards.process import process_reward
 from mrpo.rewards.steps import Step, segment_steps
 
-REWARD_COLUMNS = ("answer", "process", "length", "format")   # the built-in rewards, in column order
+REWARD_COLUMNS = BUILTIN_REWARDS   # the built-in rewards, in column order (named in mrpo.config, which has no torch)
 
 
 @dataclass
