@@ -558,11 +558,14 @@ def format_plan(plan: Plan, title: str = "") -> str:
 
 
 def check_at_startup(cfg, model_path, world: int, device, is_main: bool, log=print) -> Plan | None:
-    """Start-up plan of the trainer (every rank computes it, rank 0 prints it). On CUDA with
-    plan.enforce, raises PlanDoesNotFit when the peak exceeds the device's memory."""
+    """Start-up plan of the trainer (rank 0 prints it). On CUDA every rank computes it and, with
+    plan.enforce, raises PlanDoesNotFit when the peak exceeds the device's memory (all ranks stop alike);
+    elsewhere only rank 0 needs it (None on the other ranks)."""
     import torch
 
     on_cuda = device.type == "cuda"
+    if not (on_cuda or is_main):
+        return None
     mem = torch.cuda.get_device_properties(device).total_memory / GiB if on_cuda else 0.0
     try:
         plan = plan_for(cfg, world, mem if on_cuda else float("inf"), "cuda" if on_cuda else "cpu", model_path,
