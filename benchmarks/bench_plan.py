@@ -30,7 +30,7 @@ def main(argv=None) -> int:
 
     from mrpo.config import load_config
     from mrpo.plan import GiB, PHASES
-    from mrpo.plan_measure import first_step_vs_plan
+    from mrpo.plan import first_step_vs_plan
     from mrpo.trainer import Trainer
 
     if args.threads:

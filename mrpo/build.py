@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from mrpo.config import UserInputError
+from mrpo.errors import UserInputError
 from mrpo.data.records import load_records
 from mrpo.data.synthetic import generate_synthetic
 from mrpo.distributed import barrier

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mrpo.config import UserInputError
+from mrpo.errors import CheckpointError, UserInputError  # noqa: F401  (CheckpointError re-exported)
 
 log = logging.getLogger("mrpo")
 
@@ -45,8 +45,6 @@ _BLOCK = 4 * 2**20          # bytes read per crc32 update
 SPACE_MARGIN = 1.1          # a checkpoint or export needs its expected size plus 10% free
 
 
-class CheckpointError(UserInputError):
-    """An explicitly requested checkpoint (checkpoint.resume=PATH) is missing or broken."""
 
 
 def _rank() -> int:

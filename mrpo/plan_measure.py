@@ -145,37 +145,6 @@ class PhaseMemory:
             yield
 
 
-def first_step_vs_plan(trainer):
-    """Run one RL step of a fresh `trainer` with per-phase peaks (the CUDA allocator's, or LiveBytes on CPU)
-    and plan the shapes it really ran. Returns (mrpo.plan.Plan, {phase: measured bytes}); compare with
-    Plan.measurable_peak(phase, first_step=True)."""
-    from mrpo.plan import plan_as_run
-
-    cpu = trainer.device.type != "cuda"
-    trainer.phase_memory = PhaseMemory(trainer.device, cpu_objects=(lambda: (
-        trainer.model, trainer.ref_model, trainer.engine.optimizer)) if cpu else None)
-    seen, original = {}, trainer.hidden_states
-
-    def record(model, rollout, seqs):   # the padded prompt length and the longest completion that ran
-        seen["prompt"] = int(rollout.prompts["attention_mask"].shape[1])
-        seen["completion"] = max(len(c) for c in rollout.completion_ids)
-        return original(model, rollout, seqs)
-
-    trainer.hidden_states = record
-    try:
-        trainer.train_step()
-    finally:
-        trainer.hidden_states = original
-    peaks = dict(trainer.phase_memory.peaks)
-    trainer.phase_memory.stop()
-    plan = plan_as_run(trainer.cfg, trainer.model_path, trainer.world, "cpu" if cpu else "cuda",
-                       seen["prompt"], seen["completion"])
-    return plan, peaks
-
-
-# ----------------------------------------------------------------------------- calibration
-
-
 def toy_config(family: str, hidden: int, intermediate: int, heads: int, kv_heads: int, head_dim: int,
                layers: int, v_hidden: int = 64, v_intermediate: int = 128, v_heads: int = 4, v_depth: int = 1):
     """The family's shipped config.json with toy widths (vocabulary 512): the real model classes."""

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from mrpo_kernels import LossInputs
 
-from mrpo.config import UserInputError
+from mrpo.errors import UserInputError
 from mrpo.data.records import load_record_images
 from mrpo.eval.reasoning import ffp_stage, first_failure_index
 from mrpo.models.backbone import PromptTooLongError

@@ -10,7 +10,8 @@ import torch
 
 from mrpo.config import REPO_ROOT, load_config
 from mrpo.plan import GiB, PHASES, PlanDoesNotFit, check_at_startup, main, plan_for
-from mrpo.plan_measure import LiveBytes, first_step_vs_plan, tensor_bytes
+from mrpo.plan import first_step_vs_plan
+from mrpo.plan_measure import LiveBytes, tensor_bytes
 
 PUBLISHED = {"configs/qwen2_5_vl_7b_mrpo.yaml": 8.29e9, "configs/qwen3_vl_8b_mrpo.yaml": 8.77e9,
              "configs/internvl3_8b_mrpo.yaml": 7.94e9}

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mrpo.config import UserInputError
+from mrpo.errors import UserInputError
 from mrpo.models.lora import is_lora_model
 
 from .base import Engine

@@ -9,7 +9,7 @@
 """
 from __future__ import annotations
 
-from mrpo.config import UserInputError
+from mrpo.errors import UserInputError
 from mrpo.judges.base import JudgeRequest, JudgeStats, StepJudge, StepVerdict
 
 

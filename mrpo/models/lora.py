@@ -53,7 +53,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from mrpo.config import UserInputError
+from mrpo.errors import LoraError, UserInputError  # noqa: F401  (LoraError re-exported)
 
 ADAPTER_NAME = "default"
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -64,8 +64,6 @@ ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
 
 
-class LoraError(UserInputError):
-    """A LoRA setting that cannot work with this model; the message names the `lora.*` key."""
 
 
 def _require_peft():

@@ -9,7 +9,7 @@ import torch
 
 def main(out: str, work: str) -> None:
     from mrpo.config import REPO_ROOT, load_config
-    from mrpo.plan_measure import first_step_vs_plan
+    from mrpo.plan import first_step_vs_plan
     from mrpo.trainer import Trainer
 
     torch.set_num_threads(1)
