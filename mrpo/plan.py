@@ -256,7 +256,8 @@ def first_step_vs_plan(trainer):
 
 
 def main(argv=None) -> int:
-    from mrpo.config import ConfigError, load_config
+    from mrpo.config import load_config
+    from mrpo.errors import ConfigError
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

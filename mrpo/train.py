@@ -46,7 +46,8 @@ def prepare_output(cfg) -> list:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mrpo.config import ConfigError, UserInputError, check_world_size, parse_args
+    from mrpo.config import check_world_size, parse_args
+    from mrpo.errors import ConfigError, UserInputError
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("mrpo").setLevel(logging.INFO)   # our progress lines; libraries stay at WARNING
