@@ -9,8 +9,8 @@ holder), checks that a resumed checkpoint was trained with the same experiment (
 keys otherwise, see checkpoint.resume_ignore_config), moves metrics rows that the resumed run will write
 again to metrics.dropped.jsonl, and checks an http judge's key and endpoint (exit 4). Workers started by
 torchrun exit when torchrun dies. Exit codes: 0 done, 2 configuration or other bad input (a data or model
-file, a judge file, a broken checkpoint given as checkpoint.resume: mrpo.config.UserInputError, one line, no
-traceback), 3 output folder in use, 4 judge unavailable or outage, 75 stopped by a signal (resumable).
+file, a judge file, a broken checkpoint given as checkpoint.resume, no intact checkpoint for resume=auto:
+mrpo.config.UserInputError, one line, no traceback), 3 output folder in use, 4 judge unavailable or outage, 75 stopped by a signal (resumable).
 """
 from __future__ import annotations
 

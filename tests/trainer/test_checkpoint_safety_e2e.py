@@ -2,6 +2,7 @@
 mrpo.train, one process, tiny settings). Each resumed run must log exactly the steps of an unbroken run."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -45,7 +46,16 @@ def unbroken(shared_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("unbroken") / "run"
     run = _run(tiny_overrides(shared_data, out, **EXTRA))
     assert run.returncode == 0, run.stderr[-3000:]
+    (out.parent / "train.log").write_text(run.stderr)
     return out
+
+
+@pytest.mark.slow
+def test_each_step_is_saved_once_the_last_one_too(unbroken):
+    """every_steps=1 divides the step count: the final save is the step-4 checkpoint, not a second write."""
+    log = (unbroken.parent / "train.log").read_text()
+    saves = re.findall(r"saved checkpoint \S+/step_(\d+): step (\d+), [\d.]+ MiB, [\d.]+ s", log)
+    assert [int(s) for _, s in saves] == [0, 1, 2, 3, 4], saves
 
 
 @pytest.mark.slow

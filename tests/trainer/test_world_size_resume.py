@@ -79,6 +79,22 @@ def test_fsdp2_two_processes_to_one_and_back(shared_data, tmp_path):
                                                                              "step_000003", "step_000004"]
 
 
+def test_the_sampler_position_is_global_so_it_continues_on_another_world_size():
+    from mrpo.data.sampler import PromptSampler
+
+    whole = PromptSampler(20, seed=3, shuffle=True, rank=0, world=1).next(20)
+    two = [PromptSampler(20, seed=3, shuffle=True, rank=r, world=2) for r in range(2)]
+    taken = [i for _ in range(2) for s in two for i in s.next(2)]       # 2 steps on 2 ranks
+    one = PromptSampler(20, seed=3, shuffle=True, rank=0, world=1)
+    one.load_state_dict(two[0].state_dict())
+    taken += one.next(2) + one.next(2)                                 # then 2 steps on 1 rank
+    back = [PromptSampler(20, seed=3, shuffle=True, rank=r, world=2) for r in range(2)]
+    for s in back:
+        s.load_state_dict(one.state_dict())
+    taken += [i for s in back for i in s.next(2)]                      # and 1 on 2 again
+    assert taken == whole[:16]
+
+
 def _fake_deepspeed_checkpoint(folder: Path, world: int) -> Path:
     (folder / "deepspeed").mkdir(parents=True)
     for r in range(world):
