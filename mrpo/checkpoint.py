@@ -369,7 +369,10 @@ def read_checkpoint(path: str | Path, load_weights: Callable[[Path], None]) -> d
     rng_file = path / f"rng_rank{_rank()}.pt"
     if rng_file.exists():
         set_rng_state(torch.load(rng_file, weights_only=False))
-    return torch.load(path / "trainer_state.pt", weights_only=False)
+    state = torch.load(path / "trainer_state.pt", weights_only=False)
+    if _rank() == 0:
+        log.info("resumed from %s (step %d)", path, state["step"])
+    return state
 
 
 def saved_world_size(path: Path) -> int | None:

@@ -326,8 +326,6 @@ class Trainer:
         self.judge_guard.load_state_dict(state.get("judge_guard", {}))
         self.sampler.load_state_dict(state["sampler"])
         self.scheduler.load_state_dict(state["scheduler"])
-        if self.is_main:
-            log.info("resumed from %s (step %d)", path, self.step)
 
     @torch.no_grad()
     def evaluate(self, tag: str) -> dict:

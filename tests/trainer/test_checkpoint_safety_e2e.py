@@ -90,6 +90,17 @@ def test_broken_checkpoints_are_named_moved_and_resume_falls_back(shared_data, u
     assert sorted(b) == [1, 2, 3, 4]
     _assert_same_steps(_rl_steps(unbroken), b, [2, 3, 4])
 
+    # every checkpoint damaged: one line, exit 2, nothing restarted from scratch
+    metrics, names = (out / "metrics.jsonl").read_text(), sorted(p.name for p in ckpts.glob("step_*"))
+    for path in ckpts.glob("step_*"):
+        (path / "COMPLETE").write_text('{"step": 1, "fi')
+    stopped = _run(tiny_overrides(shared_data, out, **EXTRA))
+    assert stopped.returncode == 2 and "Traceback" not in stopped.stderr
+    error = stopped.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"error: checkpoint.resume=auto: no intact checkpoint in {ckpts} (step_000004: COMPLETE: ")
+    assert "step_000001: COMPLETE: neither a manifest" in error and "checkpoint.resume=none" in error
+    assert (out / "metrics.jsonl").read_text() == metrics and sorted(p.name for p in ckpts.glob("step_*")) == names
+
 
 @pytest.mark.slow
 def test_sigkill_during_a_save_keeps_the_previous_checkpoint(shared_data, unbroken, tmp_path):
