@@ -396,13 +396,16 @@ def checkpoint_step(path: Path) -> int:
     return int(step)
 
 
-def abandon_after(root: Path, step: int, why: str) -> list[Path]:
-    """Rank 0: move the checkpoints of steps after `step` to root/abandoned/ (they belong to the timeline a
-    rewind leaves: retention and resume=auto must not see them); logs each one. Returns their new paths."""
-    moved = [set_aside(p, ABANDONED) for p in step_folders(root) if _step_of_name(p) > step]
+def abandon_after(root: Path, step: int, why: str, resumed: Path | None = None) -> list[Path]:
+    """Rank 0: move the checkpoints of steps after `step` (and another folder of `step` itself than the
+    `resumed` one) to root/abandoned/: they belong to the timeline a rewind leaves, which retention and
+    resume=auto must not see; logs each one. Returns their new paths."""
+    keep = resumed.resolve() if resumed is not None else None
+    moved = [set_aside(p, ABANDONED) for p in step_folders(root)
+             if _step_of_name(p) > step or (_step_of_name(p) == step and p.resolve() != keep)]
     if moved:
-        log.warning("%s: moved the checkpoints after step %d aside, out of retention and resume=auto: %s "
-                    "(delete them when no longer needed)", why, step, ", ".join(str(p) for p in moved))
+        log.warning("%s: moved the checkpoints of the timeline it leaves aside (out of retention and resume=auto): "
+                    "%s (delete them when no longer needed)", why, ", ".join(str(p) for p in moved))
     return moved
 
 
@@ -440,7 +443,7 @@ def resolve_resume(resume: str, root: str | Path) -> Path | None:
             raise CheckpointError(f"checkpoint.resume={resume}: broken checkpoint: {problem}; point "
                                   f"checkpoint.resume at an intact checkpoint, or use auto (the newest intact one)")
         if _rank() == 0:
-            abandon_after(root, checkpoint_step(path), f"rewind to {path}")
+            abandon_after(root, checkpoint_step(path), f"rewind to {path}", resumed=path)
         _barrier()
         return path
     if _rank() == 0:

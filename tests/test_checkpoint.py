@@ -239,6 +239,12 @@ def test_rewind_moves_later_checkpoints_aside_and_retention_counts_the_new_timel
     assert ckpt.resolve_resume("none", tmp_path) is None
     assert ckpt.complete_checkpoints(tmp_path) == [] and (tmp_path / "abandoned" / "step_000003.1").is_dir()
     assert ckpt.resolve_resume("auto", tmp_path) is None   # nothing on the current timeline: a new run
+    # resuming an abandoned checkpoint sets aside the current timeline's own folder of that step too
+    _save(tmp_path, 3)
+    _save(tmp_path, 4)
+    again = tmp_path / "abandoned" / "step_000003"
+    assert ckpt.resolve_resume(str(again), tmp_path) == again
+    assert ckpt.complete_checkpoints(tmp_path) == [] and (tmp_path / "abandoned" / "step_000003.2").is_dir()
 
 
 @pytest.mark.parametrize("marker, why", [
