@@ -431,12 +431,15 @@ def resolve_resume(resume: str, root: str | Path) -> Path | None:
     a path -> that checkpoint, which must be intact (CheckpointError naming the file otherwise); the
     checkpoints of later steps in root move to root/abandoned/ (a rewind)."""
     root = Path(root)
+    if _rank() == 0:
+        clean_partial(root)   # first: a restored step_N.replaced belongs to the timeline it was cut from
     if resume == "none":
         if _rank() == 0:
             abandon_after(root, -1, "checkpoint.resume=none starts a new run")
         _barrier()
         return None
     if resume != "auto":
+        _barrier()
         path = Path(resume)
         problem = verify_together(path)
         if problem is not None:
@@ -446,8 +449,6 @@ def resolve_resume(resume: str, root: str | Path) -> Path | None:
             abandon_after(root, checkpoint_step(path), f"rewind to {path}", resumed=path)
         _barrier()
         return path
-    if _rank() == 0:
-        clean_partial(root)
     names = _from_rank0([p.name for p in step_folders(root)] if _rank() == 0 else None)
     chosen, skipped = None, []
     for name in reversed(names):

@@ -165,12 +165,16 @@ def test_export_is_skipped_when_the_disk_is_short(tmp_path, monkeypatch, caplog)
 
 @pytest.mark.slow
 def test_all_ranks_agree_on_the_checkpoint_they_verified_together(tmp_path):
-    """Two gloo ranks verify a share each; only rank 0 moves the broken checkpoint; both resume from the same
-    one, and an explicit broken path fails on both ranks."""
+    """Two gloo ranks verify a share each: a flipped byte (same size) only its owner checksums is still seen by
+    both; only rank 0 moves the broken checkpoint; both resume from the same one, and an explicit broken
+    path fails on both ranks."""
     root = tmp_path / "ckpts"
     for step in (1, 2):
         _save(root, step)
-    (root / "step_000002" / SHARD).unlink()
+    shard = root / "step_000002" / SHARD
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0xFF
+    shard.write_bytes(bytes(data))
     script = tmp_path / "w.py"
     script.write_text(
         "import sys\n"
@@ -191,7 +195,7 @@ def test_all_ranks_agree_on_the_checkpoint_they_verified_together(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     for r in (0, 1):
         assert f"rank{r} path=step_000001 err=checkpoint.resume=" in run.stdout
-    assert run.stdout.count(f"{SHARD}: missing") == 2
+    assert run.stdout.count(f"{SHARD}: checksum mismatch") == 2
     assert (root / "broken" / "step_000002").is_dir() and not (root / "broken" / "step_000002.1").exists()
 
 
@@ -228,6 +232,10 @@ def test_rewind_moves_later_checkpoints_aside_and_retention_counts_the_new_timel
     assert _names(tmp_path / "abandoned") == ["step_000003", "step_000004"]
     assert f"rewind to {tmp_path / 'step_000002'}" in caplog.text
     assert str(tmp_path / "abandoned" / "step_000004") in caplog.text   # named in the log
+    _save(tmp_path, 9)
+    (tmp_path / "step_000009").rename(tmp_path / "step_000009.replaced")   # a replacement cut between its renames
+    ckpt.resolve_resume(str(tmp_path / "step_000002"), tmp_path)          # settled first, then set aside
+    assert _names(tmp_path / "abandoned") == ["step_000003", "step_000004", "step_000009"]
     _save(tmp_path, 3, keep_last=2)          # the new timeline: retention keeps its own 2 and 3
     assert [p.name for p in ckpt.complete_checkpoints(tmp_path)] == ["step_000002", "step_000003"]
     assert ckpt.resolve_resume("auto", tmp_path) == tmp_path / "step_000003"   # never the abandoned step 4
