@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO-3 engine (distributed.engine=deepspeed): config building, gradient / step / checkpoint
 correctness against an unsharded reference (2 gloo processes), an end-to-end CLI run with export, and
-resume=auto reproducing an unbroken run
-(and refused in one line on one process). Skipped when deepspeed is not installed."""
+resume=auto reproducing an unbroken run (and refused in one line on one process). Skipped when deepspeed
+is not installed."""
 import json
 import math
 import os
