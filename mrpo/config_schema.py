@@ -196,7 +196,8 @@ class PlanConfig:
 class CheckpointConfig:
     every_steps: int = _f(100, "RL steps between checkpoints (0 = only at the end)")
     keep_last: int = _f(2, "complete checkpoints kept")
-    resume: str = _f("auto", "auto (newest complete checkpoint in output_dir), none, or a checkpoint folder")
+    resume: str = _f("auto", "auto (newest intact checkpoint in output_dir), none (a new run), or a checkpoint "
+                             "folder; none and an older folder (a rewind) move later checkpoints to abandoned/")
     resume_ignore_config: bool = _f(False, "resume even when the saved config differs in keys that change the "
                                            "experiment (algorithm, rewards, G, model, data, loss)")
     export_final: bool = _f(True, "write a Hugging Face folder (final_model/) at the end")

@@ -197,8 +197,12 @@ def config_differences(saved: dict, cfg) -> tuple[list[tuple[str, Any, Any]], li
 
 
 def saved_config_path(checkpoint: str | os.PathLike) -> Path:
-    """OUTPUT/config.yaml of a checkpoint folder OUTPUT/checkpoints/step_XXXXXX."""
-    return Path(checkpoint).resolve().parent.parent / "config.yaml"
+    """OUTPUT/config.yaml of a checkpoint folder OUTPUT/checkpoints/step_XXXXXX (or a checkpoint set aside
+    in OUTPUT/checkpoints/abandoned/ or broken/)."""
+    parent = Path(checkpoint).resolve().parent
+    if parent.name in ("abandoned", "broken") and parent.parent.name == "checkpoints":
+        parent = parent.parent
+    return parent.parent / "config.yaml"
 
 
 def check_resume_config(cfg, checkpoint: str | os.PathLike) -> list[tuple[str, Any, Any]]:

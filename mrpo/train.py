@@ -9,8 +9,8 @@ holder), checks that a resumed checkpoint was trained with the same experiment (
 keys otherwise, see checkpoint.resume_ignore_config), moves metrics rows that the resumed run will write
 again to metrics.dropped.jsonl, and checks an http judge's key and endpoint (exit 4). Workers started by
 torchrun exit when torchrun dies. Exit codes: 0 done, 2 configuration or other bad input (a data or model
-file, a judge file, a broken checkpoint given as checkpoint.resume: mrpo.config.UserInputError, one line, no
-traceback), 3 output folder in use, 4 judge unavailable or outage, 75 stopped by a signal (resumable).
+file, a judge file, a broken checkpoint given as checkpoint.resume, no intact checkpoint for resume=auto:
+mrpo.config.UserInputError, one line, no traceback), 3 output folder in use, 4 judge unavailable or outage, 75 stopped by a signal (resumable).
 """
 from __future__ import annotations
 
@@ -29,14 +29,15 @@ log = logging.getLogger("mrpo")
 
 def prepare_output(cfg) -> list:
     """Rank 0, with the output lock held, before the Trainer exists: check the resume against the saved
-    config (raises ResumeConfigError) and keep a config.yaml the run will overwrite when it differs
+    config (raises ResumeConfigError; no checkpoint file is read here: the Trainer verifies it once the
+    process group exists, split over the ranks) and keep a config.yaml the run will overwrite when it differs
     (config_history/). metrics.jsonl is truncated back to the resumed step by the Trainer itself
     (Trainer.train, after loading the checkpoint). Returns the allowed config changes [(key, old, new)]."""
     from mrpo import checkpoint as ckpt
     from mrpo.run_safety import archive_config, check_resume_config
 
     out = Path(cfg.output_dir)
-    path = ckpt.resolve_resume(cfg.checkpoint.resume, out / "checkpoints")
+    path = ckpt.resume_candidate(cfg.checkpoint.resume, out / "checkpoints")   # verified later, on every rank
     changes = check_resume_config(cfg, path) if path is not None else []
     saved = out / "config.yaml"
     if saved.is_file() and saved.read_text() != cfg.to_yaml():

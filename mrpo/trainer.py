@@ -57,7 +57,7 @@ class Trainer:
         self.is_main = self.rank == 0
         self.out = Path(cfg.output_dir)
         self.stop = GracefulStop()   # SIGTERM/SIGINT: every phase polls it; a checkpoint within the grace
-        self.stop_phase, self.stop_why_not, self._save_s = "training", None, 10.0
+        self.stop_phase, self.stop_why_not, self._save_s, self.saved_step = "training", None, 10.0, None
         self.metrics = MetricsLogger(self.out, cfg, is_main=self.is_main)
         for seed_fn in (torch.manual_seed, random.seed, np.random.seed):
             seed_fn(cfg.seed + self.rank)
@@ -289,7 +289,8 @@ class Trainer:
         bar.close()
         if self.stop.requested:
             return last
-        self.save()
+        if self.saved_step != self.step:   # the last step is saved once
+            self.save()
         if self.cfg.checkpoint.export_final and not self._stop_synced():
             self.stop_phase = "export"
             self.engine.export(self.backbone, self.out / "final_model", self.cfg.lora.merge_on_export)
@@ -304,7 +305,7 @@ class Trainer:
                  "sampler": self.sampler.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "judge_guard": self.judge_guard.state_dict()}
         path = self.engine.save(self.out / "checkpoints", self.step, state, keep_last=self.cfg.checkpoint.keep_last)
-        self._save_s = time.perf_counter() - t0
+        self._save_s, self.saved_step = time.perf_counter() - t0, self.step if path else self.saved_step
         return path
 
     def _save_in_grace(self) -> Path | None:
@@ -316,16 +317,15 @@ class Trainer:
         return None
 
     def _resume(self) -> None:
-        path = checkpoint.agree_resume(self.cfg.checkpoint.resume, self.out / "checkpoints")   # verified on rank 0
+        path = checkpoint.resolve_resume(self.cfg.checkpoint.resume, self.out / "checkpoints")   # split over ranks
         if path is None:
             return
         state = self.engine.load(path)
-        self.step, self.sft_done, self.sft_step = state["step"], state["sft_done"], state.get("sft_step", 0)
+        self.step = self.saved_step = state["step"]
+        self.sft_done, self.sft_step = state["sft_done"], state.get("sft_step", 0)
         self.judge_guard.load_state_dict(state.get("judge_guard", {}))
         self.sampler.load_state_dict(state["sampler"])
         self.scheduler.load_state_dict(state["scheduler"])
-        if self.is_main:
-            log.info("resumed from %s (step %d)", path, self.step)
 
     @torch.no_grad()
     def evaluate(self, tag: str) -> dict:

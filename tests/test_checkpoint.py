@@ -164,22 +164,26 @@ def test_export_is_skipped_when_the_disk_is_short(tmp_path, monkeypatch, caplog)
 
 
 @pytest.mark.slow
-def test_all_ranks_agree_on_the_checkpoint_rank0_verified(tmp_path):
-    """Two gloo ranks: only rank 0 verifies and moves the broken checkpoint; both resume from the same one,
-    and an explicit broken path fails on both ranks."""
+def test_all_ranks_agree_on_the_checkpoint_they_verified_together(tmp_path):
+    """Two gloo ranks verify a share each: a flipped byte (same size) only its owner checksums is still seen by
+    both; only rank 0 moves the broken checkpoint; both resume from the same one, and an explicit broken
+    path fails on both ranks."""
     root = tmp_path / "ckpts"
     for step in (1, 2):
         _save(root, step)
-    (root / "step_000002" / SHARD).unlink()
+    shard = root / "step_000002" / SHARD
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0xFF
+    shard.write_bytes(bytes(data))
     script = tmp_path / "w.py"
     script.write_text(
         "import sys\n"
         "import torch.distributed as dist\n"
         "from mrpo import checkpoint as ckpt\n"
         "dist.init_process_group('gloo')\n"
-        f"path = ckpt.agree_resume('auto', {str(root)!r})\n"
+        f"path = ckpt.resolve_resume('auto', {str(root)!r})\n"
         "try:\n"
-        f"    ckpt.agree_resume({str(root / 'broken' / 'step_000002')!r}, {str(root)!r})\n"
+        f"    ckpt.resolve_resume({str(root / 'broken' / 'step_000002')!r}, {str(root)!r})\n"
         "    err = None\n"
         "except ckpt.CheckpointError as e:\n"
         "    err = str(e)\n"
@@ -191,7 +195,7 @@ def test_all_ranks_agree_on_the_checkpoint_rank0_verified(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     for r in (0, 1):
         assert f"rank{r} path=step_000001 err=checkpoint.resume=" in run.stdout
-    assert run.stdout.count(f"{SHARD}: missing") == 2
+    assert run.stdout.count(f"{SHARD}: checksum mismatch") == 2
     assert (root / "broken" / "step_000002").is_dir() and not (root / "broken" / "step_000002.1").exists()
 
 
@@ -213,3 +217,119 @@ def test_first_checkpoint_estimate_matches_a_real_save(tmp_path):
     path = engine.save(tmp_path, 1, {"step": 1}, keep_last=1)
     actual = ckpt.checkpoint_bytes(path)
     assert estimate <= actual <= 1.05 * estimate + 64 * 2**10, (estimate, actual)
+
+
+# ---------------------------------------------------------------------------------------------- issue 29
+def _names(folder):
+    return sorted(p.name for p in Path(folder).iterdir())
+
+
+def test_rewind_moves_later_checkpoints_aside_and_retention_counts_the_new_timeline(tmp_path, caplog):
+    for step in (1, 2, 3, 4):
+        _save(tmp_path, step)
+    with caplog.at_level(logging.WARNING, logger="mrpo"):
+        assert ckpt.resolve_resume(str(tmp_path / "step_000002"), tmp_path) == tmp_path / "step_000002"
+    assert _names(tmp_path / "abandoned") == ["step_000003", "step_000004"]
+    assert f"rewind to {tmp_path / 'step_000002'}" in caplog.text
+    assert str(tmp_path / "abandoned" / "step_000004") in caplog.text   # named in the log
+    _save(tmp_path, 9)
+    (tmp_path / "step_000009").rename(tmp_path / "step_000009.replaced")   # a replacement cut between its renames
+    ckpt.resolve_resume(str(tmp_path / "step_000002"), tmp_path)          # settled first, then set aside
+    assert _names(tmp_path / "abandoned") == ["step_000003", "step_000004", "step_000009"]
+    _save(tmp_path, 3, keep_last=2)          # the new timeline: retention keeps its own 2 and 3
+    assert [p.name for p in ckpt.complete_checkpoints(tmp_path)] == ["step_000002", "step_000003"]
+    assert ckpt.resolve_resume("auto", tmp_path) == tmp_path / "step_000003"   # never the abandoned step 4
+    _save(tmp_path, 4, keep_last=2)
+    assert [p.name for p in ckpt.complete_checkpoints(tmp_path)] == ["step_000003", "step_000004"]
+    # rewinding again keeps both abandoned copies of step 4; resume=none abandons the whole timeline
+    ckpt.resolve_resume(str(tmp_path / "step_000003"), tmp_path)
+    assert (tmp_path / "abandoned" / "step_000004.1").is_dir()
+    assert ckpt.resolve_resume("none", tmp_path) is None
+    assert ckpt.complete_checkpoints(tmp_path) == [] and (tmp_path / "abandoned" / "step_000003.1").is_dir()
+    assert ckpt.resolve_resume("auto", tmp_path) is None   # nothing on the current timeline: a new run
+    # resuming an abandoned checkpoint sets aside the current timeline's own folder of that step too
+    _save(tmp_path, 3)
+    _save(tmp_path, 4)
+    again = tmp_path / "abandoned" / "step_000003"
+    assert ckpt.resolve_resume(str(again), tmp_path) == again
+    assert ckpt.complete_checkpoints(tmp_path) == [] and (tmp_path / "abandoned" / "step_000003.2").is_dir()
+
+
+@pytest.mark.parametrize("marker, why", [
+    ('{"step": 1, "checksum": "crc32", "fi', "truncated or garbage"),
+    ("", "truncated or garbage"),
+    ("\x00\x17garbage", "truncated or garbage"),
+    ('{"step": 1}', "without a valid 'files' table"),
+    ('{"files": {"trainer_state.pt": {"size": "12"}}}', "without a valid 'files' table"),
+    ("7\n", "records step 7 in the folder of step 1"),
+])
+def test_a_marker_that_is_neither_manifest_nor_old_format_is_broken(tmp_path, marker, why, caplog):
+    path = _save(tmp_path, 1)
+    (path / "COMPLETE").write_text(marker)
+    problem = ckpt.verify_checkpoint(path)
+    assert problem.startswith("COMPLETE: ") and why in problem
+    _save(tmp_path, 0)
+    with caplog.at_level(logging.WARNING, logger="mrpo"):
+        assert ckpt.resolve_resume("auto", tmp_path) == tmp_path / "step_000000"
+    assert f"step_000001 is broken ({problem}): skipped" in caplog.text
+    assert (tmp_path / "broken" / "step_000001").is_dir()
+
+
+def test_no_intact_checkpoint_stops_instead_of_starting_over(tmp_path):
+    for step in (1, 2):
+        _save(tmp_path, step)
+    (tmp_path / "step_000002" / SHARD).unlink()
+    (tmp_path / "step_000001" / "COMPLETE").write_text("{trunc")
+    (tmp_path / "step_000003").mkdir()    # a step folder without a marker is named too
+    with pytest.raises(ckpt.CheckpointError) as e:
+        ckpt.resolve_resume("auto", tmp_path)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"checkpoint.resume=auto: no intact checkpoint in {tmp_path}")
+    assert "step_000003: COMPLETE: missing" in msg and f"step_000002: {SHARD}: missing" in msg
+    assert "step_000001: COMPLETE: neither a manifest" in msg
+    assert "fresh output_dir or checkpoint.resume=none" in msg
+    assert _names(tmp_path) == ["step_000001", "step_000002", "step_000003"]   # left in place: a rerun says it again
+    with pytest.raises(ckpt.CheckpointError):
+        ckpt.resolve_resume("auto", tmp_path)
+    assert ckpt.resolve_resume("none", tmp_path) is None                      # starting over on purpose
+    assert _names(tmp_path) == ["abandoned"]
+
+
+def test_each_save_is_logged_with_step_size_and_seconds(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="mrpo"):
+        path = _save(tmp_path, 5)
+    mib = ckpt.checkpoint_bytes(path) / 2**20
+    assert f"saved checkpoint {path}: step 5, {mib:.1f} MiB, " in caplog.text
+    assert caplog.text.count("saved checkpoint") == 1 and caplog.text.rstrip().endswith(" s")
+
+
+def test_files_are_split_over_ranks_by_bytes_and_each_rank_checks_its_share(tmp_path):
+    sizes = {"a": 100, "b": 100, "c": 10, "d": 10, "e": 1}
+    shares = [ckpt.share(sizes, r, 2) for r in range(2)]
+    assert sorted(shares[0] + shares[1]) == sorted(sizes) and not set(shares[0]) & set(shares[1])
+    assert {sum(sizes[f] for f in s) for s in shares} == {111, 110}
+    assert ckpt.share(sizes, 0, 1) == ["a", "b", "c", "d", "e"]
+    path = _save(tmp_path, 1)
+    data = bytearray((path / SHARD).read_bytes())
+    data[100] ^= 0xFF
+    (path / SHARD).write_bytes(bytes(data))          # same size: only the rank holding it sees the damage
+    manifest = ckpt.read_manifest(path)
+    owner = next(r for r in range(2) if SHARD in ckpt.share({k: v["size"] for k, v in manifest["files"].items()}, r, 2))
+    assert ckpt.verify_checkpoint(path, owner, 2).startswith(f"{SHARD}: checksum mismatch")
+    assert ckpt.verify_checkpoint(path, 1 - owner, 2) is None
+    assert ckpt.verify_together(path).startswith(f"{SHARD}: checksum mismatch")   # one process: all of it
+
+
+def test_folder_creation_and_moves_fsync_the_parent(tmp_path, monkeypatch):
+    synced = []
+    real = ckpt._fsync_dir
+    monkeypatch.setattr(ckpt, "_fsync_dir", lambda p: (synced.append(Path(p)), real(p)))
+    root = tmp_path / "out" / "checkpoints"
+    _save(root, 1)
+    assert tmp_path in synced and tmp_path / "out" in synced   # the new folders' parents
+    assert synced.count(root) >= 2                              # step_000001.tmp created, renamed into place
+    synced.clear()
+    _save(root, 2)
+    (root / "step_000002" / SHARD).unlink()
+    ckpt.resolve_resume("auto", root)                           # step 2 moves to broken/
+    assert root / "broken" in synced and root in synced

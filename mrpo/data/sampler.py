@@ -5,7 +5,12 @@ import torch
 
 
 class PromptSampler:
-    """Deterministic per-rank prompt order: a seeded permutation per epoch, a global position."""
+    """Deterministic per-rank prompt order: a seeded permutation per epoch, a global position.
+
+    `position` counts prompts taken by all ranks together (each step takes per_rank * world of them, rank r
+    the r-th slice), so a state saved on one number of processes continues on another with the next
+    prompts of the same order, none repeated or skipped (an epoch ends when the next step's prompts do
+    not fit; the rest of that epoch is dropped, as with drop_last)."""
 
     def __init__(self, n: int, seed: int, shuffle: bool, rank: int, world: int):
         self.n, self.seed, self.shuffle, self.rank, self.world = n, seed, shuffle, rank, world

@@ -37,11 +37,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mrpo.errors import UserInputError
+from mrpo.checkpoint import saved_world_size
+from mrpo.errors import CheckpointError, UserInputError
 from mrpo.models.lora import is_lora_model
 
 from .base import Engine
-
 
 DS_TAG = "deepspeed"   # engine.save_checkpoint's sub-folder inside OUTPUT/checkpoints/step_XXXXXX/
 _COMM_DTYPE = {"float32": "fp32", "bfloat16": "bf16"}
@@ -214,9 +214,21 @@ class ZeROEngine(Engine):
                                     exclude_frozen_parameters=is_lora_model(self.model))   # LoRA: adapters only
 
     def load_weights(self, folder: Path) -> None:
+        """Only on the number of processes that wrote the checkpoint: ZeRO partitions are per rank, and
+        DeepSpeed's resharding path (universal checkpoints, deepspeed.checkpoint.ds_to_universal) is not
+        wired in here. Anything else stops at start-up with one line (CheckpointError, exit 2)."""
+        saved = saved_world_size(folder)
         if not (folder / DS_TAG).is_dir():
-            raise ValueError(f"{folder} was not written with distributed.engine=deepspeed (no {DS_TAG}/ folder); "
-                             "resume it with the engine that wrote it")
+            raise CheckpointError(
+                f"{folder} is a DCP checkpoint (written by {saved or '?'} process{'' if saved == 1 else 'es'}, one "
+                f"process or FSDP2; no {DS_TAG}/ folder), which DeepSpeed ZeRO cannot load: resume it on one process, "
+                f"or with distributed.engine=fsdp2 (DCP reshards to any number of processes; needs "
+                f"checkpoint.resume_ignore_config=true)")
+        if saved != self.world:
+            raise CheckpointError(
+                f"{folder} was written by DeepSpeed ZeRO on {saved} processes and this run has {self.world}: ZeRO "
+                f"partitions load only on the same number of processes here (DeepSpeed's universal checkpoints are "
+                f"not wired in); resume it on {saved} processes")
         loaded, _ = self.engine.load_checkpoint(str(folder), tag=DS_TAG, load_optimizer_states=True,
                                                 load_lr_scheduler_states=False,
                                                 load_module_strict=not is_lora_model(self.model))

@@ -18,6 +18,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from mrpo.checkpoint import saved_world_size
+from mrpo.errors import CheckpointError
 from mrpo.models.lora import assert_adapters_loaded, checkpoint_state_dict_options, is_lora_model
 
 from .base import Engine
@@ -64,6 +66,13 @@ class SingleEngine(Engine):
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder))
 
     def load_weights(self, folder: Path) -> None:
+        """DCP reshards on load: a checkpoint written by any number of processes (FSDP2 shards or one
+        process's tensors) loads on this one, model and optimizer."""
+        if not (folder / ".metadata").is_file() and (folder / "deepspeed").is_dir():
+            raise CheckpointError(
+                f"{folder} was written by DeepSpeed ZeRO on {saved_world_size(folder)} processes: this run "
+                f"({self.world} process{'es' if self.world > 1 else ''}, engine {self.name}) reads DCP checkpoints "
+                f"only; resume it with distributed.engine=deepspeed on {saved_world_size(folder)} processes")
         options = self._state_options()
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=options)
         state = {"model": model_sd, "optim": optim_sd}

@@ -46,3 +46,57 @@ def raise_a_bug(trainer):
         raise ValueError("a bug in our code")
 
     trainer.train_step = broken
+
+
+def record_prompts_and_check_load(trainer):
+    """World-size tests: append each RL step's sampled prompt indices as a JSON line {"step", "rank",
+    "indices"} to $MRPO_PROMPT_LOG.rank<r>; after a resume, compare the loaded model and optimizer state
+    with the checkpoint's (read back whole with DCP's dcp_to_torch_save) and print 'rank R: loaded ok
+    (P tensors, O optimizer states)' or raise naming the first difference."""
+    import json
+
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    log_path = f"{os.environ['MRPO_PROMPT_LOG']}.rank{trainer.rank}"
+    sampler_next = trainer.sampler.next
+
+    def next_prompts(per_rank):
+        indices = sampler_next(per_rank)
+        with open(log_path, "a") as f:
+            f.write(json.dumps({"step": trainer.step + 1, "rank": trainer.rank, "indices": indices}) + "\n")
+        return indices
+
+    trainer.sampler.next = next_prompts
+    load = trainer.engine.load
+
+    def checked_load(path):
+        state = load(path)
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True) if dist.is_initialized() else None
+        model_sd, optim_sd = get_state_dict(trainer.model, trainer.engine.optimizer, options=options)
+        if trainer.rank == 0:
+            whole = f"{log_path}.saved.pt"
+            dcp_to_torch_save(str(path), whole)
+            saved = torch.load(whole, weights_only=False)
+            assert saved["model"].keys() == model_sd.keys(), sorted(saved["model"].keys() ^ model_sd.keys())[:5]
+            for k, v in saved["model"].items():
+                assert torch.equal(model_sd[k].float().cpu(), v.float()), f"model {k} differs from the checkpoint"
+            n_states = 0
+            for fqn, per_param in saved["optim"]["state"].items():
+                for name, v in per_param.items():
+                    assert torch.equal(torch.as_tensor(optim_sd["state"][fqn][name]).cpu(), torch.as_tensor(v)), \
+                        f"optimizer {fqn}.{name} differs from the checkpoint"
+                    n_states += torch.is_tensor(v) and v.numel() > 1 and bool(v.abs().sum() > 0)
+            print(f"rank 0: loaded ok ({len(saved['model'])} tensors, {n_states} non-zero optimizer moments)",
+                  flush=True)
+        return state
+
+    trainer.engine.load = checked_load
+
+
+def completion_chars(completions):
+    """A custom reward that differs between the completions of a group (their length in characters), so
+    the tiny random policy gets non-zero advantages, gradients and AdamW moments."""
+    return [float(len(c)) for c in completions]

@@ -2,6 +2,7 @@
 mrpo.train, one process, tiny settings). Each resumed run must log exactly the steps of an unbroken run."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -45,7 +46,16 @@ def unbroken(shared_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("unbroken") / "run"
     run = _run(tiny_overrides(shared_data, out, **EXTRA))
     assert run.returncode == 0, run.stderr[-3000:]
+    (out.parent / "train.log").write_text(run.stderr)
     return out
+
+
+@pytest.mark.slow
+def test_each_step_is_saved_once_the_last_one_too(unbroken):
+    """every_steps=1 divides the step count: the final save is the step-4 checkpoint, not a second write."""
+    log = (unbroken.parent / "train.log").read_text()
+    saves = re.findall(r"saved checkpoint \S+/step_(\d+): step (\d+), [\d.]+ MiB, [\d.]+ s", log)
+    assert [int(s) for _, s in saves] == [0, 1, 2, 3, 4], saves
 
 
 @pytest.mark.slow
@@ -79,6 +89,17 @@ def test_broken_checkpoints_are_named_moved_and_resume_falls_back(shared_data, u
     b = _rl_steps(out)
     assert sorted(b) == [1, 2, 3, 4]
     _assert_same_steps(_rl_steps(unbroken), b, [2, 3, 4])
+
+    # every checkpoint damaged: one line, exit 2, nothing restarted from scratch
+    metrics, names = (out / "metrics.jsonl").read_text(), sorted(p.name for p in ckpts.glob("step_*"))
+    for path in ckpts.glob("step_*"):
+        (path / "COMPLETE").write_text('{"step": 1, "fi')
+    stopped = _run(tiny_overrides(shared_data, out, **EXTRA))
+    assert stopped.returncode == 2 and "Traceback" not in stopped.stderr
+    error = stopped.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"error: checkpoint.resume=auto: no intact checkpoint in {ckpts} (step_000004: COMPLETE: ")
+    assert "step_000001: COMPLETE: neither a manifest" in error and "checkpoint.resume=none" in error
+    assert (out / "metrics.jsonl").read_text() == metrics and sorted(p.name for p in ckpts.glob("step_*")) == names
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """DeepSpeed ZeRO-3 engine (distributed.engine=deepspeed): config building, gradient / step / checkpoint
 correctness against an unsharded reference (2 gloo processes), an end-to-end CLI run with export, and
-resume=auto reproducing an unbroken run. Skipped when deepspeed is not installed."""
+resume=auto reproducing an unbroken run (and refused in one line on one process). Skipped when deepspeed
+is not installed."""
 import json
 import math
 import os
@@ -147,3 +148,12 @@ def test_deepspeed_resume_auto_matches_unbroken_run(shared_data, tmp_path):
     assert sorted(again) == [1, 2] and unbroken[2].keys() == again[2].keys()
     for k in unbroken[2]:
         assert again[2][k] == pytest.approx(unbroken[2][k], rel=1e-6, abs=1e-9, nan_ok=True), k
+    # on one process (the single engine, DCP only) the ZeRO checkpoint is refused at start-up in one line
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "mrpo.train", *args, "distributed.engine=deepspeed"], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 2 and "Traceback" not in one.stderr, one.stderr[-3000:]
+    assert one.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'checkpoints' / 'step_000002'} was written by DeepSpeed ZeRO on 2 processes: this run "
+        f"(1 process, engine single) reads DCP checkpoints only; resume it with distributed.engine=deepspeed on 2 "
+        f"processes")
