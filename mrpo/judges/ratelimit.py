@@ -80,6 +80,7 @@ class RateGate:
         self._resume_at = 0.0      # no request leaves before this (a shared pause)
         self._next_slot = 0.0      # earliest time of the next request under the rate cap
         self.paused_s = 0.0        # total pause length set (for reports), overlapping pauses counted once
+        self._slept = threading.local()   # .until: the end of the pause this thread last slept through
 
     def pause(self, seconds: float) -> None:
         """Hold every thread at the gate for `seconds` from now (extends a running pause, never shortens it)."""
@@ -93,18 +94,18 @@ class RateGate:
     def wait(self) -> None:
         """Block until a request may leave: after any pause (plus a spread-out jitter), then in its
         rate-cap slot."""
-        slept_until = None
         while True:
             with self._lock:
                 now = self._clock()
                 paused = self._resume_at - now
-                if paused <= 0 or self._resume_at == slept_until:   # over, or not extended since we slept
+                # over, or this thread already slept through this pause (not extended since)
+                if paused <= 0 or self._resume_at == getattr(self._slept, "until", None):
                     slot = max(now, self._next_slot)
                     if self.interval:
                         self._next_slot = slot + self.interval
                     delay = slot - now
                     break
-                slept_until = self._resume_at
+                self._slept.until = self._resume_at
             # leave spread over up to 10% of the pause (<= 1 s), then check again: a pause may have grown
             self._sleep(paused + random.uniform(0.0, min(1.0, 0.1 * paused)))
         if delay > 0:
