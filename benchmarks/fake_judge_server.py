@@ -41,6 +41,11 @@ def verdict_for(user_text: str) -> dict:
                       for i, s in enumerate(steps)]}
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024   # listen() backlog: 64+ clients connect at once (the default 5 drops SYNs)
+
+
 class FakeJudgeServer:
     def __init__(self, latency_s: float = 0.0, p_429: float = 0.0, p_500: float = 0.0, p_malformed: float = 0.0,
                  p_timeout: float = 0.0, p_no_usage: float = 0.0, retry_after: str | None = "1", hang_s: float = 2.0,
@@ -117,9 +122,7 @@ class FakeJudgeServer:
                 except (BrokenPipeError, ConnectionResetError):
                     return False
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        self.httpd.daemon_threads = True
-        self.httpd.request_queue_size = 256   # a backlog for 64+ concurrent connections
+        self.httpd = _Server(("127.0.0.1", port), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
 
     def reset(self) -> None:

@@ -105,10 +105,10 @@ class Trainer:
             if cfg.loss.beta > 0:
                 rollout.ref_logprobs = self.reference_logprobs(rollout)
         t.append(time.perf_counter())
+        weights, micro = self.step_token_weights(rollout), self.micro_batches(rollout)   # need no scores: still overlap
         (scored, metrics), judge_s = judged.result()
         rollout.advantages = self.global_advantages(self.reward_model.reward_matrix(scored))
         t.append(time.perf_counter())
-        weights, micro = self.step_token_weights(rollout), self.micro_batches(rollout)
         sums, norms, skipped = 0, [], 0
         with self.phase_memory.phase("train"):
             for _ in range(cfg.algo.num_iterations):

@@ -44,6 +44,7 @@ class HTTPJudge:
         self.cache = JudgeCache(cfg.cache_dir) if cfg.cache_dir else None
         self.prompt = JudgePrompt.load(getattr(cfg, "prompt_template", None))
         self._lock = threading.Lock()
+        self._told_waves = False
         if not os.environ.get(cfg.api_key_env):
             log.warning("HTTPJudge: environment variable %s is not set; sending requests without an API key",
                         cfg.api_key_env)
@@ -55,6 +56,11 @@ class HTTPJudge:
         """One verdict per request, in order; None = unjudged after retries."""
         def run(todo: list[JudgeRequest]) -> list[StepVerdict | None]:
             workers = max(1, min(int(self.cfg.max_concurrency), len(todo)))
+            if len(todo) > workers and not self._told_waves:   # once: the step waits ceil(n / c) latencies
+                self._told_waves = True
+                log.info("HTTPJudge: %d requests with judge.max_concurrency=%d go out in %d waves, each a full "
+                         "judge latency; judge.max_concurrency=%d sends them at once (mind the rate limit)",
+                         len(todo), workers, -(-len(todo) // workers), len(todo))
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="judge") as pool:
                 return list(pool.map(self._judge_one, todo))
 
