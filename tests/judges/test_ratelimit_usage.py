@@ -258,3 +258,30 @@ def test_answer_judge_reports_usage_and_cost():
     usage = summary["llm_judge"]["usage"]
     assert usage["requests"] == 6 and usage["prompt_tokens"] == 600 and usage["completion_tokens"] == 42
     assert usage["cost_usd"] == pytest.approx((600 * 2.0 + 42 * 10.0) / 1e6)
+
+
+def test_eval_cli_prints_usage_and_cost(tmp_path, capsys):
+    """`mrpo.eval reasoning --judge http` with prices: one usage line, and judge_usage in reasoning.json."""
+    from mrpo.eval.__main__ import main
+
+    server = FakeJudgeServer().start()
+    pred = tmp_path / "predictions.jsonl"
+    rows = [{"id": str(i), "problem": "Where?", "solution": "left", "answer": "right", "gold_reasoning": "Left.",
+             "text": "<think>First a good step. Then it helps.</think><answer>right</answer>",
+             "steps": ["First a good step.", "Then it helps."], "dataset": "d", "answer_type": "open"}
+            for i in range(3)]
+    pred.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    try:
+        main(["reasoning", "--pred", str(pred), "--judge", "http", "--judge-url", server.url, "--judge-model",
+              "judge-model", "--api-key-env", "MRPO_TEST_NO_KEY", "--price-input-per-mtok", "1",
+              "--price-output-per-mtok", "4"])
+        ledger = server.ledger()
+    finally:
+        server.close()
+    usage = json.loads((tmp_path / "reasoning.json").read_text())["judge_usage"]
+    assert usage["requests"] == ledger["posts"] == 3
+    assert usage["prompt_tokens"] == ledger["billed"]["prompt_tokens"]
+    assert usage["cost_usd"] == pytest.approx((usage["prompt_tokens"] + 4 * usage["completion_tokens"]) / 1e6)
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("judge usage:")]
+    assert line == [f"judge usage: 3 HTTP requests, {usage['prompt_tokens']:,} prompt + "
+                    f"{usage['completion_tokens']:,} completion tokens, ${usage['cost_usd']:.4f}"]

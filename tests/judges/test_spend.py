@@ -94,18 +94,19 @@ def one_step_per_completion(trainer):
     mrpo.rewards.segment_steps = lambda text, tag="think", *special: [Step(text[:1], 0, len(text[:1]))]
 
 
-def _train(out, data, url, budget, steps=3):
+def _train(out, data, url, budget, steps=3, nproc=1, **extra):
     from tests.trainer.conftest import tiny_overrides
 
     args = tiny_overrides(data, out, **{
         "judge.kind": "http", "judge.base_url": url, "judge.model": "judge-model", "judge.max_retries": 0,
         "judge.price_input_per_mtok": 1.0, "judge.price_output_per_mtok": 4.0, "judge.max_cost_usd": budget,
         "optim.max_steps": steps, "sft.steps": 0, "checkpoint.every_steps": 100, "logging.eval_at_end": False,
-        "checkpoint.export_final": False, "logging.tensorboard": False})
+        "checkpoint.export_final": False, "logging.tensorboard": False, **extra})
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "NO_PROXY": "127.0.0.1",
            "MRPO_TEST_HOOK": "tests.judges.test_spend:one_step_per_completion", "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "mrpo.train", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
+    launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    return subprocess.run([sys.executable, *launch, "-m", "mrpo.train", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
 
 
 def _rows(out):
@@ -146,3 +147,22 @@ def test_budget_stop_exit_4_then_resume_with_a_higher_budget(tmp_path):
         assert sum(r["judge/requests"] for r in rows) == server.ledger()["posts"] == 12
     finally:
         server.close()
+
+
+@pytest.mark.slow
+def test_usage_summed_over_two_ranks_and_shown_on_the_step_line(tmp_path):
+    server = FakeJudgeServer().start()
+    out = tmp_path / "run"
+    try:
+        run = _train(out, tmp_path / "data", server.url, budget=0, steps=2, nproc=2, **{"logging.progress": True})
+        ledger = server.ledger()
+    finally:
+        server.close()
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = _rows(out)
+    assert [r["judge/requests"] for r in rows] == [8, 8]                 # 2 ranks x 4 completions, one call each
+    assert sum(r["judge/requests"] for r in rows) == ledger["posts"]
+    assert sum(r["judge/prompt_tokens"] for r in rows) == ledger["billed"]["prompt_tokens"]
+    assert sum(r["judge/completion_tokens"] for r in rows) == ledger["billed"]["completion_tokens"]
+    total = rows[-1]["judge/cost_usd_total"]
+    assert f"judge=${total:.2f}" in run.stderr                           # the console's step line
