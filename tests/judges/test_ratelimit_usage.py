@@ -285,3 +285,16 @@ def test_eval_cli_prints_usage_and_cost(tmp_path, capsys):
     line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("judge usage:")]
     assert line == [f"judge usage: 3 HTTP requests, {usage['prompt_tokens']:,} prompt + "
                     f"{usage['completion_tokens']:,} completion tokens, ${usage['cost_usd']:.4f}"]
+
+
+def test_requests_in_waves_are_reported_once(scripted, caplog):
+    import logging
+
+    srv = scripted()
+    caplog.set_level(logging.INFO, logger="mrpo.judges.http")
+    judge = HTTPJudge(_cfg(srv.url, max_concurrency=2))
+    judge.judge([_req(i, ["good"]) for i in range(5)])
+    judge.judge([_req(i, ["good"]) for i in range(5, 10)])
+    waves = [r.getMessage() for r in caplog.records if "waves" in r.getMessage()]
+    assert waves == ["HTTPJudge: 5 requests with judge.max_concurrency=2 go out in 3 waves, each a full judge "
+                     "latency; judge.max_concurrency=5 sends them at once (mind the rate limit)"]
