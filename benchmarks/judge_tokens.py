@@ -12,6 +12,9 @@ overhead (3 tokens per message + 3 to prime the reply, OpenAI's counting rule), 
 encoding file (o200k_base: the GPT-4o / GPT-5 family's); images are not in these counts (their tokens
 depend on the provider's rule and the image size: a parameter of the estimate). Reasoning tokens of a
 reasoning model (billed as output) are not in the reply count either: a parameter too.
+The encoding file: tiktoken fetches o200k_base.tiktoken on first use where the network allows; offline,
+any copy whose sha256 is tiktoken's published one (446a9538..., checked and named in the results) gives
+the same counts (ours was rebuilt from the ranks the js-tiktoken package ships).
 Writes results/judge_tokens.json and .md.
 """
 from __future__ import annotations
@@ -26,6 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+O200K_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"   # tiktoken_ext.openai_public
 
 
 def counter(encoding_file: str | None):
@@ -42,7 +46,9 @@ def counter(encoding_file: str | None):
     enc = tiktoken.Encoding("o200k_base", pat_str=pat, mergeable_ranks=load_tiktoken_bpe(encoding_file),
                             special_tokens={"<|endoftext|>": 199999, "<|endofprompt|>": 200018})
     digest = hashlib.sha256(Path(encoding_file).read_bytes()).hexdigest()
-    return f"o200k_base (tiktoken, sha256 {digest[:12]}...)", lambda text: len(enc.encode(text, disallowed_special=()))
+    known = " = tiktoken's published o200k_base hash" if digest == O200K_SHA256 else ", NOT tiktoken's o200k_base"
+    return (f"o200k_base (tiktoken, file sha256 {digest[:12]}...{known})",
+            lambda text: len(enc.encode(text, disallowed_special=())))
 
 
 def main() -> None:
