@@ -114,6 +114,7 @@ def _rows(out):
     return [r for r in rows if "phase" not in r]
 
 
+@pytest.mark.slow
 def test_budget_stop_exit_4_then_resume_with_a_higher_budget(tmp_path):
     server = FakeJudgeServer().start()
     out, data = tmp_path / "run", tmp_path / "data"
