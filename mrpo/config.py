@@ -197,6 +197,11 @@ def _validate(cfg: Config, source: str) -> None:
     need(all(isinstance(t, str) for t in cfg.logging.tags), "logging.tags", "a list of strings")
     need(0 <= cfg.judge.max_unjudged_fraction <= 1, "judge.max_unjudged_fraction", "a share in [0, 1] (1 = never stop)")
     need(cfg.judge.unjudged_window >= 1, "judge.unjudged_window", "must be >= 1 (RL steps)")
+    for key in ("price_input_per_mtok", "price_output_per_mtok", "max_cost_usd", "max_requests_per_minute"):
+        need(getattr(cfg.judge, key) >= 0, f"judge.{key}", "must be >= 0 (0 = off)")
+    need(cfg.judge.max_cost_usd == 0 or cfg.judge.price_input_per_mtok + cfg.judge.price_output_per_mtok > 0,
+         "judge.max_cost_usd", "a budget needs the prices: set judge.price_input_per_mtok and "
+         "judge.price_output_per_mtok (USD per million tokens)")
     need(bool(cfg.output_dir), "output_dir", "must name a folder")
 
 

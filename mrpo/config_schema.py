@@ -101,6 +101,13 @@ class JudgeConfig:
                                            "completions sent to the judge went unjudged over unjudged_window "
                                            "steps; 1.0 = never stop")
     unjudged_window: int = _f(5, "RL steps over which judge.max_unjudged_fraction is measured")
+    price_input_per_mtok: float = _f(0.0, "USD per million prompt tokens of the http judge, for judge/cost_usd_total "
+                                          "(0 with price_output_per_mtok 0 = cost not shown)")
+    price_output_per_mtok: float = _f(0.0, "USD per million completion tokens (reasoning tokens included)")
+    max_cost_usd: float = _f(0.0, "judge budget: when the next RL step could pass it, save a checkpoint and stop "
+                                  "(exit 4; rerun with a higher budget to go on); 0 = no budget")
+    max_requests_per_minute: float = _f(0.0, "cap on the http judge's requests per minute over the run (each of the "
+                                             "WORLD_SIZE processes takes its share, shared by its threads); 0 = no cap")
 
 
 @dataclass

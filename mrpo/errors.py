@@ -25,3 +25,13 @@ class LoraError(UserInputError):
 
 class PlanDoesNotFit(UserInputError):
     """The memory plan's peak exceeds device memory (mrpo.train exits 2 with this message)."""
+
+
+class JudgeBudgetError(RuntimeError):
+    """The step judge's spend would pass judge.max_cost_usd (mrpo.judges.spend): the trainer saves a
+    checkpoint and mrpo.train exits 4; a rerun with a higher budget resumes. The message names the key
+    and the spend so far."""
+
+    def __init__(self, message: str, spent_usd: float):
+        super().__init__(message)
+        self.spent_usd = spent_usd

@@ -158,6 +158,7 @@ RESUME_ALLOWED = (
     "output_dir", "optim.max_steps", "optim.epochs", "checkpoint.", "logging.",
     "judge.max_concurrency", "judge.timeout_s", "judge.max_retries", "judge.backoff_s", "judge.cache_dir",
     "judge.api_key_env", "judge.base_url", "judge.max_unjudged_fraction", "judge.unjudged_window",
+    "judge.price_input_per_mtok", "judge.price_output_per_mtok", "judge.max_cost_usd", "judge.max_requests_per_minute",
     "model.attn_implementation", "model.gradient_checkpointing", "loss.backend", "loss.chunk_size",
     "distributed.gather_for_generation", "plan.",
 )

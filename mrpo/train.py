@@ -10,7 +10,9 @@ keys otherwise, see checkpoint.resume_ignore_config), moves metrics rows that th
 again to metrics.dropped.jsonl, and checks an http judge's key and endpoint (exit 4). Workers started by
 torchrun exit when torchrun dies. Exit codes: 0 done, 2 configuration or other bad input (a data or model
 file, a judge file, a broken checkpoint given as checkpoint.resume, no intact checkpoint for resume=auto:
-mrpo.config.UserInputError, one line, no traceback), 3 output folder in use, 4 judge unavailable or outage, 75 stopped by a signal (resumable).
+mrpo.errors.UserInputError, one line, no traceback), 3 output folder in use, 4 judge unavailable, outage or
+budget (judge.max_cost_usd) reached (a checkpoint is saved; fix the judge or raise the budget, then rerun to
+resume), 75 stopped by a signal (resumable).
 """
 from __future__ import annotations
 
@@ -60,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     rank = int(os.environ.get("RANK", "0"))
 
+    from mrpo.errors import JudgeBudgetError
     from mrpo.judges.outage import JudgeOutageError
     from mrpo.judges.preflight import JudgeUnavailableError, check_endpoint
     from mrpo.run_safety import (OutputLock, OutputLockedError, ResumeConfigError, describe_outputs,
@@ -92,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             except JudgeUnavailableError as e:
                 print(f"error: step judge unavailable: {e}", file=sys.stderr, flush=True)
                 return EXIT_JUDGE
-        return _train(cfg, rank, JudgeOutageError, describe_outputs, stop_message)
+        return _train(cfg, rank, (JudgeOutageError, JudgeBudgetError), describe_outputs, stop_message)
     except UserInputError as e:   # bad data, model folder, judge files or checkpoint: one line, every rank exits 2
         if rank == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
@@ -102,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             lock.release()
 
 
-def _train(cfg, rank: int, JudgeOutageError, describe_outputs, stop_message) -> int:
+def _train(cfg, rank: int, judge_stops, describe_outputs, stop_message) -> int:
     import torch
 
     threads = os.environ.get("OMP_NUM_THREADS")
@@ -123,7 +126,7 @@ def _train(cfg, rank: int, JudgeOutageError, describe_outputs, stop_message) -> 
     code = 0
     try:
         final = trainer.train()
-    except JudgeOutageError as e:
+    except judge_stops as e:   # an outage or the judge budget: a checkpoint is saved, exit 4
         if rank == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
             print(describe_outputs(cfg.output_dir), flush=True)

@@ -34,7 +34,8 @@ from mrpo.distributed import all_gather_rows, all_reduce_max, all_reduce_mean, a
 from mrpo.engines import build_engine
 from mrpo.eval.reasoning import evaluate_generations
 from mrpo.judges import build_judge
-from mrpo.judges.outage import JudgeOutageError, UnjudgedGuard
+from mrpo.judges.outage import UnjudgedGuard
+from mrpo.judges.spend import JUDGE_STOPS, JudgeSpend
 from mrpo.metrics_log import MetricsLogger
 from mrpo.models.lora import adapters_disabled
 from mrpo.models.parallelize import hidden_states_mode, init_distributed
@@ -83,6 +84,7 @@ class Trainer:
         self.judge = build_judge(cfg.judge)
         self.reward_model = RewardModel(cfg.reward, self.judge, self.reasoning_tag, cfg.algo.tau)
         self.judge_guard = UnjudgedGuard.from_config(cfg.judge, self.judge)
+        self.judge_spend = JudgeSpend.from_config(cfg.judge)   # judge usage, cost and budget (judge.max_cost_usd)
         self.step, self.sft_step, self.sft_done = 0, 0, cfg.sft.steps == 0
 
     def _stop_synced(self) -> bool:
@@ -103,10 +105,10 @@ class Trainer:
             if cfg.loss.beta > 0:
                 rollout.ref_logprobs = self.reference_logprobs(rollout)
         t.append(time.perf_counter())
+        weights, micro = self.step_token_weights(rollout), self.micro_batches(rollout)   # need no scores: still overlap
         (scored, metrics), judge_s = judged.result()
         rollout.advantages = self.global_advantages(self.reward_model.reward_matrix(scored))
         t.append(time.perf_counter())
-        weights, micro = self.step_token_weights(rollout), self.micro_batches(rollout)
         sums, norms, skipped = 0, [], 0
         with self.phase_memory.phase("train"):
             for _ in range(cfg.algo.num_iterations):
@@ -248,6 +250,7 @@ class Trainer:
     def train(self) -> dict:
         self.stop.install()
         self._resume()
+        self.judge_spend.check()   # a resumed run whose judge budget is spent stops before its first step
         self.metrics.truncate_after(self.step, self.sft_done, self.sft_step)
         if not self.sft_done:
             self.sft_warmup()
@@ -261,7 +264,7 @@ class Trainer:
         last = {}
         while self.step < self.total_steps and not self.stop.requested:
             self.stop_phase = "rollout"
-            last = self.train_step()
+            last = self.judge_spend.account(self.train_step(), self.world)   # judge usage summed over ranks, cost
             if self.is_main and (line := compare_measured(self.memory_plan, self.phase_memory.peaks)):
                 log.info(line)
             self.phase_memory.stop()   # first step only: later steps leave the allocator's peak counters alone
@@ -270,12 +273,14 @@ class Trainer:
             self.metrics.log(last)
             try:
                 self.judge_guard.update_from_metrics(self.step, last)
-            except JudgeOutageError:
+                self.judge_spend.check()
+            except JUDGE_STOPS:
                 self.save()
                 raise
             bar.update(1)
             bar.set_postfix(reward=f"{last['reward']:.3f}", acc=f"{last['accuracy']:.2f}",
-                            early=f"{last['early_failure_share']:.2f}", tok_s=f"{last['tokens_per_s']:.0f}")
+                            early=f"{last['early_failure_share']:.2f}", tok_s=f"{last['tokens_per_s']:.0f}",
+                            **self.judge_spend.postfix())
             self._stop_synced()
             every = self.cfg.checkpoint.every_steps
             saved = bool(every and self.step % every == 0)
@@ -303,7 +308,7 @@ class Trainer:
         t0 = time.perf_counter()
         state = {"step": self.step, "sft_done": self.sft_done, "sft_step": self.sft_step,
                  "sampler": self.sampler.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "judge_guard": self.judge_guard.state_dict()}
+                 "judge_guard": self.judge_guard.state_dict(), "judge_spend": self.judge_spend.state_dict()}
         path = self.engine.save(self.out / "checkpoints", self.step, state, keep_last=self.cfg.checkpoint.keep_last)
         self._save_s, self.saved_step = time.perf_counter() - t0, self.step if path else self.saved_step
         return path
@@ -324,6 +329,7 @@ class Trainer:
         self.step = self.saved_step = state["step"]
         self.sft_done, self.sft_step = state["sft_done"], state.get("sft_step", 0)
         self.judge_guard.load_state_dict(state.get("judge_guard", {}))
+        self.judge_spend.load_state_dict(state.get("judge_spend", {}))
         self.sampler.load_state_dict(state["sampler"])
         self.scheduler.load_state_dict(state["scheduler"])
 

@@ -49,7 +49,8 @@ def _judge_cfg(args, kind: str):
     """A JudgeConfig (mrpo.config) with the CLI's values; a plain namespace if config is unavailable."""
     values = {"kind": kind}
     for name in ("model", "base_url", "api_key_env", "max_concurrency", "timeout_s", "max_retries", "backoff_s",
-                 "cache_dir", "labels_path", "local_model_path", "function", "prompt_template"):
+                 "cache_dir", "labels_path", "local_model_path", "function", "prompt_template",
+                 "price_input_per_mtok", "price_output_per_mtok", "max_requests_per_minute"):
         v = getattr(args, name, None)
         if v is not None:
             values[name] = v
@@ -69,6 +70,9 @@ def _add_judge_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--timeout-s", type=float)
     g.add_argument("--max-retries", type=int)
     g.add_argument("--backoff-s", type=float)
+    g.add_argument("--max-requests-per-minute", type=float, help="cap on requests per minute (0 = none)")
+    g.add_argument("--price-input-per-mtok", type=float, help="USD per million prompt tokens (for the cost line)")
+    g.add_argument("--price-output-per-mtok", type=float, help="USD per million completion tokens")
 
 
 def _preflight(cfg) -> None:
@@ -79,6 +83,15 @@ def _preflight(cfg) -> None:
         check_endpoint(cfg.base_url, cfg.model, cfg.api_key_env, timeout_s=min(float(cfg.timeout_s), 10.0))
     except JudgeUnavailableError as e:
         raise SystemExit(f"error: LLM judge unavailable: {e}") from None
+
+
+def format_usage(usage: dict) -> str:
+    """'judge usage: 120 HTTP requests, 51,200 prompt + 3,100 completion tokens (2 replies without usage),
+    $0.0190' (the cost only when priced)."""
+    unknown = f" ({usage['usage_unknown']} replies without usage)" if usage.get("usage_unknown") else ""
+    cost = f", ${usage['cost_usd']:.4f}" if "cost_usd" in usage else ""
+    return (f"judge usage: {usage['requests']} HTTP requests, {usage['prompt_tokens']:,} prompt + "
+            f"{usage['completion_tokens']:,} completion tokens{unknown}{cost}")
 
 
 def cmd_answers(args) -> None:
@@ -95,6 +108,7 @@ def cmd_answers(args) -> None:
         s = summary["llm_judge"]
         print(f"LLM judge {s['model']}: {s['requests']} requests, {s['retries']} retries, "
               f"{s['failures']} unjudged (not scored), {s['skipped_no_answer']} without an answer (wrong)")
+        print(format_usage(s["usage"]))
     print(f"wrote {out_dir / 'answers.json'}" + (f" and {out_dir / 'answers_judged.jsonl'}" if judge else ""))
 
 
@@ -138,6 +152,8 @@ def cmd_reasoning(args) -> None:
               f"record's own \"correct\" (the recomputed one is used)")
     print(format_reasoning(summary))
     print(f"judge {summary['judge']}: {summary['sent_to_judge']} completions sent, {summary['unjudged']} unjudged")
+    if summary.get("judge_usage") and summary["judge_usage"]["requests"]:
+        print(format_usage(summary["judge_usage"]))
     print(f"wrote {out_dir / 'reasoning.json'} and {out_dir / 'reasoning_steps.jsonl'}")
 
 

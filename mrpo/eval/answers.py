@@ -27,8 +27,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
+from mrpo.judges.base import Usage
 from mrpo.judges.openai_client import ChatCompletionClient
 from mrpo.judges.prompt import image_data_url
+from mrpo.judges.ratelimit import RateGate
 
 ANSWER_JUDGE_SYSTEM = (
     "Given a question about a medical image, there is a correct answer to the question and an answer "
@@ -135,10 +137,12 @@ class AnswerJudge:
     """LLM answer judge over an OpenAI-compatible /chat/completions endpoint.
 
     cfg: any object with base_url, model, api_key_env, max_concurrency, timeout_s, max_retries,
-    backoff_s (e.g. mrpo.config.JudgeConfig); keyword arguments override it. The API key is read
-    from the environment variable named by api_key_env (no Authorization header when unset) and is
-    never logged. stats: requests, retries, errors (failed attempts), failures (= unjudged records),
-    skipped_no_answer. Images that do not exist are left out of the prompt.
+    backoff_s and optionally max_requests_per_minute, price_input_per_mtok, price_output_per_mtok (e.g.
+    mrpo.config.JudgeConfig); keyword arguments override it. The API key is read from the environment
+    variable named by api_key_env (no Authorization header when unset) and is never logged. stats:
+    requests, retries, errors (failed attempts), failures (= unjudged records), skipped_no_answer;
+    usage: HTTP requests sent and tokens billed (mrpo.judges.base.Usage), reported with the cost in
+    evaluate_answers' summary. Images that do not exist are left out of the prompt.
     """
 
     def __init__(self, cfg=None, *, base_url: str | None = None, model: str | None = None,
@@ -156,8 +160,12 @@ class AnswerJudge:
         self.max_retries = max(0, int(pick(max_retries, "max_retries", 3)))
         self.backoff_s = float(pick(backoff_s, "backoff_s", 1.0))
         self.include_image = include_image
+        self.prices = (float(getattr(cfg, "price_input_per_mtok", 0.0) or 0.0),
+                       float(getattr(cfg, "price_output_per_mtok", 0.0) or 0.0))   # USD per million tokens
+        self.usage = Usage()
         self.client = ChatCompletionClient(self.base_url, self.model, self.api_key_env, self.timeout_s,
-                                           self.max_retries, self.backoff_s, name="AnswerJudge")
+                                           self.max_retries, self.backoff_s, name="AnswerJudge", usage=self.usage,
+                                           gate=RateGate(float(getattr(cfg, "max_requests_per_minute", 0) or 0)))
         self.stats = {"requests": 0, "retries": 0, "errors": 0, "failures": 0, "skipped_no_answer": 0}
         self.last_errors: list[str] = []   # up to 5 messages (no secrets), for the report
         self._lock = threading.Lock()
@@ -246,12 +254,17 @@ def accuracy_summary(records: Sequence[dict], llm: Sequence[bool | None] | None 
 def evaluate_answers(records: Sequence[dict], answer_judge: AnswerJudge | None = None,
                      out_dir: str | Path | None = None, predictions: str | None = None) -> dict:
     """Rule (and optionally LLM) accuracy; writes out_dir/answers.json and, with a judge,
-    out_dir/answers_judged.jsonl ({id, dataset, answer_type, rule_correct, llm_correct}) when out_dir."""
+    out_dir/answers_judged.jsonl ({id, dataset, answer_type, rule_correct, llm_correct}) when out_dir.
+    With a judge, summary["llm_judge"]["usage"]: requests sent, prompt/completion tokens, replies without
+    usage (usage_unknown), and cost_usd when the judge has prices."""
+    from mrpo.judges.spend import usage_report
+
     llm = answer_judge.judge(records) if answer_judge is not None else None
     summary = {"kind": "answers", "predictions": predictions, **accuracy_summary(records, llm)}
     if answer_judge is not None:
         summary["llm_judge"] = {"model": answer_judge.model, "base_url": answer_judge.base_url,
-                                **answer_judge.stats, "error_samples": answer_judge.last_errors}
+                                **answer_judge.stats, "error_samples": answer_judge.last_errors,
+                                "usage": usage_report(answer_judge.usage.as_dict(), *answer_judge.prices)}
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

@@ -384,8 +384,11 @@ def evaluate_reasoning(records: Sequence[dict], judge, out_dir: str | Path | Non
     paper_filter's) is stored in the summary as "input", verdict_counts (answer_verdicts' counts) as
     "answer_verdicts".
     """
+    from mrpo.judges.spend import usage_since
+
+    before = usage_since(judge)
     rows = judge_records(records, judge, judge_all=judge_all, batch_size=batch_size)
-    summary = _summary(rows, judge, judge_all)
+    summary = _summary(rows, judge, judge_all, before)
     if input_counts is not None:
         summary["input"] = input_counts
     if verdict_counts is not None:
@@ -396,9 +399,12 @@ def evaluate_reasoning(records: Sequence[dict], judge, out_dir: str | Path | Non
     return summary
 
 
-def _summary(rows: list[dict], judge, judge_all: bool) -> dict:
+def _summary(rows: list[dict], judge, judge_all: bool, usage_before: dict | None = None) -> dict:
+    """usage_before: the judge's usage (mrpo.judges.spend.usage_since) before judging these rows."""
+    from mrpo.judges.spend import usage_since
+
     stats_obj = getattr(judge, "stats", None)
-    return {"kind": "reasoning", **failure_cascade_stats(rows), "sentence_level": sentence_scores(rows),
+    return {"judge_usage": usage_since(judge, usage_before), "kind": "reasoning", **failure_cascade_stats(rows), "sentence_level": sentence_scores(rows),
             "judge": None if judge is None else type(judge).__name__,
             "sent_to_judge": sum(r["sent"] for r in rows),
             "unjudged": sum(r["sent"] and r["valid"] is None for r in rows),
@@ -445,8 +451,11 @@ def evaluate_generations(records: Sequence[dict], texts: Sequence[str], judge, r
     if len(records) != len(texts):
         raise ValueError(f"{len(texts)} completions for {len(records)} records")
     preds = [prediction_record(r, t, reasoning_tag) for r, t in zip(records, texts)]
+    from mrpo.judges.spend import usage_since
+
+    before = usage_since(judge)
     rows = judge_records(preds, judge, judge_all=judge_all)
-    summary = _summary(rows, judge, judge_all)
+    summary = _summary(rows, judge, judge_all, before)
     if out_dir is not None:
         from mrpo.eval.answers import evaluate_answers
 

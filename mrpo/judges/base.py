@@ -8,6 +8,7 @@ sample "unjudged" (process reward excluded, plain advantage kept) and counts it.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
@@ -52,6 +53,42 @@ class Unjudged:
     detail: str = ""               # the last error, for the summarised warning (never holds a secret)
 
 
+class Usage:
+    """What an LLM judge endpoint was sent and billed, from each reply's `usage` object (thread-safe).
+
+    requests: HTTP requests sent (each retry is one); prompt_tokens / completion_tokens: summed over the
+    replies that carried a `usage` object ({"prompt_tokens": int, "completion_tokens": int}; reasoning
+    tokens are part of completion_tokens); unknown: replies (HTTP 2xx) without one, so their tokens are
+    in neither count. Error replies (429, 5xx) and timeouts bill nothing and count only in requests."""
+
+    FIELDS = ("requests", "prompt_tokens", "completion_tokens", "usage_unknown")
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.requests = self.prompt_tokens = self.completion_tokens = self.usage_unknown = 0
+
+    def add_request(self) -> None:
+        with self._lock:
+            self.requests += 1
+
+    def add_reply(self, usage) -> None:
+        """Count one 2xx reply's `usage` (the parsed object, or None when the reply had none)."""
+        try:
+            prompt, completion = int(usage["prompt_tokens"]), int(usage.get("completion_tokens") or 0)
+        except (TypeError, KeyError, ValueError, AttributeError):
+            prompt = completion = None
+        with self._lock:
+            if prompt is None:
+                self.usage_unknown += 1
+            else:
+                self.prompt_tokens += prompt
+                self.completion_tokens += completion
+
+    def as_dict(self) -> dict:
+        with self._lock:
+            return {f: getattr(self, f) for f in self.FIELDS}
+
+
 @dataclass
 class JudgeStats:
     requests: int = 0
@@ -60,6 +97,7 @@ class JudgeStats:
     failures: int = 0              # requests that ended unjudged (None)
     causes: dict = field(default_factory=lambda: dict.fromkeys(FAILURE_CAUSES, 0))   # failures by cause
     last_error: str = ""           # detail of the latest failure
+    usage: Usage = field(default_factory=Usage)   # HTTP requests sent and tokens billed (LLM judges)
 
     def add_failure(self, cause: str, detail: str = "") -> None:
         self.failures += 1

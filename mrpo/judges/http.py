@@ -3,7 +3,9 @@
 cfg (JudgeConfig): model, base_url, prompt_template (None = the paper's prompt, see mrpo.judges.prompt), api_key_env (the *name* of the environment variable holding the
 key: read at each request, never stored, logged, put in errors or cache keys), max_concurrency
 (threads), timeout_s, max_retries (extra attempts after the first), backoff_s (first retry waits
-backoff_s * U(0.5, 1.5), doubling each retry), temperature, cache_dir (None = no cache).
+backoff_s * U(0.5, 1.5), doubling each retry; a 429/503's Retry-After instead, capped at timeout_s),
+temperature, cache_dir (None = no cache), max_requests_per_minute (0 = no cap; this process's share,
+see mrpo.judges.ratelimit.rank_share). Requests sent and tokens billed are counted in stats.usage.
 Retry policy (mrpo.judges.openai_client.ChatCompletionClient): network errors and timeouts, HTTP 429
 and 5xx, replies that are not a valid verdict are retried; other 4xx are not; 401/403/404 raise (wrong
 key, model or URL is a configuration error). A request that still fails returns None (unjudged) and
@@ -24,6 +26,7 @@ from mrpo.judges.base import JudgeRequest, JudgeStats, StepVerdict, Unjudged, fo
 from mrpo.judges.cache import JudgeCache, judge_cached
 from mrpo.judges.openai_client import ChatCompletionClient
 from mrpo.judges.prompt import JudgePrompt, parse_verdict
+from mrpo.judges.ratelimit import RateGate, rank_share
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +35,16 @@ class HTTPJudge:
     def __init__(self, cfg, sleep=time.sleep):
         self.cfg = cfg
         self.model = cfg.model
+        self.stats = JudgeStats()
         self.client = ChatCompletionClient(cfg.base_url, cfg.model, cfg.api_key_env, cfg.timeout_s, cfg.max_retries,
-                                           cfg.backoff_s, sleep=sleep, name="HTTPJudge")
+                                           cfg.backoff_s, sleep=sleep, name="HTTPJudge", usage=self.stats.usage,
+                                           gate=RateGate(rank_share(getattr(cfg, "max_requests_per_minute", 0)),
+                                                         sleep=sleep))
         self.url = self.client.url
         self.cache = JudgeCache(cfg.cache_dir) if cfg.cache_dir else None
         self.prompt = JudgePrompt.load(getattr(cfg, "prompt_template", None))
-        self.stats = JudgeStats()
         self._lock = threading.Lock()
+        self._told_waves = False
         if not os.environ.get(cfg.api_key_env):
             log.warning("HTTPJudge: environment variable %s is not set; sending requests without an API key",
                         cfg.api_key_env)
@@ -50,6 +56,11 @@ class HTTPJudge:
         """One verdict per request, in order; None = unjudged after retries."""
         def run(todo: list[JudgeRequest]) -> list[StepVerdict | None]:
             workers = max(1, min(int(self.cfg.max_concurrency), len(todo)))
+            if len(todo) > workers and not self._told_waves:   # once: the step waits ceil(n / c) latencies
+                self._told_waves = True
+                log.info("HTTPJudge: %d requests with judge.max_concurrency=%d go out in %d waves, each a full "
+                         "judge latency; judge.max_concurrency=%d sends them at once (mind the rate limit)",
+                         len(todo), workers, -(-len(todo) // workers), len(todo))
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="judge") as pool:
                 return list(pool.map(self._judge_one, todo))
 

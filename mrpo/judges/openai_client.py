@@ -3,7 +3,12 @@ the retry policy of the LLM judges (mrpo.judges.http.HTTPJudge, mrpo.eval.answer
 
 Retried: network errors and timeouts, HTTP 429 and 5xx, malformed completion bodies (a null message
 content included), and replies the caller's parser rejects with ValueError. Retry n (n >= 1) first
-waits backoff_s * 2**(n-1) * U(0.5, 1.5) s.
+waits backoff_s * 2**(n-1) * U(0.5, 1.5) s, or, on a 429 or 503 naming one, the reply's Retry-After
+(mrpo.judges.ratelimit.retry_after_s; capped at max_wait_s, default timeout_s). The wait after a 429,
+or after a 503 with Retry-After, is shared: it pauses the client's RateGate, so every thread of the
+rank waits it out together; other waits are the one request's own. Every POST first passes the gate
+(and its optional requests-per-minute cap). Each POST, and each 2xx reply's `usage`, is counted in
+`usage` (mrpo.judges.base.Usage).
 Not retried: other 4xx (the same request would fail again). 401/403/404 raise RuntimeError (a wrong key,
 model or URL is a configuration error). The API key is read from the environment variable *named*
 api_key_env at each request (no Authorization header when unset); it is never stored, logged or put in
@@ -20,13 +25,17 @@ import urllib.error
 import urllib.request
 from typing import Callable, TypeVar
 
+from mrpo.judges.base import Usage
+from mrpo.judges.ratelimit import RateGate, retry_after_s
+
 T = TypeVar("T")
 
 
 class _Retryable(Exception):
-    def __init__(self, message: str, cause: str):
+    def __init__(self, message: str, cause: str, retry_after: float | None = None):
         super().__init__(message)
         self.cause = cause         # one of mrpo.judges.base.FAILURE_CAUSES
+        self.retry_after = retry_after   # seconds the server asked to wait (429/503 Retry-After), None = unsaid
 
 
 class _NotRetried(_Retryable):
@@ -42,10 +51,13 @@ def _network_cause(err: BaseException) -> str:
 
 
 class ChatCompletionClient:
-    """Thread-safe (no mutable state). name prefixes the configuration errors it raises."""
+    """Thread-safe (its only mutable state, `gate` and `usage`, locks itself). name prefixes the
+    configuration errors it raises. gate: the rank's shared RateGate (default: a new one without a rate
+    cap); usage: where requests and tokens are counted (default: a new Usage)."""
 
     def __init__(self, base_url: str, model: str, api_key_env: str | None, timeout_s: float, max_retries: int,
-                 backoff_s: float, sleep: Callable[[float], None] = time.sleep, name: str = "judge"):
+                 backoff_s: float, sleep: Callable[[float], None] = time.sleep, name: str = "judge",
+                 gate: RateGate | None = None, usage: Usage | None = None, max_wait_s: float | None = None):
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
         self.api_key_env = api_key_env
@@ -54,6 +66,9 @@ class ChatCompletionClient:
         self.backoff_s = float(backoff_s)
         self.name = name
         self._sleep = sleep
+        self.gate = gate if gate is not None else RateGate(sleep=sleep)
+        self.usage = usage if usage is not None else Usage()
+        self.max_wait_s = self.timeout_s if max_wait_s is None else float(max_wait_s)
 
     def __repr__(self) -> str:
         return f"ChatCompletionClient(model={self.model!r}, url={self.url!r}, api_key_env={self.api_key_env!r})"
@@ -65,6 +80,8 @@ class ChatCompletionClient:
         if key:
             headers["Authorization"] = f"Bearer {key}"
         request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        self.gate.wait()
+        self.usage.add_request()
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as resp:
                 raw = resp.read()
@@ -74,16 +91,22 @@ class ChatCompletionClient:
                 raise RuntimeError(f"{self.name}: POST {self.url} -> HTTP {e.code} ({detail!r}); check "
                                    f"judge.base_url, judge.model={self.model!r} and the key in "
                                    f"${self.api_key_env}") from None
+            wait = retry_after_s(e.headers) if e.code in (429, 503) else None
             if e.code == 429:
-                raise _Retryable(f"HTTP {e.code}: {detail!r}", "rate_limited") from None
+                raise _Retryable(f"HTTP {e.code}: {detail!r}", "rate_limited", wait) from None
             if e.code >= 500:
-                raise _Retryable(f"HTTP {e.code}: {detail!r}", "server_error") from None
+                raise _Retryable(f"HTTP {e.code}: {detail!r}", "server_error", wait) from None
             raise _NotRetried(f"HTTP {e.code}: {detail!r}", "rejected") from None
         except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as e:
             raise _Retryable(f"{type(e).__name__}: {getattr(e, 'reason', e)}", _network_cause(e)) from None
         try:
-            content = json.loads(raw)["choices"][0]["message"]["content"]
-        except (ValueError, KeyError, IndexError, TypeError):
+            reply = json.loads(raw)
+        except ValueError:
+            reply = None
+        self.usage.add_reply(reply.get("usage") if isinstance(reply, dict) else None)   # billed even if malformed
+        try:
+            content = reply["choices"][0]["message"]["content"]
+        except (KeyError, IndexError, TypeError):
             content = None
         if not isinstance(content, str):   # also a null content (e.g. a refusal)
             raise _Retryable(f"malformed chat completion: {raw[:200]!r}", "invalid_reply")
@@ -103,11 +126,13 @@ class ChatCompletionClient:
         """
         body = json.dumps({"model": self.model, "messages": messages, **params}).encode("utf-8")
         attempts = self.max_retries + 1
+        last: _Retryable | None = None
         for attempt in range(attempts):
             if attempt:
                 if on_retry is not None:
                     on_retry()
-                self._sleep(self.backoff_s * 2 ** (attempt - 1) * random.uniform(0.5, 1.5))
+                self._wait_before_retry(attempt, last)
+            last = None
             try:
                 return parse(self._post(body))
             except _NotRetried as e:
@@ -117,7 +142,7 @@ class ChatCompletionClient:
                     on_give_up(e.cause, f"rejected, not retried: {e}")
                 return None
             except _Retryable as e:
-                error, cause = f"attempt {attempt + 1}/{attempts} failed: {e}", e.cause
+                error, cause, last = f"attempt {attempt + 1}/{attempts} failed: {e}", e.cause, e
             except ValueError as e:
                 error, cause = f"attempt {attempt + 1}/{attempts} invalid reply: {e}", "invalid_reply"
             if on_error is not None:
@@ -125,3 +150,16 @@ class ChatCompletionClient:
         if on_give_up is not None:
             on_give_up(cause, error)
         return None
+
+    def _wait_before_retry(self, attempt: int, error: "_Retryable | None") -> None:
+        """Retry `attempt` (>= 1) waits the server's Retry-After (capped at max_wait_s) when the last
+        error named one, else the jittered exponential backoff; a 429's wait pauses the shared gate (the
+        next POST's gate.wait() sleeps it, with every other thread of the rank), any other is this
+        request's own."""
+        wait = self.backoff_s * 2 ** (attempt - 1) * random.uniform(0.5, 1.5)
+        if error is not None and error.retry_after is not None:
+            wait = min(error.retry_after, self.max_wait_s)
+        if error is not None and (error.cause == "rate_limited" or error.retry_after is not None):
+            self.gate.pause(wait)   # a quota or an overloaded server: the same for every thread
+        else:
+            self._sleep(wait)

@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 
 from mrpo.config import BUILTIN_REWARDS
-from mrpo.judges.base import FAILURE_CAUSES, JudgeRequest, StepVerdict
+from mrpo.judges.base import FAILURE_CAUSES, JudgeRequest, StepVerdict, Usage
 from mrpo.rewards.answer import AnswerScorer, extract_answer
 from mrpo.rewards.custom import CUSTOM_FAILURE_CAUSES, CustomRewards
 from mrpo.rewards.format import format_reward
@@ -89,7 +89,8 @@ class RewardModel:
         process reward 0). Returns the scores and per-call counts: n, unjudged, zero_steps,
         answer_correct, judge_sent (completions sent to the judge), unjudged_<cause> for every cause in
         mrpo.judges.base.FAILURE_CAUSES (0 when none; the same keys on every call), and the judge's
-        stats for this call (judge_requests, judge_cache_hits, judge_retries, judge_failures), and
+        stats for this call (judge_requests, judge_cache_hits, judge_retries, judge_failures), judge_usage
+        (this call's mrpo.judges.base.Usage counts: HTTP requests sent, tokens billed), and
         custom_failed: {custom reward name: {cause: completions whose value a failed call lost}}.
         Custom rewards are called after the judge, once per reward, on the whole batch.
         """
@@ -105,6 +106,8 @@ class RewardModel:
         if self.judge is not None:
             before = self.judge.stats.as_dict()
             causes_before = dict(getattr(self.judge.stats, "causes", {}))
+            usage = getattr(self.judge.stats, "usage", None)
+            usage_before = usage.as_dict() if usage is not None else {}
             ask = [i for i, st in enumerate(steps) if st]
             stats["judge_sent"] = len(ask)
             got = self.judge.judge([requests[i] for i in ask]) if ask else []
@@ -121,6 +124,8 @@ class RewardModel:
                     verdicts[i] = StepVerdict(alignment=[], contribution=[])
             after = self.judge.stats.as_dict()
             stats.update({f"judge_{k}": after[k] - before.get(k, 0) for k in after})
+            if usage is not None:
+                stats["judge_usage"] = {k: v - usage_before.get(k, 0) for k, v in usage.as_dict().items()}
             for cause, count in getattr(self.judge.stats, "causes", {}).items():
                 key = f"unjudged_{cause if cause in FAILURE_CAUSES else 'other'}"
                 stats[key] += count - causes_before.get(cause, 0)
@@ -161,9 +166,16 @@ class RewardModel:
 
 def judge_metrics(stats: dict) -> dict:
     """Per-step judge metrics from RewardModel.score's counts, with the same keys on every rank and step:
-    judge_sent, unjudged, unjudged/<cause> for each cause in FAILURE_CAUSES (counts of completions)."""
+    judge_sent, unjudged, unjudged/<cause> for each cause in FAILURE_CAUSES (counts of completions), and
+    this rank's usage: judge/requests (HTTP requests sent, retries included; 0 for judges that send none),
+    judge/cache_hits (verdicts read from judge.cache_dir), judge/prompt_tokens, judge/completion_tokens
+    and judge/usage_unknown (replies without a `usage` object). mrpo.judges.spend.JudgeSpend turns the
+    usage into sums over ranks after the step's all-reduce."""
     out = {"judge_sent": float(stats.get("judge_sent", 0)), "unjudged": float(stats.get("unjudged", 0))}
     out.update({f"unjudged/{c}": float(stats.get(f"unjudged_{c}", 0)) for c in FAILURE_CAUSES})
+    usage = stats.get("judge_usage", {})
+    out.update({f"judge/{k}": float(usage.get(k, 0)) for k in Usage.FIELDS})
+    out["judge/cache_hits"] = float(stats.get("judge_cache_hits", 0))
     return out
 
 

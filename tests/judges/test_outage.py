@@ -65,7 +65,10 @@ def test_reward_model_reports_causes_with_fixed_keys():
     _, stats = rm.score([text, text, "no steps here"], recs)
     m = judge_metrics(stats)
     assert m["judge_sent"] == 2 and m["unjudged"] == 1 and m["unjudged/no_label"] == 1
-    assert set(m) == {"judge_sent", "unjudged", *(f"unjudged/{c}" for c in FAILURE_CAUSES)}
+    usage_keys = {"judge/requests", "judge/cache_hits", "judge/prompt_tokens", "judge/completion_tokens",
+                  "judge/usage_unknown"}
+    assert set(m) == {"judge_sent", "unjudged", *(f"unjudged/{c}" for c in FAILURE_CAUSES), *usage_keys}
+    assert all(m[k] == 0 for k in usage_keys)   # the rule judge sends no HTTP request and has no cache
     assert sum(m[f"unjudged/{c}"] for c in FAILURE_CAUSES) == m["unjudged"]
 
 
