@@ -18,8 +18,8 @@ model.family shipped in configs/backbones/ (the output says which). Per phase, p
             reduce_dtype over the micro-batches of a step: no-sync accumulation), the AdamW step.
 
 Every phase carries the persistent state: parameters (1/N under FSDP2 / ZeRO-3), AdamW state (FSDP2: trainable
-parameters sharded as fp32 master weights, fp32 exp_avg + exp_avg_sq; one process: the parameters' dtype, no
-fp32 master copy; DeepSpeed: fp32 master,
+parameters sharded as fp32 master weights, fp32 exp_avg + exp_avg_sq; one process: bf16 / fp16 weights plus
+fp32 master weights, fp32 moments and fp32 accumulated gradients; DeepSpeed: fp32 master,
 moments and gradient partitions), the reference model (none with LoRA: the policy with adapters off), and
 on CUDA the headroom: CUDA context + NCCL buffers, and a fragmentation reserve of the caching allocator.
 Activation costs per token and layer are the linear forms of mrpo/plan_calibration.json, measured on the

@@ -252,6 +252,7 @@ def make_plan(cfg, gpus: int, gpu_mem_gib: float, shape: ModelShape, device: str
 
     # ---- persistent: every phase
     base: dict[str, int] = {}
+    has_master = not lora and (engine == "fsdp2" or (engine == "none" and p < 4))   # fp32 masters + moments
     if engine == "deepspeed":
         base[f"parameters ({pd}-byte, 1/{shard} ZeRO partition)"] = s.params_total * pd // shard
         base["optimizer: fp32 master + AdamW moments + fp32 gradient partition"] = 16 * trainable // shard
@@ -264,7 +265,10 @@ def make_plan(cfg, gpus: int, gpu_mem_gib: float, shape: ModelShape, device: str
                 base[f"parameters (frozen, {m.dtype}, {where})"] = (s.params_total - trainable) * p // shard
         else:
             base[f"parameters ({m.dtype}, {where})"] = s.params_total * p // shard
-        master = "float32 master weights" if engine == "fsdp2" and not lora else "no fp32 master"
+            if has_master:   # one process: fp32 masters next to the model.dtype weights (engines/master.py)
+                t_bytes = 4
+                base["float32 master weights (trainable)"] = trainable * 4
+        master = "float32 master weights" if has_master else "no fp32 master"
         moments = "float32 adapters" if lora else ("float32" if t_bytes == 4 else m.dtype)
         base[f"AdamW exp_avg + exp_avg_sq ({moments}, {master})"] = \
             2 * trainable * t_bytes // shard
@@ -338,6 +342,8 @@ def make_plan(cfg, gpus: int, gpu_mem_gib: float, shape: ModelShape, device: str
             ph.terms[f"gradients (1/{shard} shard)"] = trainable * t_bytes // shard
     elif engine == "deepspeed":
         ph.terms["ZeRO reduce bucket"] = min(ZERO_BUCKET, trainable) * pd
+    elif has_master:   # one process with fp32 masters: gradients accumulate in fp32 buffers
+        ph.terms["gradients (float32, accumulated over micro-batches)"] = trainable * 4
     else:
         ph.terms["gradients"] = trainable * t_bytes
     def activations(ckpt: bool) -> int:

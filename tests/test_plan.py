@@ -67,8 +67,16 @@ def test_engine_state_terms():
     train = fsdp.phases["train"].terms
     assert train["parameters (trainable float32 master weights, 1/4 FSDP2 shard)"] == n * 4 // 4
     assert train["AdamW exp_avg + exp_avg_sq (float32, float32 master weights)"] == 2 * n * 4 // 4
-    single = make_plan(cfg, 1, 80.0, shape).phases["train"].terms   # one process: bf16, no master copy
-    assert single["AdamW exp_avg + exp_avg_sq (bfloat16, no fp32 master)"] == 2 * n * 2
+    # one process: bf16 weights, fp32 masters, fp32 moments and fp32 accumulated gradients (engines/master.py)
+    single = make_plan(cfg, 1, 80.0, shape).phases["train"].terms
+    assert single["parameters (bfloat16, whole)"] == n * 2
+    assert single["float32 master weights (trainable)"] == n * 4
+    assert single["AdamW exp_avg + exp_avg_sq (float32, float32 master weights)"] == 2 * n * 4
+    assert single["gradients (float32, accumulated over micro-batches)"] == n * 4
+    fp32 = make_plan(load_config(REPO_ROOT / "configs" / "qwen2_5_vl_7b_mrpo.yaml", ["model.dtype=float32"]),
+                     1, 80.0, shape).phases["train"].terms   # fp32 weights are their own masters
+    assert not any("master weights (trainable)" in k for k in fp32)
+    assert fp32["AdamW exp_avg + exp_avg_sq (float32, no fp32 master)"] == 2 * n * 4
     assert train["reference model (frozen copy, sharded like the policy)"] == n * 2 // 4
     # no-sync accumulation over the 8 micro-batches: every gradient unsharded, in reduce_dtype float32
     assert train["gradients accumulated unsharded over 8 micro-batches"] == n * 4
