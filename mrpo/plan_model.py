@@ -8,6 +8,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mrpo.errors import UserInputError
+
 GiB = 2 ** 30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 CUDA_CONTEXT = int(0.75 * GiB)          # CUDA context + cuBLAS workspaces: device memory outside torch's allocator
@@ -67,11 +69,35 @@ def resolve_model_config(cfg, model_path: str | Path | None = None):
             build_tiny(cfg.model.family, path, seed=cfg.model.tiny_seed)
         return AutoConfig.from_pretrained(path), f"{path}/config.json (the tiny offline model)"
     if (path / "config.json").is_file():
-        return AutoConfig.from_pretrained(path), f"{path}/config.json"
+        return _read_vl_config(path, cfg.model.family), f"{path}/config.json"
     shipped = BACKBONE_DIR / BACKBONE_NAMES[cfg.model.family]
     return (AutoConfig.from_pretrained(shipped),
             f"{_rel(shipped / 'config.json')} (model.path {path} not found: the published config of the "
             f"{cfg.model.family} recipe backbone)")
+
+
+def _read_vl_config(path: Path, family: str):
+    """path/config.json as a transformers config of `family`; UserInputError (one line) when it is not
+    JSON, has no known model_type, is not a supported vision-language model or is of another family."""
+    from transformers import AutoConfig
+
+    from mrpo.models.load import MODEL_TYPES
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserInputError(f"model.path={path}: config.json cannot be read as a transformers config "
+                             f"({' '.join(str(e).split())[:200]}); point model.path at a Qwen2.5-VL, Qwen3-VL or "
+                             f"InternVL3 model folder") from None
+    detected = MODEL_TYPES.get(config.model_type)
+    if detected is None:
+        raise UserInputError(f"model.path={path}: config.json has model_type {config.model_type!r}, not a supported "
+                             f"vision-language model ({', '.join(sorted(MODEL_TYPES))}); the plan needs the "
+                             f"VL model's config")
+    if detected != family:
+        raise UserInputError(f"model.path={path}: config.json is a {detected} model (model_type "
+                             f"{config.model_type!r}) but model.family={family}; set model.family={detected}")
+    return config
 
 
 def _rel(path: Path) -> str:
