@@ -43,7 +43,7 @@ def load_splits(cfg, is_main: bool, min_train: int) -> tuple[list[dict], list[di
             continue
         key = "data.train_path" if path is train_path else "data.test_path"
         try:
-            records, report = load_records(path, strict=strict)
+            records, report = load_records(path, strict=strict, family=cfg.model.family)
         except FileNotFoundError:
             raise UserInputError(f"{key}={path}: file not found; point it at a prepared JSONL file "
                                  f"(python -m mrpo.data prepare)") from None

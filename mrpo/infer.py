@@ -196,12 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     from mrpo.data.records import load_records
     from mrpo.models.load import load_backbone
 
-    records, report = load_records(args.data)
+    backbone = load_backbone(args.model, family=args.family, dtype=getattr(torch, args.dtype), device=args.device,
+                             max_pixels=args.max_pixels)
+    records, report = load_records(args.data, family=backbone.family)   # its image tokens make a row bad
     print(report, file=sys.stderr)
     if args.limit is not None:
         records = records[:args.limit]
-    backbone = load_backbone(args.model, family=args.family, dtype=getattr(torch, args.dtype), device=args.device,
-                             max_pixels=args.max_pixels)
     if args.adapter is not None:
         from mrpo.models.lora import load_adapter_merged
 

@@ -37,6 +37,19 @@ def _drop(row: dict, step: int, sft_done: bool, sft_step: int) -> bool:
     return s > step
 
 
+def strict_json(value):
+    """`value` with every non-finite float (NaN: no value this step, e.g. a reward none of whose completions
+    had one; +-inf) replaced by None, in nested dicts / lists too: metrics.jsonl is strict JSON (null), which
+    every parser reads (json.dumps writes the non-standard NaN / Infinity otherwise)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
 class MetricsLogger:
     """out_dir: the run folder. cfg: the run's Config (logging.* settings; the whole config goes to W&B).
     is_main: only the main rank writes; elsewhere every method is a no-op."""
@@ -92,14 +105,15 @@ class MetricsLogger:
 
     # ---------------------------------------------------------------- logging
     def log(self, metrics: dict) -> None:
-        """Append one row (with a wall-clock "time", s since the epoch) to metrics.jsonl; an RL-step row
+        """Append one row (with a wall-clock "time", s since the epoch; NaN / inf written as null) to
+        metrics.jsonl; an RL-step row
         (a "step" and no "phase") also goes, finite numbers only, to tensorboard and W&B."""
         if not self.is_main:
             return
         if self._file is None:
             self.out.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "a", encoding="utf-8")
-        self._file.write(json.dumps({"time": time.time(), **metrics}) + "\n")
+        self._file.write(json.dumps(strict_json({"time": time.time(), **metrics}), allow_nan=False) + "\n")
         self._file.flush()
         if "step" not in metrics or metrics.get("phase") is not None:
             return
@@ -151,4 +165,4 @@ class MetricsLogger:
             self._wandb = None
 
 
-__all__ = ["MetricsLogger", "WANDB_ID_FILE"]
+__all__ = ["MetricsLogger", "WANDB_ID_FILE", "strict_json"]

@@ -1,6 +1,8 @@
 """Will it fit? Per-GPU memory of every phase of an RL step, before any weights are loaded.
 
-    python -m mrpo.plan --config configs/qwen2_5_vl_7b_mrpo.yaml --gpus 4 --gpu-mem-gib 80 [key=value ...] [--json PATH]
+    python -m mrpo.plan --config configs/qwen2_5_vl_7b_mrpo.yaml --gpus 4 --gpu-mem-gib 80 [key=value ...] [--json PATH] [--check]
+
+--check exits 3 when the plan does not fit (0 when it does), for scripts; bad input exits 2 with one line.
 
 The model is built from its config.json on the meta device (exact parameter counts, no weights, no GPU):
 model.path/config.json when it exists, else the published config.json of the recipe backbone of
@@ -18,8 +20,8 @@ model.family shipped in configs/backbones/ (the output says which). Per phase, p
             reduce_dtype over the micro-batches of a step: no-sync accumulation), the AdamW step.
 
 Every phase carries the persistent state: parameters (1/N under FSDP2 / ZeRO-3), AdamW state (FSDP2: trainable
-parameters sharded as fp32 master weights, fp32 exp_avg + exp_avg_sq; one process: the parameters' dtype, no
-fp32 master copy; DeepSpeed: fp32 master,
+parameters sharded as fp32 master weights, fp32 exp_avg + exp_avg_sq; one process: bf16 / fp16 weights plus
+fp32 master weights, fp32 moments and fp32 accumulated gradients; DeepSpeed: fp32 master,
 moments and gradient partitions), the reference model (none with LoRA: the policy with adapters off), and
 on CUDA the headroom: CUDA context + NCCL buffers, and a fragmentation reserve of the caching allocator.
 Activation costs per token and layer are the linear forms of mrpo/plan_calibration.json, measured on the
@@ -255,7 +257,32 @@ def first_step_vs_plan(trainer):
 # ----------------------------------------------------------------------------- calibration
 
 
+EXIT_DOES_NOT_FIT = 3   # --check: the plan's peak exceeds --gpu-mem-gib (2 is bad input, 1 a crash)
+
+
+def _json_target_problem(path: str) -> str | None:
+    """Why the --json file cannot be written, found before planning by opening it for appending (a file
+    that did not exist is removed again), or None."""
+    target = Path(path)
+    if target.is_dir():
+        return "is a folder"
+    if not target.parent.is_dir():
+        return f"folder {target.parent} does not exist"
+    existed = target.exists()
+    try:
+        with open(target, "a"):
+            pass
+    except OSError as e:
+        return f"cannot write ({e.strerror or e})"
+    if not existed:
+        target.unlink()
+    return None
+
+
 def main(argv=None) -> int:
+    """Exit codes: 0 planned (with --check: and it fits), 2 bad input (one line on stderr: a config key,
+    --gpus / --gpu-mem-gib, an unwritable --json path, a config.json that is not a supported VL model),
+    3 with --check when the plan does not fit."""
     from mrpo.config import load_config
     from mrpo.errors import ConfigError
 
@@ -265,21 +292,31 @@ def main(argv=None) -> int:
     ap.add_argument("--gpus", type=int, default=1, help="GPUs (ranks) the run uses")
     ap.add_argument("--gpu-mem-gib", type=float, default=80.0, help="memory of one GPU, GiB")
     ap.add_argument("--json", help="also write the plan as JSON here")
+    ap.add_argument("--check", action="store_true",
+                    help=f"exit {EXIT_DOES_NOT_FIT} when the plan does not fit (for scripts); 0 when it fits")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. lora.rank=64")
     args = ap.parse_args(argv)
-    if args.gpus < 1 or args.gpu_mem_gib <= 0:
-        print("plan: --gpus must be >= 1 and --gpu-mem-gib > 0", file=sys.stderr)
+    if args.gpus < 1 or not math.isfinite(args.gpu_mem_gib) or args.gpu_mem_gib <= 0:
+        print(f"error: --gpus must be >= 1 and --gpu-mem-gib a finite number > 0 (got --gpus {args.gpus}, "
+              f"--gpu-mem-gib {args.gpu_mem_gib:g})", file=sys.stderr)
+        return 2
+    if args.json and (problem := _json_target_problem(args.json)):
+        print(f"error: --json {args.json}: {problem}; give a writable file path", file=sys.stderr)
         return 2
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        plan = plan_for(cfg, args.gpus, args.gpu_mem_gib)
+    except UserInputError as e:   # as mrpo.train prints them
+        print(f"{'config error' if isinstance(e, ConfigError) else 'error'}: {e}", file=sys.stderr)
         return 2
-    plan = plan_for(cfg, args.gpus, args.gpu_mem_gib)
     print(format_plan(plan, args.config or "configs/tiny_cpu.yaml"))
     if args.json:
-        Path(args.json).write_text(json.dumps(plan.to_json(), indent=1) + "\n")
-    return 0
+        try:
+            Path(args.json).write_text(json.dumps(plan.to_json(), indent=1) + "\n")
+        except OSError as e:
+            print(f"error: --json {args.json}: cannot write ({e.strerror or e})", file=sys.stderr)
+            return 2
+    return EXIT_DOES_NOT_FIT if args.check and not plan.fits else 0
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mrpo.errors import UserInputError
+
 GiB = 2 ** 30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 CUDA_CONTEXT = int(0.75 * GiB)          # CUDA context + cuBLAS workspaces: device memory outside torch's allocator
@@ -67,11 +69,35 @@ def resolve_model_config(cfg, model_path: str | Path | None = None):
             build_tiny(cfg.model.family, path, seed=cfg.model.tiny_seed)
         return AutoConfig.from_pretrained(path), f"{path}/config.json (the tiny offline model)"
     if (path / "config.json").is_file():
-        return AutoConfig.from_pretrained(path), f"{path}/config.json"
+        return _read_vl_config(path, cfg.model.family), f"{path}/config.json"
     shipped = BACKBONE_DIR / BACKBONE_NAMES[cfg.model.family]
     return (AutoConfig.from_pretrained(shipped),
             f"{_rel(shipped / 'config.json')} (model.path {path} not found: the published config of the "
             f"{cfg.model.family} recipe backbone)")
+
+
+def _read_vl_config(path: Path, family: str):
+    """path/config.json as a transformers config of `family`; UserInputError (one line) when it is not
+    JSON, has no known model_type, is not a supported vision-language model or is of another family."""
+    from transformers import AutoConfig
+
+    from mrpo.models.load import MODEL_TYPES
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserInputError(f"model.path={path}: config.json cannot be read as a transformers config "
+                             f"({' '.join(str(e).split())[:200]}); point model.path at a Qwen2.5-VL, Qwen3-VL or "
+                             f"InternVL3 model folder") from None
+    detected = MODEL_TYPES.get(config.model_type)
+    if detected is None:
+        raise UserInputError(f"model.path={path}: config.json has model_type {config.model_type!r}, not a supported "
+                             f"vision-language model ({', '.join(sorted(MODEL_TYPES))}); the plan needs the "
+                             f"VL model's config")
+    if detected != family:
+        raise UserInputError(f"model.path={path}: config.json is a {detected} model (model_type "
+                             f"{config.model_type!r}) but model.family={family}; set model.family={detected}")
+    return config
 
 
 def _rel(path: Path) -> str:
@@ -252,6 +278,7 @@ def make_plan(cfg, gpus: int, gpu_mem_gib: float, shape: ModelShape, device: str
 
     # ---- persistent: every phase
     base: dict[str, int] = {}
+    has_master = not lora and (engine == "fsdp2" or (engine == "none" and p < 4))   # fp32 masters + moments
     if engine == "deepspeed":
         base[f"parameters ({pd}-byte, 1/{shard} ZeRO partition)"] = s.params_total * pd // shard
         base["optimizer: fp32 master + AdamW moments + fp32 gradient partition"] = 16 * trainable // shard
@@ -264,7 +291,10 @@ def make_plan(cfg, gpus: int, gpu_mem_gib: float, shape: ModelShape, device: str
                 base[f"parameters (frozen, {m.dtype}, {where})"] = (s.params_total - trainable) * p // shard
         else:
             base[f"parameters ({m.dtype}, {where})"] = s.params_total * p // shard
-        master = "float32 master weights" if engine == "fsdp2" and not lora else "no fp32 master"
+            if has_master:   # one process: fp32 masters next to the model.dtype weights (engines/master.py)
+                t_bytes = 4
+                base["float32 master weights (trainable)"] = trainable * 4
+        master = "float32 master weights" if has_master else "no fp32 master"
         moments = "float32 adapters" if lora else ("float32" if t_bytes == 4 else m.dtype)
         base[f"AdamW exp_avg + exp_avg_sq ({moments}, {master})"] = \
             2 * trainable * t_bytes // shard
@@ -338,6 +368,8 @@ def make_plan(cfg, gpus: int, gpu_mem_gib: float, shape: ModelShape, device: str
             ph.terms[f"gradients (1/{shard} shard)"] = trainable * t_bytes // shard
     elif engine == "deepspeed":
         ph.terms["ZeRO reduce bucket"] = min(ZERO_BUCKET, trainable) * pd
+    elif has_master:   # one process with fp32 masters: gradients accumulate in fp32 buffers
+        ph.terms["gradients (float32, accumulated over micro-batches)"] = trainable * 4
     else:
         ph.terms["gradients"] = trainable * t_bytes
     def activations(ckpt: bool) -> int:

@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: output_dir={cfg.output_dir}: cannot create or lock the output folder ({e}); "
                   f"choose a writable folder", file=sys.stderr, flush=True)
             return EXIT_CONFIG
+    failure = None   # (exit code, line): printed last, after the failed start-up's objects are gone
     try:
         if rank == 0:
             print("resolved config:\n" + cfg.to_yaml(), flush=True)
@@ -90,19 +91,32 @@ def main(argv: list[str] | None = None) -> int:
                                                                    cfg.judge.api_key_env,
                                                                    min(cfg.judge.timeout_s, 10.0)))
             except ResumeConfigError as e:
-                print(f"error: {e}", file=sys.stderr, flush=True)
-                return EXIT_CONFIG
+                failure = (EXIT_CONFIG, f"error: {e}")
             except JudgeUnavailableError as e:
-                print(f"error: step judge unavailable: {e}", file=sys.stderr, flush=True)
-                return EXIT_JUDGE
-        return _train(cfg, rank, (JudgeOutageError, JudgeBudgetError), describe_outputs, stop_message)
+                failure = (EXIT_JUDGE, f"error: step judge unavailable: {e}")
+        if failure is None:
+            return _train(cfg, rank, (JudgeOutageError, JudgeBudgetError), describe_outputs, stop_message)
     except UserInputError as e:   # bad data, model folder, judge files or checkpoint: one line, every rank exits 2
-        if rank == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        return EXIT_CONFIG
+        failure = (EXIT_CONFIG, f"error: {e}" if rank == 0 else None)
     finally:
         if lock is not None:
             lock.release()
+    code, line = failure
+    if line is not None:
+        print_last(line)
+    return code
+
+
+def print_last(line: str) -> None:
+    """Print `line` on stderr as the last thing the run prints: the objects of the failed start-up (whose
+    finalizers print, e.g. a progress bar closing) are collected and stdout is flushed first, so in a
+    combined log the error is not followed by, nor buried in, earlier output."""
+    import gc
+
+    gc.collect()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    print(line, file=sys.stderr, flush=True)
 
 
 def _train(cfg, rank: int, judge_stops, describe_outputs, stop_message) -> int:

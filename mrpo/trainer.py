@@ -30,7 +30,7 @@ from mrpo import build, checkpoint
 from mrpo.algo.advantages import compute_advantages
 from mrpo.config import Config
 from mrpo.data.sampler import PromptSampler
-from mrpo.distributed import all_gather_rows, all_reduce_max, all_reduce_mean, all_reduce_sum, barrier
+from mrpo.distributed import all_gather_rows, all_reduce_max, all_reduce_mean, all_reduce_sum, barrier, warnings_once
 from mrpo.engines import build_engine
 from mrpo.eval.reasoning import evaluate_generations
 from mrpo.judges import build_judge
@@ -41,7 +41,7 @@ from mrpo.models.lora import adapters_disabled
 from mrpo.models.parallelize import hidden_states_mode, init_distributed
 from mrpo.plan import check_at_startup, compare_measured
 from mrpo.plan_measure import PhaseMemory
-from mrpo.rewards import RewardModel
+from mrpo.rewards import COUNT_METRICS, RewardModel
 from mrpo.run_safety import GracefulStop, agree_all
 from mrpo.rollout import (MicroBatch, PromptPool, Rollout, first_failure_stage, gold_rollout, greedy_texts,
                           in_background, micro_batches, pad_micro_batches, sample_groups, score)
@@ -131,7 +131,7 @@ class Trainer:
             "skipped_long_prompts": float(len(self.pool.too_long)),
             "padding_fraction": float(self.backbone.last_padding_fraction or 0.0),   # of the last training forward
         })
-        return all_reduce_mean(metrics, self.device)
+        return all_reduce_mean(metrics, self.device, summed=COUNT_METRICS + USAGE_KEYS + ("skipped_long_prompts",))
 
     def accumulate_gradients(self, rollout: Rollout, weights: list[torch.Tensor], micro: list[MicroBatch]) -> torch.Tensor:
         """Forward + backward of every micro-batch, fillers with token weights 0 (gradients synced on the
@@ -264,7 +264,8 @@ class Trainer:
         last = {}
         while self.step < self.total_steps and not self.stop.requested:
             self.stop_phase = "rollout"
-            last = self.judge_spend.account(self.train_step(), self.world)   # judge usage summed over ranks, cost
+            with warnings_once(self.device):   # every rank's reward / judge warnings printed once, by rank 0
+                last = self.judge_spend.account(self.train_step())   # + the judge's cost so far
             if self.is_main and (line := compare_measured(self.memory_plan, self.phase_memory.peaks)):
                 log.info(line)
             self.phase_memory.stop()   # first step only: later steps leave the allocator's peak counters alone

@@ -109,3 +109,22 @@ def test_wandb_resumed_logger_reuses_the_run_id(tmp_path, monkeypatch):
     other.log({"step": 1, "loss": 0.5})
     assert other.wandb().id != run_id and other.wandb().project == "mrpo"
     other.close()
+
+
+def test_metrics_jsonl_is_strict_json(tmp_path):
+    """NaN / inf (e.g. reward/<name> when no completion had a value) are written as null, nested too: a
+    strict parser (no NaN / Infinity tokens) reads every row; finite values are untouched."""
+    logger = MetricsLogger(tmp_path, _cfg(tmp_path))
+    nan, inf = float("nan"), float("inf")
+    logger.log({"step": 1, "reward/brevity": nan, "grad_norm": inf, "kl": -inf, "loss": 0.25, "ok": True,
+                "nested": {"a": [1.0, nan], "b": "text"}})
+    logger.close()
+
+    def refuse(token):
+        raise ValueError(f"non-standard JSON token {token}")
+
+    rows = [json.loads(line, parse_constant=refuse) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["reward/brevity"] is None and row["grad_norm"] is None and row["kl"] is None
+    assert row["loss"] == 0.25 and row["ok"] is True and row["nested"] == {"a": [1.0, None], "b": "text"}

@@ -4,6 +4,8 @@ RL step (tiny model and a scaled-down Qwen2.5-VL with the real 151936-token voca
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,6 +58,76 @@ def test_cli_json_and_knobs(tmp_path, capsys):
     assert 100e6 < lora.to_json()["params_lora"] < 250e6
 
 
+def _one_line_error(capsys, code: int) -> str:
+    captured = capsys.readouterr()
+    assert code == 2, captured.out[-2000:] + captured.err[-2000:]
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(("error: ", "config error: ")), captured.err
+    assert "Traceback" not in captured.err and captured.out == ""
+    return lines[0]
+
+
+@pytest.mark.parametrize("mem", ["nan", "inf", "-inf", "0"])
+def test_cli_gpu_mem_must_be_finite(capsys, mem):
+    line = _one_line_error(capsys, main([f"--gpu-mem-gib={mem}"]))
+    assert "--gpu-mem-gib a finite number > 0" in line
+
+
+def test_cli_unwritable_json_path(tmp_path, capsys):
+    config = str(REPO_ROOT / "configs" / "qwen2_5_vl_7b_mrpo.yaml")
+    missing = tmp_path / "no" / "such" / "plan.json"
+    line = _one_line_error(capsys, main(["--config", config, "--json", str(missing)]))
+    assert f"--json {missing}: folder {missing.parent} does not exist" in line
+    line = _one_line_error(capsys, main(["--config", config, "--json", str(tmp_path)]))
+    assert f"--json {tmp_path}: is a folder" in line
+    # a folder this process may not write into: /sys (root too), or a read-only folder for other users
+    locked = Path("/sys") if os.geteuid() == 0 else tmp_path / "ro"
+    if locked != Path("/sys"):
+        locked.mkdir()
+        locked.chmod(0o500)
+    line = _one_line_error(capsys, main(["--config", config, "--json", str(locked / "plan.json")]))
+    assert f"--json {locked / 'plan.json'}: cannot write (Permission denied)" in line
+    # a writable path that did not exist is not left behind by the check, and is written after planning
+    out = tmp_path / "plan.json"
+    assert main(["--config", config, "--json", str(out)]) == 0 and json.loads(out.read_text())["gpus"] == 1
+
+
+def _model_folder(tmp_path, name: str, text: str) -> str:
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "config.json").write_text(text)
+    return str(folder)
+
+
+def test_cli_invalid_or_non_vl_config_json(tmp_path, capsys):
+    config = str(REPO_ROOT / "configs" / "qwen2_5_vl_7b_mrpo.yaml")
+    bad = _model_folder(tmp_path, "bad", "{not json")
+    line = _one_line_error(capsys, main(["--config", config, f"model.path={bad}"]))
+    assert f"model.path={bad}: config.json cannot be read as a transformers config" in line
+    typeless = _model_folder(tmp_path, "typeless", "{}")
+    line = _one_line_error(capsys, main(["--config", config, f"model.path={typeless}"]))
+    assert f"model.path={typeless}: config.json cannot be read" in line
+    llama = _model_folder(tmp_path, "llama", json.dumps({"model_type": "llama", "hidden_size": 64}))
+    line = _one_line_error(capsys, main(["--config", config, f"model.path={llama}"]))
+    assert "model_type 'llama', not a supported vision-language model" in line
+    qwen3 = _model_folder(tmp_path, "qwen3", (REPO_ROOT / "configs" / "backbones" / "qwen3_vl_8b"
+                                              / "config.json").read_text())
+    line = _one_line_error(capsys, main(["--config", config, f"model.path={qwen3}"]))
+    assert "is a qwen3_vl model" in line and "set model.family=qwen3_vl" in line
+    line = _one_line_error(capsys, main(["--config", config, "optim.lr=abc"]))   # a config key: as before
+    assert line.startswith("config error: ") and "optim.lr" in line
+
+
+def test_cli_check_exit_code(tmp_path, capsys):
+    """--check: 3 when the plan does not fit (for scripts), 0 when it fits; without --check always 0."""
+    config = str(REPO_ROOT / "configs" / "qwen2_5_vl_7b_mrpo.yaml")
+    assert main(["--config", config, "--gpus", "1", "--check"]) == 3
+    assert "DOES NOT FIT" in capsys.readouterr().out
+    assert main(["--config", config, "--gpus", "1"]) == 0
+    assert main(["--config", config, "--gpus", "8", "--check"]) == 0
+    assert "fits: peak" in capsys.readouterr().out
+
+
 def test_engine_state_terms():
     """The persistent and gradient terms follow what each engine keeps (sizes from the meta-device count)."""
     from mrpo.plan import make_plan, model_shape, resolve_model_config
@@ -67,8 +139,16 @@ def test_engine_state_terms():
     train = fsdp.phases["train"].terms
     assert train["parameters (trainable float32 master weights, 1/4 FSDP2 shard)"] == n * 4 // 4
     assert train["AdamW exp_avg + exp_avg_sq (float32, float32 master weights)"] == 2 * n * 4 // 4
-    single = make_plan(cfg, 1, 80.0, shape).phases["train"].terms   # one process: bf16, no master copy
-    assert single["AdamW exp_avg + exp_avg_sq (bfloat16, no fp32 master)"] == 2 * n * 2
+    # one process: bf16 weights, fp32 masters, fp32 moments and fp32 accumulated gradients (engines/master.py)
+    single = make_plan(cfg, 1, 80.0, shape).phases["train"].terms
+    assert single["parameters (bfloat16, whole)"] == n * 2
+    assert single["float32 master weights (trainable)"] == n * 4
+    assert single["AdamW exp_avg + exp_avg_sq (float32, float32 master weights)"] == 2 * n * 4
+    assert single["gradients (float32, accumulated over micro-batches)"] == n * 4
+    fp32 = make_plan(load_config(REPO_ROOT / "configs" / "qwen2_5_vl_7b_mrpo.yaml", ["model.dtype=float32"]),
+                     1, 80.0, shape).phases["train"].terms   # fp32 weights are their own masters
+    assert not any("master weights (trainable)" in k for k in fp32)
+    assert fp32["AdamW exp_avg + exp_avg_sq (float32, no fp32 master)"] == 2 * n * 4
     assert train["reference model (frozen copy, sharded like the policy)"] == n * 2 // 4
     # no-sync accumulation over the 8 micro-batches: every gradient unsharded, in reduce_dtype float32
     assert train["gradients accumulated unsharded over 8 micro-batches"] == n * 4

@@ -2,7 +2,7 @@
 
 `image` is one path, a list of paths (several images, in the order the model sees them) or [] (a
 text-only question). Bad rows (invalid JSON, missing problem/solution/image, empty answer, missing or
-unreadable image) are skipped and counted in a RecordReport, which keeps the first few row ids and line numbers for
+unreadable image, text holding the model's image placeholder tokens) are skipped and counted in a RecordReport, which keeps the first few row ids and line numbers for
 the log; strict=True raises instead, naming the file, the line and the key. Images are fully
 decoded once per file when records are loaded (not only their headers checked), so a file with valid PNG
 chunks but a broken pixel stream is skipped and named here instead of failing a training step.
@@ -19,6 +19,15 @@ from PIL import Image, UnidentifiedImageError
 
 REQUIRED_KEYS = ("problem", "solution", "image")
 MAX_EXAMPLES = 5
+# The tokens each family's processor puts where an image goes (Qwen: <|vision_start|><|image_pad|>...
+# <|vision_end|>; InternVL: <img><IMG_CONTEXT>...</img>). In a record's text they tokenize as those special
+# tokens, so the model finds more image tokens than image features and the step fails: a bad row.
+VISION_TOKENS = {
+    "qwen2_5_vl": ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"),
+    "qwen3_vl": ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"),
+    "internvl3": ("<IMG_CONTEXT>", "<img>", "</img>", "<video>"),
+}
+TEXT_KEYS = ("problem", "solution", "gold_reasoning")   # the record text the model reads or is trained on
 
 
 @dataclass
@@ -95,10 +104,10 @@ def check_image(path: Path) -> str | None:
     return None
 
 
-def _validate(row, base: Path, checked: dict[Path, str | None]) -> tuple[str, str]:
+def _validate(row, base: Path, checked: dict[Path, str | None], vision_tokens=()) -> tuple[str, str]:
     """(reason key, message naming the key) for a bad row; ("", "") when the row is fine.
     Resolves row["image"] to an absolute path in place. checked: image path -> check_image result
-    (each file is decoded once per load)."""
+    (each file is decoded once per load). vision_tokens: strings no text key may hold (VISION_TOKENS)."""
     if not isinstance(row, dict):
         return "not_an_object", f"expected a JSON object, got {type(row).__name__}"
     for key in REQUIRED_KEYS:
@@ -116,6 +125,11 @@ def _validate(row, base: Path, checked: dict[Path, str | None]) -> tuple[str, st
         return "empty_answer", "empty answer in key 'solution'"
     if not row["problem"].strip():
         return "empty_problem", "empty question in key 'problem'"
+    for key in TEXT_KEYS:
+        text = row.get(key)
+        if isinstance(text, str) and (found := [t for t in vision_tokens if t in text]):
+            return "image_token_in_text", (f"key '{key}' holds the image placeholder token {found[0]!r} (the "
+                                           f"processor inserts it for each image; remove it from the text)")
     resolved = []
     for i, p in enumerate([image] if isinstance(image, str) else image):
         path = Path(p).expanduser()
@@ -129,13 +143,15 @@ def _validate(row, base: Path, checked: dict[Path, str | None]) -> tuple[str, st
     return "", ""
 
 
-def load_records(path: str | Path, strict: bool = False) -> tuple[list[dict], RecordReport]:
+def load_records(path: str | Path, strict: bool = False, family: str | None = None) -> tuple[list[dict], RecordReport]:
     """Read a JSONL record file; returns (valid records, report).
 
     Image paths are resolved relative to the file's folder; a missing "id" becomes "<file stem>:<line>",
     a missing "gold_reasoning" becomes "". strict=True raises ValueError("<file>:<line>: ...") on the
-    first bad row instead of skipping it.
+    first bad row instead of skipping it. family: the model family whose image placeholder tokens
+    (VISION_TOKENS) make a row bad when its text holds one (None: not checked).
     """
+    vision_tokens = VISION_TOKENS.get(family, ())
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"record file not found: {path}")
@@ -156,7 +172,7 @@ def load_records(path: str | Path, strict: bool = False) -> tuple[list[dict], Re
             else:
                 if isinstance(row, dict) and row.get("id") is not None:
                     row_id = str(row["id"])
-                reason, msg = _validate(row, base, checked)
+                reason, msg = _validate(row, base, checked, vision_tokens)
             if reason:
                 if strict:
                     raise ValueError(f"{path}:{line_no}: row {row_id!r}: {msg}")

@@ -2,14 +2,14 @@
 
     spend = JudgeSpend.from_config(cfg.judge)   # judge.price_input_per_mtok, price_output_per_mtok, max_cost_usd
     spend.check()                               # before the first step of a (resumed) run; may raise
-    metrics = spend.account(metrics, world)     # after each RL step, with the all-reduced metrics
+    metrics = spend.account(metrics)            # after each RL step, with the all-reduced metrics
     spend.check()                               # after the step is logged (the trainer saves, then re-raises)
     bar.set_postfix(..., **spend.postfix())     # "judge $1.23" on the console when a price is set
 
 Prices are USD per million tokens (0 and 0 = cost not shown). The step's usage comes from
 mrpo.rewards.judge_metrics (judge/requests, judge/cache_hits, judge/prompt_tokens,
-judge/completion_tokens, judge/usage_unknown: per-rank counts averaged by the step's all-reduce);
-account() turns them into sums over ranks and adds judge/cost_usd (the step) and judge/cost_usd_total
+judge/completion_tokens, judge/usage_unknown: per-rank counts, summed over ranks by the step's all-reduce,
+USAGE_KEYS); account() adds judge/cost_usd (the step) and judge/cost_usd_total
 (the run so far, kept in the checkpoint's trainer state). Replies without a `usage` object cost an
 unknown amount: they are counted (judge/usage_unknown, one warning) and left out of the cost.
 
@@ -89,13 +89,9 @@ class JudgeSpend:
         """The next step's cost as the largest of the recent steps' (0 before any step)."""
         return max(self.recent, default=0.0)
 
-    def account(self, metrics: dict, world: int) -> dict:
-        """Sum the step's judge usage over ranks (metrics hold per-rank means of USAGE_KEYS after the
-        step's all-reduce over `world` ranks; counts, so mean * world is the sum) and add the step's cost
-        and the running total when priced. Returns metrics (updated in place)."""
-        for key in USAGE_KEYS:
-            if key in metrics and math.isfinite(metrics[key]):
-                metrics[key] = float(round(metrics[key] * world))
+    def account(self, metrics: dict) -> dict:
+        """Add the step's judge cost and the running total (when priced) to the step's metrics, whose
+        USAGE_KEYS the trainer's all-reduce has already summed over ranks. Returns metrics (updated in place)."""
         step_usd = cost_usd(metrics.get("judge/prompt_tokens", 0.0), metrics.get("judge/completion_tokens", 0.0),
                             self.price_in, self.price_out)
         self.total_usd += step_usd

@@ -164,6 +164,10 @@ class RewardModel:
         return out
 
 
+# the step metrics that count completions (failures, missing values): summed over ranks, not averaged
+COUNT_METRICS = ("judge_sent", "unjudged", "reward_missing/", "reward_failed/")
+
+
 def judge_metrics(stats: dict) -> dict:
     """Per-step judge metrics from RewardModel.score's counts, with the same keys on every rank and step:
     judge_sent, unjudged, unjudged/<cause> for each cause in FAILURE_CAUSES (counts of completions), and
@@ -199,4 +203,4 @@ def custom_reward_metrics(scored: list[ScoredCompletion], stats: dict) -> dict:
     return out
 
 
-__all__ = ["REWARD_COLUMNS", "RewardModel", "ScoredCompletion", "Step", "custom_reward_metrics", "judge_metrics"]
+__all__ = ["COUNT_METRICS", "REWARD_COLUMNS", "RewardModel", "ScoredCompletion", "Step", "custom_reward_metrics", "judge_metrics"]

@@ -13,15 +13,14 @@ batch of n completions, every argument a list of length n in completion order:
     **columns    every key of the data records (id, image, solution, gold_reasoning, facts, dataset,
                  answer_type, ...), one value per completion (None where a record lacks the key)
 A function without **kwargs receives only the arguments it names (mrpo.plugins.KeywordCall).
-It returns n values: a float, or None = "not applicable" (a missing value, never a 0; NaN counts as
-None). Missing values are imputed by the advantage computation like an unjudged process reward.
+It returns n values: a finite float, or None = "not applicable" (a missing value, never a 0). Missing values are imputed by the advantage computation like an unjudged process reward.
 
 Execution: `async def` rewards run concurrently with each other (asyncio.gather on one event loop that
 lives for the whole run, so clients bound to it can be reused across steps) while the plain ones run
 one after the other in the calling thread (the trainer's judge thread).
 
 Failures never stop the run: a call that raises, returns a result of the wrong length, or a value that
-is neither a number nor None (or is infinite) loses all n values of that call (missing), is counted
+is neither a finite number nor None (NaN and infinities are invalid values) loses all n values of that call (missing), is counted
 per cause in CUSTOM_FAILURE_CAUSES, and is logged in one WARNING per batch naming the reward, the cause
 and the error.
 """
@@ -88,9 +87,9 @@ def _values(out, n: int) -> list[float | None]:
             raise CustomRewardFailure("invalid_value", f"value {i} is {v!r} ({type(v).__name__}), expected a float "
                                                        f"or None")
         v = float(v)
-        if math.isinf(v):
-            raise CustomRewardFailure("invalid_value", f"value {i} is {v}")
-        values.append(None if math.isnan(v) else v)
+        if not math.isfinite(v):   # not a silent "missing": a NaN is usually a bug in the reward (README)
+            raise CustomRewardFailure("invalid_value", f"value {i} is {v} (return None for not applicable)")
+        values.append(v)
     return values
 
 

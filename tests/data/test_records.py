@@ -1,5 +1,6 @@
 """load_records: validation, skipping with a report, strict errors naming file/line/key; load_image."""
 import json
+import re
 
 import pytest
 from PIL import Image
@@ -55,6 +56,29 @@ def test_strict_names_file_line_and_key(jsonl):
     jsonl.write_text("\n".join(lines[:1] + lines[2:]) + "\n")   # drop line 2: row c moves to line 3
     with pytest.raises(ValueError, match=r"data\.jsonl:3: row 'c': missing key 'problem'"):
         load_records(jsonl, strict=True)
+
+
+@pytest.mark.parametrize("family, token, key", [("qwen2_5_vl", "<|image_pad|>", "problem"),
+                                                ("qwen3_vl", "<|vision_start|>", "gold_reasoning"),
+                                                ("internvl3", "<IMG_CONTEXT>", "problem"),
+                                                ("internvl3", "</img>", "solution")])
+def test_image_placeholder_token_in_text_is_a_bad_row(tmp_path, family, token, key):
+    """A record whose text holds the family's image placeholder token is skipped at load (counted as
+    image_token_in_text) or, strict, names file:line, row id and key; other families' tokens are text."""
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    ok = {"id": "a", "image": "ok.png", "problem": "Is there a lesion?", "solution": "yes", "gold_reasoning": "x"}
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [ok, {**ok, "id": "b", key: f"look {token} here"}]) + "\n")
+    records, report = load_records(path, family=family)
+    assert [r["id"] for r in records] == ["a"]
+    assert report.reasons == {"image_token_in_text": 1}
+    assert report.examples[0][:2] == (2, "b") and f"key '{key}' holds the image placeholder token" in report.examples[0][2]
+    with pytest.raises(ValueError, match=rf"d\.jsonl:2: row 'b': key '{key}' holds the image placeholder token "
+                                         rf"'{re.escape(token)}'"):
+        load_records(path, strict=True, family=family)
+    other = "internvl3" if family != "internvl3" else "qwen2_5_vl"
+    assert len(load_records(path, family=other)[0]) == 2   # not that model's token: plain text
+    assert len(load_records(path)[0]) == 2                 # no family: not checked
 
 
 def test_missing_file(tmp_path):

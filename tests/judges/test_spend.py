@@ -19,22 +19,22 @@ def _step(prompt, completion, requests=1, hits=0, unknown=0):
             "judge/completion_tokens": completion, "judge/usage_unknown": unknown, "reward": 0.5}
 
 
-def test_account_sums_over_ranks_and_keeps_a_running_total():
+def test_account_prices_the_step_and_keeps_a_running_total():
     spend = JudgeSpend(price_input_per_mtok=0.25, price_output_per_mtok=2.0)
-    # per-rank means after the all-reduce over 2 ranks: rank sums 3000 + 1000 prompt tokens -> mean 2000
-    m = spend.account(_step(2000.0, 150.0, requests=2.5, hits=0.5, unknown=0.5), world=2)
+    # the step's usage as the trainer's all-reduce leaves it: summed over ranks (USAGE_KEYS)
+    m = spend.account(_step(4000.0, 300.0, requests=5, hits=1, unknown=1))
     assert (m["judge/prompt_tokens"], m["judge/completion_tokens"], m["judge/requests"], m["judge/cache_hits"],
             m["judge/usage_unknown"]) == (4000, 300, 5, 1, 1)
     assert m["judge/cost_usd"] == pytest.approx((4000 * 0.25 + 300 * 2.0) / 1e6) == m["judge/cost_usd_total"]
     assert m["reward"] == 0.5                                            # other metrics untouched
-    m2 = spend.account(_step(1000.0, 0.0), world=2)
+    m2 = spend.account(_step(2000.0, 0.0))
     assert m2["judge/cost_usd_total"] == pytest.approx(m["judge/cost_usd"] + 2000 * 0.25 / 1e6)
     assert spend.postfix() == {"judge": f"${spend.total_usd:.2f}"}
 
 
 def test_unpriced_shows_no_cost():
     spend = JudgeSpend()
-    m = spend.account(_step(1000.0, 10.0), world=1)
+    m = spend.account(_step(1000.0, 10.0))
     assert "judge/cost_usd_total" not in m and m["judge/prompt_tokens"] == 1000 and spend.postfix() == {}
     spend.check()                                                        # no budget: never raises
 
@@ -44,9 +44,9 @@ def test_budget_stops_when_the_next_step_could_pass_it_and_resumes_with_a_higher
     spend = JudgeSpend(**price, max_cost_usd=0.0035)
     spend.check()                                                        # nothing spent, no estimate yet
     for tokens in (1000, 1000):                                          # $0.001 a step
-        spend.account(_step(tokens, 0), world=1)
+        spend.account(_step(tokens, 0))
         spend.check()                                                    # 0.001 + 0.001, 0.002 + 0.001 <= 0.0035
-    spend.account(_step(1000, 0), world=1)
+    spend.account(_step(1000, 0))
     with pytest.raises(JudgeBudgetError) as err:                         # 0.003 + 0.001 > 0.0035
         spend.check()
     msg = str(err.value)
@@ -60,13 +60,13 @@ def test_budget_stops_when_the_next_step_could_pass_it_and_resumes_with_a_higher
     more = JudgeSpend(**price, max_cost_usd=0.01)
     more.load_state_dict(state)
     more.check()
-    assert more.account(_step(500, 0), world=1)["judge/cost_usd_total"] == pytest.approx(0.0035)
+    assert more.account(_step(500, 0))["judge/cost_usd_total"] == pytest.approx(0.0035)
 
 
 def test_estimate_is_the_largest_recent_step():
     spend = JudgeSpend(1.0, 0.0, window=3)
     for tokens in (5000, 100, 100, 100):
-        spend.account(_step(tokens, 0), world=1)
+        spend.account(_step(tokens, 0))
     assert spend.estimate_next_usd() == pytest.approx(100e-6)            # the 5000-token step left the window
     assert cost_usd(1e6, 1e6, 0.25, 2.0) == pytest.approx(2.25)
 

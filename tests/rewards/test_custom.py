@@ -87,20 +87,25 @@ def test_failures_are_counted_per_cause_logged_once_and_lose_only_their_values(p
         def infinite(completions, **_):
             return [float("inf"), 1.0]
 
+        def not_a_number(completions, **_):
+            return [float("nan"), 1.0]               # NaN is an invalid value, not a silent None
+
         def fine(completions, **_):
-            return [float("nan"), 3]                 # NaN = missing, like None
+            return [None, 3]                         # None = missing
     """)
-    names = ["raises", "raises_async", "short", "text", "infinite", "fine"]
+    names = ["raises", "raises_async", "short", "text", "infinite", "not_a_number", "fine"]
     rewards = _custom(*({"name": n, "function": f"{mod}:{n}"} for n in names))
     with caplog.at_level("WARNING", logger="mrpo.rewards.custom"):
         values, failed = rewards.score(["x", "y"], [None, None], [[], []], RECORDS)
     assert values == {**{n: [None, None] for n in names[:-1]}, "fine": [None, 3.0]}
     causes = {n: {c: k for c, k in failed[n].items() if k} for n in names}
     assert causes == {"raises": {"exception": 2}, "raises_async": {"exception": 2}, "short": {"wrong_length": 2},
-                      "text": {"invalid_value": 2}, "infinite": {"invalid_value": 2}, "fine": {}}
+                      "text": {"invalid_value": 2}, "infinite": {"invalid_value": 2},
+                      "not_a_number": {"invalid_value": 2}, "fine": {}}
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1                                               # one line per batch
-    assert "5 of 6 calls failed" in warnings[0]
+    assert "6 of 7 calls failed" in warnings[0]
+    assert "'infinite' (" in warnings[0] and "value 0 is inf" in warnings[0] and "value 0 is nan" in warnings[0]
     assert "'raises' (" in warnings[0] and "exception: raised ZeroDivisionError: division by zero" in warnings[0]
     assert "wrong_length: returned 1 values for 2 completions" in warnings[0]
     assert "value 0 is 'good' (str)" in warnings[0]

@@ -23,3 +23,13 @@ def tiny_overrides(data_dir, out_dir, **extra):
     }
     ov.update(extra)
     return [f"{k}={v}" for k, v in ov.items()]
+
+
+def read_metrics(out_dir) -> list[dict]:
+    """The rows of OUTPUT/metrics.jsonl, a null (a value the step did not have; strict JSON) read back as NaN
+    so that rows compare with pytest.approx(..., nan_ok=True)."""
+    import json
+    from pathlib import Path
+
+    rows = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [{k: float("nan") if v is None else v for k, v in row.items()} for row in rows]

@@ -1,6 +1,5 @@
 """Broken checkpoints, a kill during a save and a full disk, through the real entry point (python -m
 mrpo.train, one process, tiny settings). Each resumed run must log exactly the steps of an unbroken run."""
-import json
 import os
 import re
 import shutil
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import tiny_overrides
+from .conftest import read_metrics, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[2]
 # the fault hooks are imported as `fault_hooks`
@@ -28,7 +27,7 @@ def _run(args, env_extra=None):
 
 
 def _rl_steps(out) -> dict[int, dict]:
-    rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out)
     return {r["step"]: {k: v for k, v in r.items() if not k.startswith(("time", "tokens_per_s"))}
             for r in rows if "phase" not in r}
 

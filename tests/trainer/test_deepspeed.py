@@ -19,7 +19,7 @@ pytest.importorskip("deepspeed")
 from mrpo.config import load_config  # noqa: E402
 from mrpo.engines.deepspeed import build_config  # noqa: E402
 
-from .conftest import tiny_overrides  # noqa: E402
+from .conftest import read_metrics, tiny_overrides  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 TIMING = ("time", "tokens_per_s")
@@ -36,7 +36,7 @@ def _train(args: list[str]) -> subprocess.CompletedProcess:
 
 
 def _rl_steps(out_dir) -> dict[int, dict]:
-    rows = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out_dir)
     return {m["step"]: {k: v for k, v in m.items() if not k.startswith(TIMING)} for m in rows if "phase" not in m}
 
 

@@ -77,3 +77,36 @@ def test_bf16_policy_under_fsdp2_keeps_fp32_master_weights(shared_data, tmp_path
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     assert run.stdout.count(" ok: ") == 2, run.stdout
+
+
+def test_bf16_policy_in_one_process_keeps_fp32_master_weights(shared_data, tmp_path):
+    """One RL step of the tiny bf16 policy in one process at lr 1e-6: every weight whose (clipped) gradient is
+    above AdamW's eps moves in its fp32 master (bf16 alone would keep < 20% of them; a gradient far below eps
+    gives an update far below lr, which no dtype keeps), the module and the export stay bf16."""
+    trainer = build_trainer(shared_data, tmp_path / "run", **{"model.dtype": "bfloat16", "optim.lr": 1e-6,
+                                                                "optim.weight_decay": 0.0})
+    engine = trainer.engine
+    assert engine.name == "single" and engine.master
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    with engine.master.masters_in():
+        before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    rollout = fixed_rollout(trainer, 0, 1)
+    trainer.accumulate_gradients(rollout, trainer.step_token_weights(rollout), trainer.micro_batches(rollout))
+    grads = {names[id(p)]: g.clone() for p, g in zip(engine.master.params, engine.master.grads) if g is not None}
+    norm, applied = engine.step()
+    assert applied and norm > 0
+    with engine.master.masters_in():
+        after = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    nonzero = moved = kept_in_bf16 = 0
+    clip = min(1.0, trainer.cfg.optim.max_grad_norm / norm)
+    for name, g in grads.items():
+        mask = g.abs() * clip > 10 * trainer.cfg.optim.adam_eps
+        nonzero += int(mask.sum())
+        moved += int((after[name] != before[name])[mask].sum())
+        kept_in_bf16 += int((after[name].bfloat16() != before[name].bfloat16())[mask].sum())
+    assert nonzero > 0.5 * sum(t.numel() for t in before.values())
+    assert moved == nonzero, (moved, nonzero)
+    assert kept_in_bf16 < 0.2 * nonzero, kept_in_bf16
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.bfloat16}
+    assert {t.dtype for t in engine.full_state_dict().values() if t.is_floating_point()} == {torch.bfloat16}
+    trainer.close()

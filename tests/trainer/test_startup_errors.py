@@ -90,10 +90,29 @@ def _bert_not_a_folder(tmp: Path):
             [f"reward.bert_model_path='{tmp / 'bert'}' is invalid: not a folder", "or null (ROUGE/BLEU fallback)"])
 
 
+def _image_token_strict(tmp: Path):
+    img = _image(tmp)
+    path = _jsonl(tmp / "train.jsonl", [{"id": "ok", "image": img, "problem": "Q?", "solution": "yes"},
+                                        {"id": "r2", "image": img, "problem": "Is <|image_pad|> a lesion?",
+                                         "solution": "yes"}])
+    return ({"data.train_path": path, "data.on_bad_row": "error"},
+            [f"{path}:2: row 'r2': key 'problem' holds the image placeholder token '<|image_pad|>'",
+             "data.on_bad_row=skip"])
+
+
+def _image_token_skipped(tmp: Path):
+    img = _image(tmp)
+    path = _jsonl(tmp / "train.jsonl", [{"id": f"r{i}", "image": img, "problem": "<|vision_start|>Q?",
+                                         "solution": "yes"} for i in range(3)])
+    return {"data.train_path": path}, [f"data.train_path={path}: 0 usable training records",
+                                       "image_token_in_text: 3", "key 'problem' holds the image placeholder"]
+
+
 CASES = {"no_usable_rows": _no_usable_rows, "missing_file": _missing_file, "bad_row_strict": _bad_row_strict,
          "not_utf8": _not_utf8, "prompts_too_long": _prompts_too_long, "model_missing": _model_missing,
          "model_incomplete": _model_incomplete, "labels_missing": _labels_missing, "lora_targets": _lora_targets,
-         "output_not_a_folder": _output_not_a_folder, "bert_not_a_folder": _bert_not_a_folder}
+         "output_not_a_folder": _output_not_a_folder, "bert_not_a_folder": _bert_not_a_folder,
+         "image_token_strict": _image_token_strict, "image_token_skipped": _image_token_skipped}
 SUBPROCESS = {"no_usable_rows", "prompts_too_long",   # the issue's reproductions, through the real entry point
               "labels_missing", "lora_targets"}      # (and the cases that load the model)
 
@@ -125,6 +144,24 @@ def test_user_error_is_one_line_and_exit_2_in_process(shared_data, tmp_path, cas
     overrides, expected = CASES[case](tmp_path)
     code = main(tiny_overrides(shared_data, tmp_path / "run", **{"optim.max_steps": 1, **overrides}))
     _assert_one_line_error(code, capfd.readouterr().err, expected)
+
+
+@pytest.mark.slow
+def test_user_error_is_the_last_line_of_a_combined_log(shared_data, tmp_path):
+    """stdout and stderr in one stream (a log file, `2>&1`): the resolved configuration and the memory plan
+    first, the error last; here the prompts fail during the warm-up, whose progress bar closes (and prints)
+    when the failed start-up is collected: that happens before the error line, not after it."""
+    overrides, expected = CASES["prompts_too_long"](tmp_path)
+    run = subprocess.run([sys.executable, "-m", "mrpo.train",
+                          *tiny_overrides(shared_data, tmp_path / "run", **{"optim.max_steps": 1, "logging.progress": True,
+                                                                            **overrides})],
+                         cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert run.returncode == 2, run.stdout[-3000:]
+    lines = [line for line in run.stdout.splitlines() if line.strip()]
+    assert lines[0] == "resolved config:"
+    assert lines[-1].startswith("error: ") and all(part in lines[-1] for part in expected), lines[-5:]
+    assert any("memory plan" in line for line in lines[:-1])
+    assert sum(line.startswith("error: ") for line in lines) == 1
 
 
 @pytest.mark.slow

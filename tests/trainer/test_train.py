@@ -14,14 +14,14 @@ from mrpo.config import load_config
 from mrpo.rollout import MicroBatch, Rollout, micro_batches, pad_micro_batches
 from mrpo.trainer import PromptSampler, Trainer, first_failure_stage
 
-from .conftest import tiny_overrides
+from .conftest import read_metrics, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[2]
 TIMING = ("time", "tokens_per_s")
 
 
 def _metrics(out_dir) -> list[dict]:
-    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    return read_metrics(out_dir)
 
 
 def _rl_steps(out_dir) -> dict[int, dict]:
