@@ -125,7 +125,7 @@ def main() -> None:
               "command": " ".join(sys.argv), "torch": torch.__version__}
     out = ROOT / "benchmarks" / "results" / f"judge_overlap{'_' + a.tag if a.tag else ''}"
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    md = [f"# HTTP step judge latency vs the rule judge: what it adds to an RL step", "",
+    md = ["# HTTP step judge latency vs the rule judge: what it adds to an RL step", "",
           f"Command: `{result['command']}`; tiny default model, CPU, 1 process, {a.threads} torch thread(s), 16 "
           f"completions per step (one wave of judge requests: judge.max_concurrency 16), medians of {a.rounds} "
           f"interleaved rounds after {a.warmup} warm-up; load average {' '.join(load)}.", "",

@@ -35,7 +35,7 @@ from mrpo.engines import build_engine
 from mrpo.eval.reasoning import evaluate_generations
 from mrpo.judges import build_judge
 from mrpo.judges.outage import UnjudgedGuard
-from mrpo.judges.spend import JUDGE_STOPS, JudgeSpend
+from mrpo.judges.spend import JUDGE_STOPS, USAGE_KEYS, JudgeSpend
 from mrpo.metrics_log import MetricsLogger
 from mrpo.models.lora import adapters_disabled
 from mrpo.models.parallelize import hidden_states_mode, init_distributed

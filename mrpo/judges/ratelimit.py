@@ -18,7 +18,7 @@ import email.utils
 import random
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import timezone
 from typing import Callable, Mapping
 
 

@@ -22,7 +22,6 @@ sees the same all-reduced numbers, so every rank raises at the same step.
 from __future__ import annotations
 
 import logging
-import math
 from collections import deque
 
 from mrpo.errors import JudgeBudgetError
