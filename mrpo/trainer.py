@@ -16,7 +16,6 @@ One RL step on each rank (`train_step`, read it top-down):
 """
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -30,9 +29,9 @@ from mrpo import build, checkpoint
 from mrpo.algo.advantages import compute_advantages
 from mrpo.config import Config
 from mrpo.data.sampler import PromptSampler
-from mrpo.distributed import all_gather_rows, all_reduce_max, all_reduce_mean, all_reduce_sum, barrier
+from mrpo.distributed import all_gather_rows, all_reduce_max, all_reduce_mean, all_reduce_sum, shutdown
 from mrpo.engines import build_engine
-from mrpo.eval.reasoning import evaluate_generations
+from mrpo.eval.reasoning import evaluate_over_ranks
 from mrpo.judges import build_judge
 from mrpo.judges.outage import JudgeOutageError, UnjudgedGuard
 from mrpo.metrics_log import MetricsLogger
@@ -53,7 +52,7 @@ __all__ = ["Trainer", "PromptSampler", "first_failure_stage"]
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.rank, self.world, self.device = init_distributed()
+        self.rank, self.world, self.device = init_distributed(cfg.distributed.timeout_s)
         self.is_main = self.rank == 0
         self.out = Path(cfg.output_dir)
         self.stop = GracefulStop()   # SIGTERM/SIGINT: every phase polls it; a checkpoint within the grace
@@ -243,23 +242,22 @@ class Trainer:
             bar.update(1)
         bar.close()
         opt.close()
-        self.sft_done = not self.stop.requested
+        self.sft_done = self.sft_step >= cfg.steps
 
     def train(self) -> dict:
         self.stop.install()
         self._resume()
+        self._saved_at = (self.step, self.sft_step)   # nothing to save before some progress
         self.metrics.truncate_after(self.step, self.sft_done, self.sft_step)
         if not self.sft_done:
             self.sft_warmup()
-            if self.stop.requested:
-                self._save_in_grace()
-                return {}
-            self.save()
-        if self.cfg.logging.eval_at_start and self.step == 0:
+            if self.sft_done:
+                self.save()
+        if self.cfg.logging.eval_at_start and self.step == 0 and not self.stop.stopping:
             self.evaluate("start")
         bar = self._progress(self.total_steps, self.cfg.algo.name, self.step)
-        last = {}
-        while self.step < self.total_steps and not self.stop.requested:
+        last = {}   # every stop decision reads the synced flag (stop.stopping), so all ranks take it alike
+        while self.step < self.total_steps and not self._stop_synced():
             self.stop_phase = "rollout"
             last = self.train_step()
             if self.is_main and (line := compare_measured(self.memory_plan, self.phase_memory.peaks)):
@@ -276,18 +274,16 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(reward=f"{last['reward']:.3f}", acc=f"{last['accuracy']:.2f}",
                             early=f"{last['early_failure_share']:.2f}", tok_s=f"{last['tokens_per_s']:.0f}")
-            self._stop_synced()
             every = self.cfg.checkpoint.every_steps
-            saved = bool(every and self.step % every == 0)
-            if saved:
+            if every and self.step % every == 0:
                 self.save()
             ev = self.cfg.logging.eval_every
             if ev and self.step % ev == 0 and self.step < self.total_steps:
                 self.evaluate(f"step_{self.step:06d}")   # returns at once when a stop is requested
-            if self.stop.requested and not saved:
-                self._save_in_grace()
         bar.close()
-        if self.stop.requested:
+        if self.stop.stopping:
+            if self._saved_at != (self.step, self.sft_step):
+                self._save_in_grace()
             return last
         self.save()
         if self.cfg.checkpoint.export_final and not self._stop_synced():
@@ -304,7 +300,7 @@ class Trainer:
                  "sampler": self.sampler.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "judge_guard": self.judge_guard.state_dict()}
         path = self.engine.save(self.out / "checkpoints", self.step, state, keep_last=self.cfg.checkpoint.keep_last)
-        self._save_s = time.perf_counter() - t0
+        self._save_s, self._saved_at = time.perf_counter() - t0, (self.step, self.sft_step)
         return path
 
     def _save_in_grace(self) -> Path | None:
@@ -343,17 +339,13 @@ class Trainer:
             self.stop_phase = "evaluation"
             log.warning("evaluation %s interrupted by a stop: nothing written", tag)
             return {}
-        if not self.is_main:
-            barrier()   # wait for rank 0's scoring and writing, so no rank runs ahead
+        summary = evaluate_over_ranks(records, texts, self.judge, self.reasoning_tag, self.out / "eval" / tag)
+        if summary is None:   # not rank 0: its share is judged and handed over
             return {}
-        eval_dir = self.out / "eval" / tag
-        summary = evaluate_generations(records, texts, self.judge, self.reasoning_tag, out_dir=eval_dir)
-        (eval_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
         flat = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
         self.metrics.log({"phase": "eval", "tag": tag, "step": self.step, **flat})
         log.info("eval %s: accuracy %.3f, early-failure share %.3f (%d wrong answers judged)", tag,
                  summary["accuracy"], summary["early_failure_share"], summary["wrong_judged"])
-        barrier()
         return flat
 
     # ------------------------------------------------------------------ progress and teardown
@@ -366,7 +358,5 @@ class Trainer:
     def close(self) -> None:
         self.metrics.close()
         self.stop.uninstall()
-        if torch.distributed.is_initialized():
-            barrier()   # no rank tears the process group down while another still uses it
-            torch.distributed.destroy_process_group()
+        shutdown()   # final barrier, unless this rank failed (mrpo.distributed.report_failure)
 
