@@ -12,6 +12,7 @@ polling the store can end its process (os._exit) whatever the main thread is doi
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import itertools
 import json
@@ -31,7 +32,7 @@ EXIT_PEER_FAILED = 71        # a rank ended because another rank failed (its tra
 POLL_S = 0.5                 # how often the peer watch reads the store
 EXIT_AFTER_S = 10.0          # a failed rank whose teardown blocks longer is ended (os._exit(1))
 _FAILED_KEY = "failed"
-_state = {"store": None, "failing": False, "closing": False}
+_state = {"store": None, "failing": False, "closing": False, "watch": None}
 _waits = itertools.count()   # wait_for_all_ranks is called in the same order on every rank
 
 
@@ -137,17 +138,15 @@ def _watch_peers(poll_s: float = POLL_S) -> None:
     from torch.distributed.distributed_c10d import _get_default_store
 
     store = dist.PrefixStore("mrpo/", _get_default_store().clone())   # its own connection: no contention
-    rank = dist.get_rank()
+    rank, quit = dist.get_rank(), threading.Event()
 
     def poll() -> None:
-        import time
-
-        while not (_state["failing"] or _state["closing"]):
+        while not (quit.is_set() or _state["failing"] or _state["closing"]):
             try:
                 failed = store.check([_FAILED_KEY])
                 record = json.loads(store.get(_FAILED_KEY)) if failed else None
             except Exception as e:   # noqa: BLE001 - the store is gone: its host (launcher or rank 0) died
-                if _state["failing"] or _state["closing"]:
+                if quit.is_set() or _state["failing"] or _state["closing"]:
                     return
                 _exit_now(EXIT_PEER_FAILED, f"rank {rank}: lost the rendezvous store ({type(e).__name__}: {e}); "
                                             f"the launcher or rank 0 is gone: ending this rank")
@@ -157,9 +156,22 @@ def _watch_peers(poll_s: float = POLL_S) -> None:
                         f"{record['error']}")
                 _exit_now(EXIT_PEER_FAILED, head + (f"\nrank {record['rank']}'s traceback:\n{record['traceback']}"
                                                     if rank == 0 else ""))
-            time.sleep(poll_s)
+            quit.wait(poll_s)
 
-    threading.Thread(target=poll, name="mrpo-peer-watch", daemon=True).start()
+    thread = threading.Thread(target=poll, name="mrpo-peer-watch", daemon=True)
+    thread.start()
+    _state["watch"] = (thread, quit)
+    atexit.register(_stop_watch)
+
+
+def _stop_watch() -> None:
+    """Stop the peer watch and wait for it: a daemon thread still inside a store call when the interpreter
+    finalizes can abort the process (SIGABRT instead of our exit code)."""
+    if _state["watch"] is not None:
+        thread, quit = _state["watch"]
+        quit.set()
+        if thread is not threading.current_thread():
+            thread.join(timeout=POLL_S + 5.0)
 
 
 def report_failure(exc: BaseException, exit_after_s: float = EXIT_AFTER_S) -> None:
@@ -226,4 +238,5 @@ def shutdown() -> None:
     if not _state["failing"]:
         dist.barrier()
         _state["closing"] = True
+        _stop_watch()
         dist.destroy_process_group()

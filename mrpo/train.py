@@ -10,7 +10,9 @@ keys otherwise, see checkpoint.resume_ignore_config), moves metrics rows that th
 again to metrics.dropped.jsonl, and checks an http judge's key and endpoint (exit 4). Workers started by
 torchrun exit when torchrun dies. Exit codes: 0 done, 2 configuration or other bad input (a data or model
 file, a judge file, a broken checkpoint given as checkpoint.resume: mrpo.config.UserInputError, one line, no
-traceback), 3 output folder in use, 4 judge unavailable or outage, 75 stopped by a signal (resumable).
+traceback), 3 output folder in use, 4 judge unavailable or outage, 75 stopped by a signal (resumable; every
+rank, even when the signal reached one), 1 a bug (traceback), 71 ended because another rank failed (rank 0
+prints that rank's traceback; mrpo.distributed.report_failure), 70 launcher gone.
 """
 from __future__ import annotations
 
