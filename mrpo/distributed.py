@@ -138,15 +138,15 @@ def _watch_peers(poll_s: float = POLL_S) -> None:
     from torch.distributed.distributed_c10d import _get_default_store
 
     store = dist.PrefixStore("mrpo/", _get_default_store().clone())   # its own connection: no contention
-    rank, quit = dist.get_rank(), threading.Event()
+    rank, quit_event = dist.get_rank(), threading.Event()
 
     def poll() -> None:
-        while not (quit.is_set() or _state["failing"] or _state["closing"]):
+        while not (quit_event.is_set() or _state["failing"] or _state["closing"]):
             try:
                 failed = store.check([_FAILED_KEY])
                 record = json.loads(store.get(_FAILED_KEY)) if failed else None
             except Exception as e:   # noqa: BLE001 - the store is gone: its host (launcher or rank 0) died
-                if quit.is_set() or _state["failing"] or _state["closing"]:
+                if quit_event.is_set() or _state["failing"] or _state["closing"]:
                     return
                 _exit_now(EXIT_PEER_FAILED, f"rank {rank}: lost the rendezvous store ({type(e).__name__}: {e}); "
                                             f"the launcher or rank 0 is gone: ending this rank")
@@ -156,11 +156,11 @@ def _watch_peers(poll_s: float = POLL_S) -> None:
                         f"{record['error']}")
                 _exit_now(EXIT_PEER_FAILED, head + (f"\nrank {record['rank']}'s traceback:\n{record['traceback']}"
                                                     if rank == 0 else ""))
-            quit.wait(poll_s)
+            quit_event.wait(poll_s)
 
     thread = threading.Thread(target=poll, name="mrpo-peer-watch", daemon=True)
     thread.start()
-    _state["watch"] = (thread, quit)
+    _state["watch"] = (thread, quit_event)
     atexit.register(_stop_watch)
 
 
@@ -168,8 +168,8 @@ def _stop_watch() -> None:
     """Stop the peer watch and wait for it: a daemon thread still inside a store call when the interpreter
     finalizes can abort the process (SIGABRT instead of our exit code)."""
     if _state["watch"] is not None:
-        thread, quit = _state["watch"]
-        quit.set()
+        thread, quit_event = _state["watch"]
+        quit_event.set()
         if thread is not threading.current_thread():
             thread.join(timeout=POLL_S + 5.0)
 

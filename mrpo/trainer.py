@@ -325,7 +325,7 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, tag: str) -> dict:
-        """Greedy generation on the held-out split, answer accuracy and First Failure Point shares."""
+        """Held-out greedy generation and step judging, both split over the ranks: accuracy and FFP shares."""
         limit = self.cfg.logging.eval_limit
         records = [r for r in self.test_pool.records[:limit or None] if self.test_pool.fits(r)]
         if not records:
