@@ -410,6 +410,15 @@ class GracefulStop:
         left = self.time_left()
         return left is None or left > estimate_s + margin_s
 
+    def save_in_grace(self, save, estimate_s: float, device: Any = None) -> str | None:
+        """After an agreed stop (every rank calls it): save() if every rank expects a checkpoint of about
+        estimate_s seconds to fit in its grace (agree_all); else returns why none was saved."""
+        if agree_all(self.can_save(estimate_s), device if getattr(device, "type", None) == "cuda" else None):
+            save()
+            return None
+        return (f"a checkpoint takes about {estimate_s:.0f} s, more than the {max(0.0, self.time_left() or 0):.0f} s "
+                f"of grace left")
+
 
 def agree_all(flag: bool, device: Any = None) -> bool:
     """True only if `flag` is true on every rank (all_reduce MIN; collective when torch.distributed is

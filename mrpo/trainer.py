@@ -40,7 +40,7 @@ from mrpo.models.parallelize import hidden_states_mode, init_distributed
 from mrpo.plan import check_at_startup, compare_measured
 from mrpo.plan_measure import PhaseMemory
 from mrpo.rewards import RewardModel
-from mrpo.run_safety import GracefulStop, agree_all
+from mrpo.run_safety import GracefulStop
 from mrpo.rollout import (MicroBatch, PromptPool, Rollout, first_failure_stage, gold_rollout, greedy_texts,
                           in_background, micro_batches, pad_micro_batches, sample_groups, score)
 
@@ -282,8 +282,8 @@ class Trainer:
                 self.evaluate(f"step_{self.step:06d}")   # returns at once when a stop is requested
         bar.close()
         if self.stop.stopping:
-            if self._saved_at != (self.step, self.sft_step):
-                self._save_in_grace()
+            if self._saved_at != (self.step, self.sft_step):   # progress since the last checkpoint
+                self.stop_why_not = self.stop.save_in_grace(self.save, self._save_s, self.device)
             return last
         self.save()
         if self.cfg.checkpoint.export_final and not self._stop_synced():
@@ -302,14 +302,6 @@ class Trainer:
         path = self.engine.save(self.out / "checkpoints", self.step, state, keep_last=self.cfg.checkpoint.keep_last)
         self._save_s, self._saved_at = time.perf_counter() - t0, (self.step, self.sft_step)
         return path
-
-    def _save_in_grace(self) -> Path | None:
-        """After a stop: save if every rank expects it to fit in the launcher's grace, else say why not."""
-        if agree_all(self.stop.can_save(self._save_s), self.device if self.device.type == "cuda" else None):
-            return self.save()
-        self.stop_why_not = (f"a checkpoint takes about {self._save_s:.0f} s, more than the "
-                             f"{max(0.0, self.stop.time_left() or 0):.0f} s of grace left")
-        return None
 
     def _resume(self) -> None:
         path = checkpoint.agree_resume(self.cfg.checkpoint.resume, self.out / "checkpoints")   # verified on rank 0

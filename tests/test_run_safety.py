@@ -195,6 +195,15 @@ def test_first_signal_after_another_ranks_stop_is_not_a_second_signal():
         stop.uninstall()
 
 
+def test_save_in_grace_saves_only_when_it_fits():
+    stop, saved = GracefulStop(grace_s=30), []
+    stop.request("SIGTERM received", "SIGTERM")
+    assert stop.save_in_grace(lambda: saved.append(1), estimate_s=5) is None and saved == [1]
+    stop.received_at -= 25                                           # 5 s of the grace left
+    why = stop.save_in_grace(lambda: saved.append(2), estimate_s=5)
+    assert saved == [1] and why.startswith("a checkpoint takes about 5 s, more than the 5 s of grace left")
+
+
 def test_graceful_stop_agrees_across_ranks(tmp_path):
     """Two gloo ranks on loopback: only rank 1 is signalled; sync() stops both at the same call."""
     script = tmp_path / "w.py"
