@@ -221,7 +221,7 @@ class Trainer:
         per_rank = max(1, cfg.batch_size // self.world)
         for _ in range(self.sft_step):   # resumed mid-warm-up: the same prompts as an unbroken run
             sampler.next(per_rank)
-        bar = self._progress(cfg.steps, "sft", self.sft_step)
+        bar = build.progress_bar(cfg.steps, "sft", self.sft_step, self.is_main and self.cfg.logging.progress)
         for step in range(self.sft_step, cfg.steps):
             if self._stop_synced():
                 self.stop_phase = "warm-up"
@@ -255,7 +255,8 @@ class Trainer:
                 self.save()
         if self.cfg.logging.eval_at_start and self.step == 0 and not self.stop.stopping:
             self.evaluate("start")
-        bar = self._progress(self.total_steps, self.cfg.algo.name, self.step)
+        bar = build.progress_bar(self.total_steps, self.cfg.algo.name, self.step,
+                                 self.is_main and self.cfg.logging.progress)
         last = {}   # every stop decision reads the synced flag (stop.stopping), so all ranks take it alike
         while self.step < self.total_steps and not self._stop_synced():
             self.stop_phase = "rollout"
@@ -340,13 +341,7 @@ class Trainer:
                  summary["accuracy"], summary["early_failure_share"], summary["wrong_judged"])
         return flat
 
-    # ------------------------------------------------------------------ progress and teardown
-    def _progress(self, total: int, desc: str, done: int = 0):
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, initial=done, desc=desc, dynamic_ncols=True,
-                    disable=not (self.is_main and self.cfg.logging.progress))
-
+    # ------------------------------------------------------------------ teardown
     def close(self) -> None:
         self.metrics.close()
         self.stop.uninstall()
