@@ -21,6 +21,7 @@ import os
 import socket
 import sys
 import threading
+import time
 import traceback
 
 import torch
@@ -31,7 +32,7 @@ log = logging.getLogger("mrpo")
 EXIT_PEER_FAILED = 71        # a rank ended because another rank failed (its traceback is printed by rank 0)
 POLL_S = 0.5                 # how often the peer watch reads the store
 EXIT_AFTER_S = 10.0          # a failed rank whose teardown blocks longer is ended (os._exit(1))
-_FAILED_KEY = "failed"
+_FAILED_KEY, _ACKS_KEY = "failed", "failed/acks"
 _state = {"store": None, "failing": False, "closing": False, "watch": None}
 _waits = itertools.count()   # wait_for_all_ranks is called in the same order on every rank
 
@@ -121,14 +122,19 @@ def _store():
     return _state["store"]
 
 
-def _exit_now(code: int, message: str) -> None:
+def _exit_now(code: int, message: str, then=None) -> None:
+    """Print `message`, flush the logs, call then() (the ack a failed rank waits for), exit at once."""
     print(message, file=sys.stderr, flush=True)
     for h in logging.getLogger().handlers + log.handlers:
         try:
             h.flush()
         except Exception:   # noqa: BLE001 - exiting anyway
             pass
-    os._exit(code)
+    try:
+        if then is not None:
+            then()
+    finally:
+        os._exit(code)
 
 
 def _watch_peers(poll_s: float = POLL_S) -> None:
@@ -155,7 +161,7 @@ def _watch_peers(poll_s: float = POLL_S) -> None:
                 head = (f"rank {rank}: ending because rank {record['rank']} (host {record['host']}) failed: "
                         f"{record['error']}")
                 _exit_now(EXIT_PEER_FAILED, head + (f"\nrank {record['rank']}'s traceback:\n{record['traceback']}"
-                                                    if rank == 0 else ""))
+                                                    if rank == 0 else ""), lambda: store.add(_ACKS_KEY, 1))
             quit_event.wait(poll_s)
 
     thread = threading.Thread(target=poll, name="mrpo-peer-watch", daemon=True)
@@ -176,10 +182,11 @@ def _stop_watch() -> None:
 
 def report_failure(exc: BaseException, exit_after_s: float = EXIT_AFTER_S) -> None:
     """Tell every other rank that this one failed with `exc` (they end within POLL_S seconds, exit code
-    EXIT_PEER_FAILED) and skip the final barrier (shutdown). The caller re-raises, so this rank prints its
-    traceback and exits 1: SIGTERM and SIGINT are ignored from here on (torchrun signals every worker
-    once the first ends), and should its teardown block (a communication library waiting on the others),
-    it is ended after exit_after_s. No-op on one process."""
+    EXIT_PEER_FAILED; this rank waits up to POLL_S + 2 s for them to have printed, as its own exit has
+    torchrun end its node's workers) and skip the final barrier (shutdown). The caller re-raises, so
+    this rank prints its traceback and exits 1: SIGTERM and SIGINT are ignored from here on (torchrun
+    signals every worker once the first ends), and should its teardown block (a communication library
+    waiting on the others), it is ended after exit_after_s. No-op on one process."""
     if not dist.is_initialized() or _state["failing"]:
         return
     _state["failing"] = True
@@ -188,8 +195,12 @@ def report_failure(exc: BaseException, exit_after_s: float = EXIT_AFTER_S) -> No
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
     try:
-        _store().set(_FAILED_KEY, json.dumps({"rank": dist.get_rank(), "host": socket.gethostname(),
-                                              "error": error, "traceback": text[-8000:]}))
+        store = _store()
+        store.set(_FAILED_KEY, json.dumps({"rank": dist.get_rank(), "host": socket.gethostname(),
+                                           "error": error, "traceback": text[-8000:]}))
+        deadline = time.monotonic() + POLL_S + 2.0   # let the others print before our exit has torchrun end them
+        while store.add(_ACKS_KEY, 0) < dist.get_world_size() - 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
     except Exception as e:   # noqa: BLE001 - the store is gone too; the launcher still sees our exit code
         log.warning("could not tell the other ranks about the failure: %s", e)
     timer = threading.Timer(exit_after_s, _exit_now, (1, f"rank {dist.get_rank()}: teardown after the failure "
