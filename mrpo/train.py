@@ -158,5 +158,6 @@ def _report(cfg, rank: int, trainer, final: dict, describe_outputs, stop_message
         print(describe_outputs(cfg.output_dir), flush=True)
     return EXIT_STOPPED if stop.stopping else 0
 
+
 if __name__ == "__main__":
     sys.exit(main())
