@@ -148,3 +148,10 @@ def lr_schedule(optim_cfg, total_steps: int):
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
+
+
+def progress_bar(total: int, desc: str, done: int, show: bool):
+    """A tqdm bar starting at `done` of `total` (disabled unless show: rank 0 with logging.progress)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=done, desc=desc, dynamic_ncols=True, disable=not show)

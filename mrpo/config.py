@@ -129,6 +129,7 @@ def _validate(cfg: Config, source: str) -> None:
     need(0 <= cfg.algo.tau <= 1, "algo.tau", "R_ans lies in [0, 1]")
     need(cfg.algo.num_iterations >= 1, "algo.num_iterations", "must be >= 1")
     need(cfg.optim.lr > 0, "optim.lr", "must be > 0")
+    need(0 < cfg.distributed.timeout_s < float("inf"), "distributed.timeout_s", "must be a number of seconds > 0")
     need(cfg.optim.per_device_batch_size >= 1, "optim.per_device_batch_size", "must be >= 1")
     need(cfg.optim.grad_accum_steps >= 1, "optim.grad_accum_steps", "must be >= 1")
     need(cfg.optim.max_grad_norm > 0, "optim.max_grad_norm", "must be > 0")

@@ -191,6 +191,8 @@ class DistributedConfig:
     reduce_dtype: Literal["float32", "bfloat16"] = _f("float32", "FSDP2 gradient reduction dtype")
     deepspeed_zero_stage: int = _f(3, "DeepSpeed ZeRO stage")
     gather_for_generation: bool = _f(True, "DeepSpeed ZeRO-3: full weights on each device during generate")
+    timeout_s: float = _f(1800.0, "seconds a collective (all-reduce, gather) waits for the slowest rank before "
+                                  "the run ends; waits on another rank's judge never count against it")
 
 
 @dataclass

@@ -160,7 +160,7 @@ RESUME_ALLOWED = (
     "judge.api_key_env", "judge.base_url", "judge.max_unjudged_fraction", "judge.unjudged_window",
     "judge.price_input_per_mtok", "judge.price_output_per_mtok", "judge.max_cost_usd", "judge.max_requests_per_minute",
     "model.attn_implementation", "model.gradient_checkpointing", "loss.backend", "loss.chunk_size",
-    "distributed.gather_for_generation", "plan.",
+    "distributed.gather_for_generation", "distributed.timeout_s", "plan.",
 )
 
 
@@ -327,14 +327,17 @@ _LAUNCHER_PID: int | None = None
 class GracefulStop:
     """SIGTERM/SIGINT -> a stop flag that every phase (warm-up, rollout, evaluation, export) polls.
 
-    The first signal sets the flag and notes the time: torchrun gives workers `grace_s` seconds (30 s
+    The first signal sets the flag and notes the time (a signal that reaches this rank after another
+    rank's stop was synced still counts as its first): torchrun gives workers `grace_s` seconds (30 s
     by default) between forwarding the signal and SIGKILL, so a phase should save only if
     `can_save(estimate_s)`. A second signal raises KeyboardInterrupt at once (no checkpoint). If the
     launcher is gone (watch_launcher) the handler exits immediately instead.
 
-    requested / poll(): this rank's flag (cheap, local). sync(): a collective (all_reduce MAX over
-    ranks when torch.distributed is initialized), so every rank stops at the same point; call it at
-    the same place on every rank.
+    requested / poll(): this rank's flag (cheap, local; only for can_save). sync(): a collective
+    (all_reduce MAX over ranks when torch.distributed is initialized), called at the same places on
+    every rank; `stopping` is its last answer, the same on every rank, so every decision to stop (or to
+    save, skip an evaluation or an export because of a stop) is taken from it: a signal that reaches
+    one rank between two syncs is acted on by every rank at the next one.
     """
 
     def __init__(self, grace_s: float = 30.0):
@@ -343,6 +346,7 @@ class GracefulStop:
         self.received_at: float | None = None     # time.monotonic() of the first signal
         self.reason: str | None = None            # set by request() or by the handler
         self._flag = False
+        self.stopping = False                     # the synced flag (sync()): what every stop decision reads
         self._previous: dict = {}
 
     def install(self) -> "GracefulStop":
@@ -360,10 +364,11 @@ class GracefulStop:
         if _LAUNCHER_PID is not None and not launcher_alive(_LAUNCHER_PID):
             _exit_launcher_died(_LAUNCHER_PID)
         name = signal.Signals(signum).name
-        if self._flag:
+        if self.signal_name is not None:   # a second signal to this rank (not the first after another rank's)
             log.warning("%s again: exiting now without a checkpoint", name)
             raise KeyboardInterrupt(name)
         self.request(f"{name} received", name)
+        self.signal_name = name
         log.warning("%s: stopping at the next safe point; a checkpoint is saved if it fits in the %.0f s grace",
                     name, self.grace_s)
 
@@ -381,17 +386,22 @@ class GracefulStop:
         return self._flag
 
     def sync(self, device: Any = None) -> bool:
-        """True if any rank has the flag (collective when torch.distributed is initialized)."""
+        """True if any rank has the flag (collective when torch.distributed is initialized); sets
+        `stopping`. Once stopping, it stays so without further collectives (every rank agrees on that)."""
+        if self.stopping:
+            return True
         try:
             import torch
             import torch.distributed as dist
         except ImportError:
+            self.stopping = self._flag
             return self._flag
         if dist.is_available() and dist.is_initialized():
             flag = torch.tensor([float(self._flag)], device=device or "cpu")
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             if flag.item() and not self._flag:
-                self.request("another rank received a stop signal")
+                self.request("a stop signal on another rank")
+        self.stopping = self._flag
         return self._flag
 
     def time_left(self) -> float | None:
@@ -404,6 +414,15 @@ class GracefulStop:
         """Whether a checkpoint expected to take estimate_s seconds fits in the grace left."""
         left = self.time_left()
         return left is None or left > estimate_s + margin_s
+
+    def save_in_grace(self, save, estimate_s: float, device: Any = None) -> str | None:
+        """After an agreed stop (every rank calls it): save() if every rank expects a checkpoint of about
+        estimate_s seconds to fit in its grace (agree_all); else returns why none was saved."""
+        if agree_all(self.can_save(estimate_s), device if getattr(device, "type", None) == "cuda" else None):
+            save()
+            return None
+        return (f"a checkpoint takes about {estimate_s:.0f} s, more than the {max(0.0, self.time_left() or 0):.0f} s "
+                f"of grace left")
 
 
 def agree_all(flag: bool, device: Any = None) -> bool:

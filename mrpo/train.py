@@ -12,7 +12,9 @@ torchrun exit when torchrun dies. Exit codes: 0 done, 2 configuration or other b
 file, a judge file, a broken checkpoint given as checkpoint.resume, no intact checkpoint for resume=auto:
 mrpo.errors.UserInputError, one line, no traceback), 3 output folder in use, 4 judge unavailable, outage or
 budget (judge.max_cost_usd) reached (a checkpoint is saved; fix the judge or raise the budget, then rerun to
-resume), 75 stopped by a signal (resumable).
+resume), 75 stopped by a signal (resumable; every rank, even when the signal reached one), 1 a bug
+(traceback), 71 ended because another rank failed (rank 0 prints that rank's traceback;
+mrpo.distributed.report_failure), 70 launcher gone.
 """
 from __future__ import annotations
 
@@ -127,42 +129,53 @@ def _train(cfg, rank: int, judge_stops, describe_outputs, stop_message) -> int:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
 
-    from mrpo.checkpoint import complete_checkpoints
+    from mrpo.distributed import report_failure
+    from mrpo.errors import UserInputError
     from mrpo.trainer import Trainer
 
-    trainer = Trainer(cfg)   # a memory plan that does not fit raises PlanDoesNotFit, a UserInputError (exit 2)
-    hook = os.environ.get("MRPO_TEST_HOOK")   # "module:function" called with the trainer (fault-injection tests)
-    if hook:
-        import importlib
-
-        module, _, name = hook.partition(":")
-        getattr(importlib.import_module(module), name)(trainer)
-    code = 0
+    trainer = None
     try:
+        trainer = Trainer(cfg)   # a plan that does not fit raises PlanDoesNotFit, a UserInputError (exit 2)
+        hook = os.environ.get("MRPO_TEST_HOOK")   # "module:function" called with the trainer (fault-injection tests)
+        if hook:
+            import importlib
+
+            module, _, name = hook.partition(":")
+            getattr(importlib.import_module(module), name)(trainer)
         final = trainer.train()
-    except judge_stops as e:   # an outage or the judge budget: a checkpoint is saved, exit 4
+        return _report(cfg, rank, trainer, final, describe_outputs, stop_message)   # before the final barrier
+    except judge_stops as e:   # an outage or the judge budget, raised alike on every rank: a checkpoint is saved, exit 4
         if rank == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
             print(describe_outputs(cfg.output_dir), flush=True)
         return EXIT_JUDGE
+    except UserInputError:          # raised alike on every rank; main prints it in one line
+        raise
+    except BaseException as e:      # this rank alone: the others end within a second, not at a collective timeout
+        report_failure(e)
+        raise
     finally:
-        trainer.close()
-    stop = getattr(trainer, "stop", None)
-    stopped = bool(getattr(trainer, "stop_requested", False) or (stop is not None and stop.requested))
+        if trainer is not None:
+            trainer.close()         # after rank 0's last line: no rank exits (and has torchrun end the rest) sooner
+
+
+def _report(cfg, rank: int, trainer, final: dict, describe_outputs, stop_message) -> int:
+    """Rank 0 prints the final lines; returns the exit code (75 on every rank after a stop, from the
+    synced flag)."""
+    from mrpo.checkpoint import complete_checkpoints
+
+    stop = trainer.stop
     if rank == 0:
         keys = ["step", "reward", "accuracy", "early_failure_share", "eval/accuracy", "eval/early_failure_share"]
         print("done: " + ", ".join(f"{k}={final[k]:.4g}" if isinstance(final.get(k), float) else f"{k}={final.get(k)}"
                                    for k in keys if k in final), flush=True)
-        if stopped:
+        if stop.stopping:
             ckpts = complete_checkpoints(Path(cfg.output_dir) / "checkpoints")
             saved = ckpts[-1] if ckpts and ckpts[-1].name == f"step_{trainer.step:06d}" else None
-            what = (getattr(stop, "signal_name", None) or getattr(stop, "reason", None)) if stop else None
-            print(stop_message(what or "a signal", getattr(trainer, "stop_phase", "training"), trainer.step, saved,
-                               getattr(trainer, "stop_why_not", None)), flush=True)
+            print(stop_message(stop.signal_name or stop.reason or "a signal", trainer.stop_phase, trainer.step, saved,
+                               trainer.stop_why_not), flush=True)
         print(describe_outputs(cfg.output_dir), flush=True)
-    if stopped:
-        code = EXIT_STOPPED
-    return code
+    return EXIT_STOPPED if stop.stopping else 0
 
 
 if __name__ == "__main__":

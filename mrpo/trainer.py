@@ -16,7 +16,6 @@ One RL step on each rank (`train_step`, read it top-down):
 """
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -30,9 +29,10 @@ from mrpo import build, checkpoint
 from mrpo.algo.advantages import compute_advantages
 from mrpo.config import Config
 from mrpo.data.sampler import PromptSampler
-from mrpo.distributed import all_gather_rows, all_reduce_max, all_reduce_mean, all_reduce_sum, barrier, warnings_once
+from mrpo.distributed import (all_gather_rows, all_reduce_max, all_reduce_mean, all_reduce_sum, shutdown,
+                              warnings_once)
 from mrpo.engines import build_engine
-from mrpo.eval.reasoning import evaluate_generations
+from mrpo.eval.reasoning import evaluate_over_ranks
 from mrpo.judges import build_judge
 from mrpo.judges.outage import UnjudgedGuard
 from mrpo.judges.spend import JUDGE_STOPS, USAGE_KEYS, JudgeSpend
@@ -42,7 +42,7 @@ from mrpo.models.parallelize import hidden_states_mode, init_distributed
 from mrpo.plan import check_at_startup, compare_measured
 from mrpo.plan_measure import PhaseMemory
 from mrpo.rewards import COUNT_METRICS, RewardModel
-from mrpo.run_safety import GracefulStop, agree_all
+from mrpo.run_safety import GracefulStop
 from mrpo.rollout import (MicroBatch, PromptPool, Rollout, first_failure_stage, gold_rollout, greedy_texts,
                           in_background, micro_batches, pad_micro_batches, sample_groups, score)
 
@@ -54,11 +54,11 @@ __all__ = ["Trainer", "PromptSampler", "first_failure_stage"]
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.rank, self.world, self.device = init_distributed()
+        self.rank, self.world, self.device = init_distributed(cfg.distributed.timeout_s)
         self.is_main = self.rank == 0
         self.out = Path(cfg.output_dir)
         self.stop = GracefulStop()   # SIGTERM/SIGINT: every phase polls it; a checkpoint within the grace
-        self.stop_phase, self.stop_why_not, self._save_s, self.saved_step = "training", None, 10.0, None
+        self.stop_phase, self.stop_why_not, self._save_s = "training", None, 10.0
         self.metrics = MetricsLogger(self.out, cfg, is_main=self.is_main)
         for seed_fn in (torch.manual_seed, random.seed, np.random.seed):
             seed_fn(cfg.seed + self.rank)
@@ -224,7 +224,7 @@ class Trainer:
         per_rank = max(1, cfg.batch_size // self.world)
         for _ in range(self.sft_step):   # resumed mid-warm-up: the same prompts as an unbroken run
             sampler.next(per_rank)
-        bar = self._progress(cfg.steps, "sft", self.sft_step)
+        bar = build.progress_bar(cfg.steps, "sft", self.sft_step, self.is_main and self.cfg.logging.progress)
         for step in range(self.sft_step, cfg.steps):
             if self._stop_synced():
                 self.stop_phase = "warm-up"
@@ -245,24 +245,24 @@ class Trainer:
             bar.update(1)
         bar.close()
         opt.close()
-        self.sft_done = not self.stop.requested
+        self.sft_done = self.sft_step >= cfg.steps
 
     def train(self) -> dict:
         self.stop.install()
         self._resume()
         self.judge_spend.check()   # a resumed run whose judge budget is spent stops before its first step
+        self._saved_at = (self.step, self.sft_step)   # nothing to save before some progress
         self.metrics.truncate_after(self.step, self.sft_done, self.sft_step)
         if not self.sft_done:
             self.sft_warmup()
-            if self.stop.requested:
-                self._save_in_grace()
-                return {}
-            self.save()
-        if self.cfg.logging.eval_at_start and self.step == 0:
+            if self.sft_done:
+                self.save()
+        if self.cfg.logging.eval_at_start and self.step == 0 and not self.stop.stopping:
             self.evaluate("start")
-        bar = self._progress(self.total_steps, self.cfg.algo.name, self.step)
-        last = {}
-        while self.step < self.total_steps and not self.stop.requested:
+        bar = build.progress_bar(self.total_steps, self.cfg.algo.name, self.step,
+                                 self.is_main and self.cfg.logging.progress)
+        last = {}   # every stop decision reads the synced flag (stop.stopping), so all ranks take it alike
+        while self.step < self.total_steps and not self._stop_synced():
             self.stop_phase = "rollout"
             with warnings_once(self.device):   # every rank's reward / judge warnings printed once, by rank 0
                 last = self.judge_spend.account(self.train_step())   # + the judge's cost so far
@@ -282,20 +282,18 @@ class Trainer:
             bar.set_postfix(reward=f"{last['reward']:.3f}", acc=f"{last['accuracy']:.2f}",
                             early=f"{last['early_failure_share']:.2f}", tok_s=f"{last['tokens_per_s']:.0f}",
                             **self.judge_spend.postfix())
-            self._stop_synced()
             every = self.cfg.checkpoint.every_steps
-            saved = bool(every and self.step % every == 0)
-            if saved:
+            if every and self.step % every == 0:
                 self.save()
             ev = self.cfg.logging.eval_every
             if ev and self.step % ev == 0 and self.step < self.total_steps:
                 self.evaluate(f"step_{self.step:06d}")   # returns at once when a stop is requested
-            if self.stop.requested and not saved:
-                self._save_in_grace()
         bar.close()
-        if self.stop.requested:
+        if self.stop.stopping:
+            if self._saved_at != (self.step, self.sft_step):   # progress since the last checkpoint
+                self.stop_why_not = self.stop.save_in_grace(self.save, self._save_s, self.device)
             return last
-        if self.saved_step != self.step:   # the last step is saved once
+        if self._saved_at != (self.step, self.sft_step):   # the last step is saved once
             self.save()
         if self.cfg.checkpoint.export_final and not self._stop_synced():
             self.stop_phase = "export"
@@ -311,23 +309,17 @@ class Trainer:
                  "sampler": self.sampler.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "judge_guard": self.judge_guard.state_dict(), "judge_spend": self.judge_spend.state_dict()}
         path = self.engine.save(self.out / "checkpoints", self.step, state, keep_last=self.cfg.checkpoint.keep_last)
-        self._save_s, self.saved_step = time.perf_counter() - t0, self.step if path else self.saved_step
+        self._save_s = time.perf_counter() - t0
+        if path is not None:   # None: skipped for want of disk space (logged); the next save point tries again
+            self._saved_at = (self.step, self.sft_step)
         return path
-
-    def _save_in_grace(self) -> Path | None:
-        """After a stop: save if every rank expects it to fit in the launcher's grace, else say why not."""
-        if agree_all(self.stop.can_save(self._save_s), self.device if self.device.type == "cuda" else None):
-            return self.save()
-        self.stop_why_not = (f"a checkpoint takes about {self._save_s:.0f} s, more than the "
-                             f"{max(0.0, self.stop.time_left() or 0):.0f} s of grace left")
-        return None
 
     def _resume(self) -> None:
         path = checkpoint.resolve_resume(self.cfg.checkpoint.resume, self.out / "checkpoints")   # split over ranks
         if path is None:
             return
         state = self.engine.load(path)
-        self.step = self.saved_step = state["step"]
+        self.step = state["step"]
         self.sft_done, self.sft_step = state["sft_done"], state.get("sft_step", 0)
         self.judge_guard.load_state_dict(state.get("judge_guard", {}))
         self.judge_spend.load_state_dict(state.get("judge_spend", {}))
@@ -336,7 +328,7 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, tag: str) -> dict:
-        """Greedy generation on the held-out split, answer accuracy and First Failure Point shares."""
+        """Held-out greedy generation and step judging, both split over the ranks: accuracy and FFP shares."""
         limit = self.cfg.logging.eval_limit
         records = [r for r in self.test_pool.records[:limit or None] if self.test_pool.fits(r)]
         if not records:
@@ -350,30 +342,18 @@ class Trainer:
             self.stop_phase = "evaluation"
             log.warning("evaluation %s interrupted by a stop: nothing written", tag)
             return {}
-        if not self.is_main:
-            barrier()   # wait for rank 0's scoring and writing, so no rank runs ahead
+        summary = evaluate_over_ranks(records, texts, self.judge, self.reasoning_tag, self.out / "eval" / tag)
+        if summary is None:   # not rank 0: its share is judged and handed over
             return {}
-        eval_dir = self.out / "eval" / tag
-        summary = evaluate_generations(records, texts, self.judge, self.reasoning_tag, out_dir=eval_dir)
-        (eval_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
         flat = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
         self.metrics.log({"phase": "eval", "tag": tag, "step": self.step, **flat})
         log.info("eval %s: accuracy %.3f, early-failure share %.3f (%d wrong answers judged)", tag,
                  summary["accuracy"], summary["early_failure_share"], summary["wrong_judged"])
-        barrier()
         return flat
 
-    # ------------------------------------------------------------------ progress and teardown
-    def _progress(self, total: int, desc: str, done: int = 0):
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, initial=done, desc=desc, dynamic_ncols=True,
-                    disable=not (self.is_main and self.cfg.logging.progress))
-
+    # ------------------------------------------------------------------ teardown
     def close(self) -> None:
         self.metrics.close()
         self.stop.uninstall()
-        if torch.distributed.is_initialized():
-            barrier()   # no rank tears the process group down while another still uses it
-            torch.distributed.destroy_process_group()
+        shutdown()   # final barrier, unless this rank failed (mrpo.distributed.report_failure)
 

@@ -177,6 +177,33 @@ def test_graceful_stop_flag_then_second_signal_interrupts():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_first_signal_after_another_ranks_stop_is_not_a_second_signal():
+    """Multi-node jobs get signals at different times: a rank that learnt of the stop from another rank
+    (sync) and then gets its own SIGTERM keeps stopping gracefully; only a second signal to it interrupts.
+    `stopping` (what every decision reads) changes only at sync()."""
+    stop = GracefulStop(grace_s=30).install()
+    try:
+        stop.request("a stop signal on another rank")   # what sync() does when another rank had the flag
+        assert stop.requested and not stop.stopping and stop.sync() and stop.stopping
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        assert stop.signal_name == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+    finally:
+        stop.uninstall()
+
+
+def test_save_in_grace_saves_only_when_it_fits():
+    stop, saved = GracefulStop(grace_s=30), []
+    stop.request("SIGTERM received", "SIGTERM")
+    assert stop.save_in_grace(lambda: saved.append(1), estimate_s=5) is None and saved == [1]
+    stop.received_at -= 25                                           # 5 s of the grace left
+    why = stop.save_in_grace(lambda: saved.append(2), estimate_s=5)
+    assert saved == [1] and why.startswith("a checkpoint takes about 5 s, more than the 5 s of grace left")
+
+
 def test_graceful_stop_agrees_across_ranks(tmp_path):
     """Two gloo ranks on loopback: only rank 1 is signalled; sync() stops both at the same call."""
     script = tmp_path / "w.py"

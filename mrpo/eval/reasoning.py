@@ -436,7 +436,8 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def evaluate_generations(records: Sequence[dict], texts: Sequence[str], judge, reasoning_tag: str = "think",
-                         out_dir: str | Path | None = None, judge_all: bool = False) -> dict:
+                         out_dir: str | Path | None = None, judge_all: bool = False,
+                         rows: list[dict] | None = None) -> dict:
     """Evaluation of already generated completions (the trainer's periodic / final evaluation).
 
     records: input records; texts: one completion text per record (special tokens kept).
@@ -445,6 +446,7 @@ def evaluate_generations(records: Sequence[dict], texts: Sequence[str], judge, r
     wrong_judged and the additive `counts`: all-reduce them across ranks, then summary_from_counts).
     With out_dir: writes predictions.jsonl, answers.json, reasoning.json, reasoning_steps.jsonl there
     (the layout mrpo.eval.compare reads; pass it only where `records` is the whole evaluation set).
+    rows: judge_records' rows of these completions when they are already judged (evaluate_over_ranks).
     """
     from mrpo.infer import prediction_record
 
@@ -454,7 +456,7 @@ def evaluate_generations(records: Sequence[dict], texts: Sequence[str], judge, r
     from mrpo.judges.spend import usage_since
 
     before = usage_since(judge)
-    rows = judge_records(preds, judge, judge_all=judge_all)
+    rows = judge_records(preds, judge, judge_all=judge_all) if rows is None else rows
     summary = _summary(rows, judge, judge_all, before)
     if out_dir is not None:
         from mrpo.eval.answers import evaluate_answers
@@ -464,6 +466,40 @@ def evaluate_generations(records: Sequence[dict], texts: Sequence[str], judge, r
         evaluate_answers(preds, None, out_dir=out, predictions=str(out / "predictions.jsonl"))
         _write_jsonl(out / "reasoning_steps.jsonl", rows)
         _write_json(out / "reasoning.json", summary)
+    return summary
+
+
+def evaluate_over_ranks(records: Sequence[dict], texts: Sequence[str], judge, reasoning_tag: str,
+                        out_dir: str | Path) -> dict | None:
+    """evaluate_generations with the step judging split over the ranks (rank r judges records[r::world])
+    and its files, plus summary.json, written by rank 0, which alone gets the summary (None elsewhere).
+
+    A rank that finishes its share first waits for the others without a collective
+    (mrpo.distributed.wait_for_all_ranks), so a judge slower than the process-group timeout does not end
+    the run; the rows are then gathered at once. judge_stats in the summary are summed over ranks.
+    """
+    import torch.distributed as dist
+
+    from mrpo.distributed import wait_for_all_ranks
+    from mrpo.infer import prediction_record
+
+    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+    mine = [prediction_record(r, t, reasoning_tag) for r, t in zip(records[rank::world], texts[rank::world])]
+    rows = judge_records(mine, judge)
+    stats = getattr(getattr(judge, "stats", None), "as_dict", dict)()
+    parts = [(rows, stats)]
+    if world > 1:
+        wait_for_all_ranks(f"eval:{Path(out_dir).name}")
+        parts = [None] * world
+        dist.all_gather_object(parts, (rows, stats))
+    if rank != 0:
+        return None
+    rows = [parts[i % world][0][i // world] for i in range(len(records))]
+    summary = evaluate_generations(records, texts, judge, reasoning_tag, out_dir=out_dir, rows=rows)
+    if summary.get("judge_stats") is not None:
+        summary["judge_stats"] = {k: sum(p[1].get(k, 0) for p in parts) for k in summary["judge_stats"]}
+        _write_json(Path(out_dir) / "reasoning.json", summary)
+    (Path(out_dir) / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary
 
 

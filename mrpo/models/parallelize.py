@@ -93,8 +93,9 @@ def vision_tower(model: nn.Module) -> nn.Module | None:
     return None
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
-    """Initialise torch.distributed from torchrun's environment; returns (rank, world, device)."""
+def init_distributed(timeout_s: float | None = None) -> tuple[int, int, torch.device]:
+    """Initialise torch.distributed from torchrun's environment (collective timeout timeout_s seconds,
+    None = torch's default; mrpo.distributed.init_process_group); returns (rank, world, device)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -102,7 +103,9 @@ def init_distributed() -> tuple[int, int, torch.device]:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        from mrpo.distributed import init_process_group
+
+        init_process_group("nccl" if device.type == "cuda" else "gloo", timeout_s)
     return rank, world, device
 
 

@@ -215,6 +215,27 @@ def test_evaluate_generations_writes_eval_layout(tmp_path):
     assert json.loads((tmp_path / "answers.json").read_text())["overall"]["rule_accuracy"] == 0.5
 
 
+def test_evaluate_over_ranks_on_one_process_is_evaluate_generations(tmp_path):
+    """The trainer's evaluation (judging split over ranks; here one) writes what evaluate_generations writes,
+    plus summary.json; the multi-rank split is tested on 2 ranks in tests/trainer/test_one_rank_faults_e2e.py."""
+    from mrpo.eval.reasoning import evaluate_over_ranks
+    from mrpo.judges.rule import RuleJudge
+
+    facts = {"modality": "ct", "organ": "lung", "lesion_count": 1, "side": "left", "size": "small",
+             "question_type": "laterality", "answer_type": "closed", "asked": "left", "answer": "yes"}
+    recs = [{"id": f"r{i}", "problem": "Is the lesion on the left side?", "solution": "yes", "image": None,
+             "gold_reasoning": "", "dataset": "synthetic", "answer_type": "closed", "facts": facts} for i in range(3)]
+    texts = ["<think>The image is a CT scan. There is one lesion on the right side.</think><answer>no</answer>",
+             "<think>There is one lesion on the left side.</think><answer>yes</answer>",
+             "<think>The scan shows the lungs. The lesion is large.</think><answer>no</answer>"]
+    expected = evaluate_generations(recs, texts, RuleJudge(), "think", out_dir=tmp_path / "plain")
+    got = evaluate_over_ranks(recs, texts, RuleJudge(), "think", tmp_path / "ranks")
+    assert json.dumps(got, sort_keys=True, default=str) == json.dumps(expected, sort_keys=True, default=str)
+    for name in ("predictions.jsonl", "reasoning.json", "reasoning_steps.jsonl"):
+        assert (tmp_path / "ranks" / name).read_text() == (tmp_path / "plain" / name).read_text(), name
+    assert json.loads((tmp_path / "ranks" / "summary.json").read_text())["n_records"] == 3
+
+
 def test_cli_reasoning_rule_judge(tmp_path, capsys):
     """python -m mrpo.eval reasoning on synthetic predictions, with and without LLM answer verdicts."""
     from mrpo.data.synthetic import make_example

@@ -100,3 +100,138 @@ def completion_chars(completions):
     """A custom reward that differs between the completions of a group (their length in characters), so
     the tiny random policy gets non-zero advantages, gradients and AdamW moments."""
     return [float(len(c)) for c in completions]
+
+
+# ----------------------------------------------------------------------------- one rank of several (torchrun)
+# MRPO_FAULT_RANK (default 1) is the rank that gets the fault; MRPO_FAULT_STEP the RL step (1-based) it hits.
+
+
+def _faulty_rank() -> bool:
+    return os.environ.get("RANK", "0") == os.environ.get("MRPO_FAULT_RANK", "1")
+
+
+def _signal_self(where: str) -> None:
+    import sys
+
+    print(f"MRPO_FAULT SIGTERM to rank {os.environ.get('RANK')} during {where}", file=sys.stderr, flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def sigterm_one_rank(trainer):
+    """SIGTERM to the faulty rank alone, in the phase MRPO_FAULT_PHASE, each time right after that phase's
+    last synced stop check (the hard case: the other ranks learn of it only at the next one):
+    warm-up: during the last warm-up step; rollout: after scoring step MRPO_FAULT_STEP; save: between the
+    weights and the marker of the checkpoint of step MRPO_FAULT_STEP; evaluation: after the generation of
+    the evaluation at step MRPO_FAULT_STEP, before its judging."""
+    if not _faulty_rank():
+        return
+    phase, step = os.environ["MRPO_FAULT_PHASE"], int(os.environ.get("MRPO_FAULT_STEP", "1"))
+    if phase == "warm-up":
+        hidden_states = trainer.hidden_states
+
+        def wrapped(*args):
+            if not trainer.sft_done and trainer.sft_step == trainer.cfg.sft.steps:
+                trainer.hidden_states = hidden_states
+                _signal_self(phase)
+            return hidden_states(*args)
+
+        trainer.hidden_states = wrapped
+    elif phase == "rollout":
+        advantages = trainer.global_advantages
+
+        def wrapped(rewards):
+            if trainer.step + 1 == step:
+                _signal_self(phase)
+            return advantages(rewards)
+
+        trainer.global_advantages = wrapped
+    elif phase == "save":
+        save_weights = trainer.engine.save_weights
+
+        def wrapped(folder):
+            save_weights(folder)
+            if trainer.step == step:
+                _signal_self(phase)
+
+        trainer.engine.save_weights = wrapped
+    elif phase == "evaluation":
+        import mrpo.trainer
+
+        evaluate = mrpo.trainer.evaluate_over_ranks
+
+        def wrapped(*args):
+            if trainer.step == step:
+                _signal_self(phase)
+            return evaluate(*args)
+
+        mrpo.trainer.evaluate_over_ranks = wrapped
+    else:
+        raise ValueError(f"MRPO_FAULT_PHASE={phase!r}")
+
+
+class InjectedBug(RuntimeError):
+    pass
+
+
+def raise_on_one_rank(trainer):
+    """An unexpected exception on the faulty rank alone at RL step MRPO_FAULT_STEP, in MRPO_FAULT_PHASE:
+    judge-thread (the scoring the judge thread runs, outside the judge's counted failures) or loss (the
+    loss of the first micro-batch, while the other ranks go on into the backward's collectives)."""
+    if not _faulty_rank():
+        return
+    import sys
+    import time
+
+    phase, step = os.environ["MRPO_FAULT_PHASE"], int(os.environ.get("MRPO_FAULT_STEP", "1"))
+
+    def bug():
+        print(f"MRPO_FAULT raise at {time.time():.3f}", file=sys.stderr, flush=True)
+        raise InjectedBug(f"injected bug in the {phase} of rank {os.environ.get('RANK')}")
+
+    if phase == "judge-thread":
+        score = trainer.reward_model.score
+
+        def wrapped(*args, **kwargs):
+            if trainer.step + 1 == step:
+                bug()
+            return score(*args, **kwargs)
+
+        trainer.reward_model.score = wrapped
+    elif phase == "loss":
+        import mrpo.trainer
+
+        loss = mrpo.trainer.mrpo_loss
+
+        def wrapped(*args, **kwargs):
+            if trainer.sft_done and trainer.step + 1 == step:
+                bug()
+            return loss(*args, **kwargs)
+
+        mrpo.trainer.mrpo_loss = wrapped
+    else:
+        raise ValueError(f"MRPO_FAULT_PHASE={phase!r}")
+
+
+def slow_evaluation_judge(trainer):
+    """Rank 0's judging of its share of every evaluation takes MRPO_JUDGE_DELAY_S seconds longer (an HTTP
+    judge slower than the collective timeout); the other ranks judge at full speed and must wait."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    import time
+
+    import mrpo.eval.reasoning as reasoning
+
+    judge_records, delay = reasoning.judge_records, float(os.environ["MRPO_JUDGE_DELAY_S"])
+
+    def slow(*args, **kwargs):
+        time.sleep(delay)
+        return judge_records(*args, **kwargs)
+
+    reasoning.judge_records = slow
+
+
+def fails_on_rank_1(completions, **columns):
+    """A custom reward (reward.custom) that raises on rank 1 only: counted there, the run goes on."""
+    if os.environ.get("RANK") == "1":
+        raise ConnectionError("reward service unreachable from rank 1")
+    return [float(len(c) % 3) for c in completions]
