@@ -108,7 +108,7 @@ def test_evaluation_waits_for_a_judge_slower_than_the_collective_timeout(data, t
     assert _rl_steps(out) == [1, 2]
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "phase" not in r]
-    assert all(r["reward_failed/flaky/exception"] == 2.0 for r in steps)   # 4 completions on rank 1, mean of ranks
+    assert all(r["reward_failed/flaky/exception"] == 4.0 for r in steps)   # 4 completions on rank 1, summed over ranks
     assert all(0 <= r["reward/flaky"] <= 2 for r in steps)                  # rank 0's values
     ev = out / "eval" / "step_000001"
     summary = json.loads((ev / "summary.json").read_text())
