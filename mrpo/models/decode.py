@@ -20,10 +20,10 @@ How a call runs:
    compacted to the front of the same buffers (an index_select copy per buffer) and the step runs on that
    bucket. Padding slots of a bucket compute on stale data and write nowhere (their output row is a trash row).
 4. Sampling: suppression of backbone.suppress_token_ids, temperature, top-k, top-p (transformers' warpers'
-   order and semantics), then an exponential race (Gumbel-max): token = argmax(log p - log E) with
-   E ~ Exp(1) drawn from the call's generator for EVERY original row at every step, whether the row is live
-   or not. A row's noise therefore does not depend on which other rows are live, so the same seed gives the
-   same completions with compaction on or off. Each token's log-prob is log_softmax of the processed
+   order and semantics), then an inverse-CDF draw: token = the first index where the row's cumulative
+   probability (fp64) exceeds u * total, with u ~ U[0, 1) drawn from the call's generator for EVERY original
+   row at every step, whether the row is live or not. A row's noise therefore does not depend on which
+   other rows are live, so the same seed gives the same completions with compaction on or off. Each token's log-prob is log_softmax of the processed
    logits (the distribution it was drawn from); greedy: argmax, log-prob at T = 1 after suppression.
 
 CPU vs CUDA: on CUDA the step of each bucket is the static-shape form, captured as a CUDA graph on its first
@@ -143,8 +143,7 @@ class Sampler:
         self.top_k = min(top_k, vocab) if top_k and top_k > 0 else 0
         self.generator, self.rows = generator, rows
         noise_device = generator.device if generator is not None else device
-        self.noise = torch.ones(rows + 1, vocab, device=noise_device)   # row `rows`: the trash row's (unused)
-        self.tiny = torch.finfo(torch.float32).tiny
+        self.noise = torch.zeros(rows + 1, 1, dtype=torch.float64, device=noise_device)   # row `rows`: trash row
 
     def __call__(self, logits: torch.Tensor, slot_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = logits.float()                                   # in place below: the step's fresh output
@@ -164,10 +163,13 @@ class Sampler:
             drop[:, -1] = False                              # keep at least one token
             x.masked_fill_(drop.scatter(1, order, drop), float("-inf"))
         logp = F.log_softmax(x, dim=-1)
-        # noise for every original row, live or not: a row's draw does not depend on the others (compaction)
-        self.noise[: self.rows].exponential_(generator=self.generator)
-        e = self.noise.index_select(0, slot_rows.to(self.noise.device)).to(x.device)
-        tok = (logp - e.clamp_min_(self.tiny).log_()).argmax(-1)        # Gumbel-max: a draw from softmax(x)
+        # inverse-CDF draw with one uniform per ORIGINAL row and step, drawn whether the row is live or not:
+        # a row's draw does not depend on the others (compaction). One uniform per row instead of a Gumbel
+        # per token: CPU random numbers cost ~10 ns each, a [rows, V] draw would cost more than the step.
+        self.noise[: self.rows].uniform_(generator=self.generator)
+        u = self.noise.index_select(0, slot_rows.to(self.noise.device)).to(x.device)     # [B, 1] fp64
+        cdf = logp.double().exp_().cumsum_(-1)                                            # fp64: no drift
+        tok = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)[:, 0].clamp_max_(x.shape[-1] - 1)
         return tok, logp.gather(1, tok[:, None])[:, 0]
 
 
