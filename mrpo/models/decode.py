@@ -45,15 +45,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from mrpo.models.decode_step import (
-    FAMILY_TEXT_MODELS,
-    DecodeBuffers,
-    StepGraphs,
-    StepWeights,
-    decode_step,
-    language_model,
-    lora_unsupported,
-)
+from mrpo.models.decode_step import (FAMILY_TEXT_MODELS, DecodeBuffers, StepGraphs, StepWeights, decode_step,
+                                     language_model, lora_unsupported, span_of)
 
 # options unsupported_reason understands (the decode_groups keywords, and generate's that it may be asked about)
 _OPTIONS = {"max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "generator", "compaction", "static",
@@ -229,10 +222,10 @@ def decode_groups(backbone, prompts: dict, rows: list[int], *, max_new_tokens: i
     if len(used) < P:                                                          # prefill only the prompts in use
         prompts = backbone.select_rows(prompts, used)
         rows = [used.index(r) for r in rows]
+    w = StepWeights.from_model(model)                                          # raises on sharded weights
     logits0, kv, start = _prefill(backbone, model, prompts)
     mask = prompts["attention_mask"]
     device, Lp = mask.device, mask.shape[1]
-    w = StepWeights.from_model(model)
     w.rope_tables(model, int(start.max()) + T, mrope=backbone.is_qwen)
     buf = DecodeBuffers(w, R, Lp + T, device, w.embed.dtype)
     idx = torch.tensor(rows, dtype=torch.long, device=device)
@@ -260,9 +253,10 @@ def decode_groups(backbone, prompts: dict, rows: list[int], *, max_new_tokens: i
     for t in range(T):
         if t > 0:
             col = Lp + t - 1                                                   # where the input token's K/V go
+            span = span_of(col, buf.bias.shape[1])
             if static:
                 buf.col.fill_(col)
-            logits = graphs(B) if graphs is not None else decode_step(w, buf, B, col, static=static)
+            logits = graphs(B, span) if graphs is not None else decode_step(w, buf, B, col, static=static, span=span)
             buf.pos[:B] += 1
             steps += 1
         tok, lp = sampler(logits, slot_rows)

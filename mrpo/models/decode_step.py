@@ -82,6 +82,18 @@ def lora_unsupported(module) -> str | None:
     return None
 
 
+def _check_gathered(weight: torch.Tensor, name: str) -> None:
+    """The lean step needs whole weights: a DTensor (FSDP2 shard) or an empty ZeRO-3 placeholder means
+    the call runs outside engine.generation()."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:   # pragma: no cover - torch without distributed
+        DTensor = ()
+    if isinstance(weight, DTensor) or weight.numel() == 0:
+        raise ValueError(f"decode_groups: {name} is sharded ({type(weight).__name__}, {weight.numel()} elements); "
+                         f"call it inside engine.generation(), which gathers every weight once")
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim as transformers' Qwen RMSNorm computes it (fp32 statistics, the result
     cast back before the weight multiplies it); fp32 uses the fused F.rms_norm (the same numbers)."""
@@ -127,6 +139,9 @@ class StepWeights:
         out_emb = getattr(model, "module", model).get_output_embeddings()
         cfg = lm.config
         attn0 = lm.layers[0].self_attn
+        down0 = lm.layers[0].mlp.down_proj
+        _check_gathered(getattr(down0, "base_layer", down0).weight, "layers.0.mlp.down_proj.weight")
+        _check_gathered(lm.embed_tokens.weight, "embed_tokens.weight")
         layers = []
         qk_eps = 0.0
         with torch.no_grad():
@@ -185,18 +200,29 @@ class DecodeBuffers:
             buf[:n] = buf.index_select(0, keep)
 
 
-def decode_step(w: StepWeights, buf: DecodeBuffers, rows: int, col: int | None = None, static: bool = False
-                ) -> torch.Tensor:
+SPAN = 256   # the static step attends the first multiple of SPAN columns that holds the written ones
+
+
+def span_of(col: int, length: int) -> int:
+    """Columns the static step attends when writing column `col`: a multiple of SPAN (at most `length`),
+    so a graph serves SPAN consecutive steps and attention does not read the whole empty cache early on."""
+    return min(length, -(-(col + 1) // SPAN) * SPAN)
+
+
+def decode_step(w: StepWeights, buf: DecodeBuffers, rows: int, col: int | None = None, static: bool = False,
+                span: int | None = None) -> torch.Tensor:
     """One decoded position for slots [0, rows): embeds buf.tokens, writes their K/V at the cache column
     (dynamic: the int `col`; static: buf.col), unmasks that column, returns logits [rows, V] (model dtype).
-    The caller advances buf.pos / buf.col (and the tokens) between steps."""
+    Attention reads columns [0, col] (dynamic) or [0, span) with the unwritten ones masked (static; span
+    default: the whole cache). The caller advances buf.pos / buf.col (and the tokens) between steps."""
     H, KV, hd = w.heads, w.kv_heads, w.head_dim
     x = F.embedding(buf.tokens[:rows], w.embed)                              # [B, D]
     cos = w.cos.index_select(0, buf.pos[:rows])[:, None]                     # [B, 1, hd]
     sin = w.sin_signed.index_select(0, buf.pos[:rows])[:, None]
     if static:
+        span = buf.bias.shape[1] if span is None else span
         buf.bias[:rows].index_fill_(1, buf.col, 0.0)
-        mask = buf.bias[:rows, None, None, :]                                # [B, 1, 1, L]
+        mask = buf.bias[:rows, None, None, :span]                            # [B, 1, 1, span]
     else:
         buf.bias[:rows, col] = 0.0
         mask = buf.bias[:rows, None, None, : col + 1]
@@ -213,7 +239,7 @@ def decode_step(w: StepWeights, buf: DecodeBuffers, rows: int, col: int | None =
         if static:
             kc[:rows].index_copy_(2, buf.col, k)
             vc[:rows].index_copy_(2, buf.col, v)
-            keys, values = kc[:rows], vc[:rows]
+            keys, values = kc[:rows, :, :span], vc[:rows, :, :span]
         else:
             kc[:rows, :, col : col + 1] = k
             vc[:rows, :, col : col + 1] = v
@@ -240,7 +266,7 @@ def capture_cuda_graph(fn, pool=None):
 
 
 class StepGraphs:
-    """The static step of each batch bucket captured once (first use: an eager warm-up run, whose logits
+    """The static step of each (batch bucket, attention span) captured once (first use: an eager warm-up run, whose logits
     are that step's, then the capture, which executes nothing) and replayed at every later step of the
     call. `capture`: (fn, pool) -> (graph with .replay(), output); default capture_cuda_graph (CPU tests
     put a stand-in there). Replaying a capture is safe because the static step is idempotent for a given
@@ -250,21 +276,21 @@ class StepGraphs:
     def __init__(self, w: StepWeights, buf: DecodeBuffers, capture=None):
         self.w, self.buf = w, buf
         self.capture = capture or capture_cuda_graph
-        self.graphs: dict[int, tuple] = {}
+        self.graphs: dict[tuple[int, int], tuple] = {}
         self.pool = None          # one memory pool shared by the buckets' graphs (they never run at once)
 
     @property
     def captures(self) -> int:
         return len(self.graphs)
 
-    def __call__(self, rows: int) -> torch.Tensor:
-        entry = self.graphs.get(rows)
+    def __call__(self, rows: int, span: int) -> torch.Tensor:
+        entry = self.graphs.get((rows, span))
         if entry is not None:
             entry[0].replay()
             return entry[1]
-        logits = decode_step(self.w, self.buf, rows, static=True)   # the warm-up is this step's real run
-        graph, out = self.capture(lambda: decode_step(self.w, self.buf, rows, static=True), self.pool)
-        self.graphs[rows] = (graph, out)
+        logits = decode_step(self.w, self.buf, rows, static=True, span=span)   # warm-up = this step's real run
+        graph, out = self.capture(lambda: decode_step(self.w, self.buf, rows, static=True, span=span), self.pool)
+        self.graphs[(rows, span)] = (graph, out)
         if hasattr(graph, "pool"):
             self.pool = graph.pool()
         return logits

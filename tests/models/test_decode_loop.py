@@ -146,9 +146,11 @@ def test_same_seed_same_completions_with_compaction_on_and_off(sampling_eos, pro
     assert other.completion_ids != on.completion_ids                          # the seed matters
 
 
-def test_static_step_equals_dynamic_step(early_eos, sampling_eos, prompts):
-    """The graph-capturable form (fixed shapes, full-length masked attention, index_copy_ at a device
-    column) run eagerly gives the dynamic form's ids, greedy and sampled, through compactions."""
+def test_static_step_equals_dynamic_step(early_eos, sampling_eos, prompts, monkeypatch):
+    """The graph-capturable form (fixed shapes, masked attention over a span of SPAN-multiple columns,
+    index_copy_ at a device column) run eagerly gives the dynamic form's ids, greedy and sampled, through
+    compactions and span changes (SPAN = 8 here, so the decoded columns cross several)."""
+    monkeypatch.setattr(step_mod, "SPAN", 8)
     rows = [i for i in range(3) for _ in range(G)]
     for bb, kwargs in ((early_eos, {"do_sample": False}), (sampling_eos, {"temperature": 0.5})):
         outs = [decode_groups(bb, prompts, rows, max_new_tokens=NEW, static=static,
@@ -163,13 +165,14 @@ def test_graph_capture_and_replay_with_a_cpu_stand_in(early_eos, prompts, monkey
     """The CUDA-graph bookkeeping on CPU: a stand-in 'graph' records the step and re-runs it into the same
     output tensor at replay. Ids equal the dynamic step's; one capture per bucket used; the capture running
     the step again (a real capture runs nothing) changes nothing, as the static step is idempotent."""
-    captured = []
+    captured, replays = [], []
 
     class StandIn:
         def __init__(self, fn):
             self.fn, self.out = fn, fn()
 
         def replay(self):
+            replays.append(1)
             self.out.copy_(self.fn())
 
     def capture(fn, pool):
@@ -179,11 +182,14 @@ def test_graph_capture_and_replay_with_a_cpu_stand_in(early_eos, prompts, monkey
 
     monkeypatch.setattr(decode_mod, "use_graphs", lambda device: True)
     monkeypatch.setattr(step_mod, "capture_cuda_graph", capture)
+    monkeypatch.setattr(step_mod, "SPAN", 8)
     rows = [i for i in range(3) for _ in range(3)]
     graphs = decode_groups(early_eos, prompts, rows, max_new_tokens=NEW, do_sample=False, static=True)
     eager = decode_groups(early_eos, prompts, rows, max_new_tokens=NEW, do_sample=False, static=False)
     assert graphs.completion_ids == eager.completion_ids
-    assert graphs.stats["graph_captures"] == len(captured) == len(set(graphs.stats["buckets"]))
+    # one capture per (bucket, span) used, each replayed at the later steps of that pair
+    assert graphs.stats["graph_captures"] == len(captured) > len(set(graphs.stats["buckets"])) > 1
+    assert len(captured) + len(replays) == graphs.stats["decode_steps"]
     assert eager.stats["graph_captures"] == 0
 
 
@@ -241,3 +247,13 @@ def test_unsupported_reasons(bb, monkeypatch):
         assert "sliding" in unsupported_reason(bb)
         with pytest.raises(ValueError, match="sliding"):
             decode_groups(bb, {"input_ids": torch.zeros(1, 2, dtype=torch.long)}, [0], max_new_tokens=2)
+
+
+def test_sharded_weights_are_refused(bb, prompts):
+    """Outside engine.generation() a ZeRO-3 parameter is an empty placeholder (FSDP2: a DTensor shard)."""
+    import copy
+
+    model = copy.deepcopy(bb.model)
+    step_mod.language_model(model).embed_tokens.weight = torch.nn.Parameter(torch.empty(0))
+    with pytest.raises(ValueError, match="engine.generation"):
+        decode_groups(dataclasses.replace(bb, model=model), prompts, [0], max_new_tokens=2)
