@@ -222,7 +222,8 @@ def decode_groups(backbone, prompts: dict, rows: list[int], *, max_new_tokens: i
     if len(used) < P:                                                          # prefill only the prompts in use
         prompts = backbone.select_rows(prompts, used)
         rows = [used.index(r) for r in rows]
-    w = StepWeights.from_model(model)                                          # raises on sharded weights
+    on_cuda = prompts["input_ids"].device.type == "cuda"
+    w = StepWeights.from_model(model, fuse_mlp=not on_cuda)                    # raises on sharded weights
     logits0, kv, start = _prefill(backbone, model, prompts)
     mask = prompts["attention_mask"]
     device, Lp = mask.device, mask.shape[1]

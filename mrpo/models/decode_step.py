@@ -24,10 +24,12 @@ Two forms of one step, same math:
     shapes, no host values, so a CUDA graph can capture it once per batch bucket and replay it
     (StepGraphs). It also runs eagerly on CPU, which is how the tests prove it equal to the dynamic form.
 
-Weights: `StepWeights.from_model` concatenates q/k/v and gate/up once per call (the caller runs inside
-engine.generation(), where sharded weights are gathered); peft LoRA layers are merged once per call
-(W + scaling * B @ A, computed in fp32; the teacher-forced forward adds the branch instead, equal to
-~1e-6). The fused copies cost the bytes of the q/k/v and gate/up weights for the length of the call.
+Weights: `StepWeights.from_model` concatenates q/k/v (and, off CUDA, gate/up) once per call (the caller
+runs inside engine.generation(), where sharded weights are gathered); peft LoRA layers are merged once per
+call (W + scaling * B @ A, computed in fp32; the teacher-forced forward adds the branch instead, equal to
+~1e-6). Memory held for the length of a call, besides the KV cache: the fused q/k/v copy (7B Qwen2.5-VL
+bf16: 28 x 4608 x 3584 x 2 B = 0.9 GB); off CUDA also the gate/up copy (7.6 GB at 7B, which is why CUDA
+keeps gate and up as two matmuls); with LoRA, a merged copy of every adapted weight.
 """
 from __future__ import annotations
 
@@ -113,8 +115,10 @@ class LayerWeights:
     qk_norm: torch.Tensor | None   # Qwen3: [H + KV, hd] (q_norm weight per q head, then k_norm per k head)
     o_w: torch.Tensor              # [D, H * hd]
     o_b: torch.Tensor | None
-    gate_up_w: torch.Tensor        # [2 I, D]
+    gate_up_w: torch.Tensor | None  # [2 I, D] fused (fuse_mlp), else None and gate_w / up_w [I, D]
     down_w: torch.Tensor           # [D, I]
+    gate_w: torch.Tensor | None = None
+    up_w: torch.Tensor | None = None
 
 
 @dataclass
@@ -134,7 +138,10 @@ class StepWeights:
     sin_signed: torch.Tensor | None = None  # [N, hd]: (-sin, +sin) halves, so rotate_half(x) * sin = roll(x) * it
 
     @staticmethod
-    def from_model(model) -> StepWeights:
+    def from_model(model, fuse_mlp: bool = True) -> StepWeights:
+        """fuse_mlp: concatenate gate/up into one weight (one matmul per step; CPU, where a step costs its op
+        count). Without it gate and up stay two matmuls over the model's own tensors: no copy of the
+        largest weights (on CUDA the captured graph makes the extra op free)."""
         lm = language_model(model)
         out_emb = getattr(model, "module", model).get_output_embeddings()
         cfg = lm.config
@@ -159,7 +166,8 @@ class StepWeights:
                 layers.append(LayerWeights(
                     ln_in=layer.input_layernorm.weight, ln_post=layer.post_attention_layernorm.weight,
                     qkv_w=torch.cat([qw, kw, vw]), qkv_b=qkv_b, qk_norm=qk_norm, o_w=ow, o_b=ob,
-                    gate_up_w=torch.cat([gw, uw]), down_w=dw))
+                    gate_up_w=torch.cat([gw, uw]) if fuse_mlp else None, down_w=dw,
+                    gate_w=None if fuse_mlp else gw, up_w=None if fuse_mlp else uw))
         return StepWeights(layers=layers, embed=lm.embed_tokens.weight, norm=lm.norm.weight,
                            lm_head=out_emb.weight, eps=lm.layers[0].input_layernorm.variance_epsilon,
                            qk_eps=qk_eps, heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads,
@@ -249,7 +257,10 @@ def decode_step(w: StepWeights, buf: DecodeBuffers, rows: int, col: int | None =
         a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=w.scale)   # [B, KV, H/KV, hd]
         x = x + F.linear(a.reshape(rows, H * hd), lw.o_w, lw.o_b)
         h = rms_norm(x, lw.ln_post, w.eps)
-        gate, up = F.linear(h, lw.gate_up_w).chunk(2, dim=-1)
+        if lw.gate_up_w is not None:
+            gate, up = F.linear(h, lw.gate_up_w).chunk(2, dim=-1)
+        else:
+            gate, up = F.linear(h, lw.gate_w), F.linear(h, lw.up_w)
         x = x + F.linear(F.silu(gate) * up, lw.down_w)
     return F.linear(rms_norm(x, w.norm, w.eps), w.lm_head)
 

@@ -161,6 +161,21 @@ def test_static_step_equals_dynamic_step(early_eos, sampling_eos, prompts, monke
             torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
+def test_unfused_mlp_step_equals_fused(bb, prompts):
+    """The CUDA weight layout (gate and up as two matmuls, no fused copy) gives the CPU layout's logits."""
+    logits = []
+    for fuse in (True, False):
+        w = step_mod.StepWeights.from_model(bb.model, fuse_mlp=fuse)
+        w.rope_tables(bb.model, 64, mrope=bb.is_qwen)
+        buf = step_mod.DecodeBuffers(w, 3, 8, "cpu", torch.float32)
+        buf.tokens.copy_(torch.tensor([10, 11, 12]))
+        buf.pos.copy_(torch.tensor([3, 5, 7]))
+        with torch.no_grad():
+            logits.append(torch.stack([step_mod.decode_step(w, buf, 3, col) for col in range(4)]))
+        assert (w.layers[0].gate_up_w is None) == (not fuse)
+    torch.testing.assert_close(logits[0], logits[1], atol=1e-5, rtol=0)
+
+
 def test_graph_capture_and_replay_with_a_cpu_stand_in(early_eos, prompts, monkeypatch):
     """The CUDA-graph bookkeeping on CPU: a stand-in 'graph' records the step and re-runs it into the same
     output tensor at replay. Ids equal the dynamic step's; one capture per bucket used; the capture running
