@@ -141,6 +141,7 @@ def loop_main(args) -> None:
     bb = load_backbone(path, device=dev, dtype=torch.bfloat16 if dev == "cuda" else torch.float32)
     bb.model.eval()
     cases = _loop_cases(bb, args.long_image_side)
+    load_before = common.load_average()
     meta = {"kernel": "decode_loop", "x_name": "threads", "dtype": str(bb.model.dtype),
             "device": common.device_name(dev), **common.versions(), "timestamp": common.timestamp()}
     rows_out, table, failed = [], [], []
@@ -195,7 +196,8 @@ def loop_main(args) -> None:
     lines = [f"# Decode loop: {meta['device']}", "",
              f"`python benchmarks/bench_decode.py --loop{' ' + ' '.join(args.argv) if args.argv else ''}` at "
              f"{meta['timestamp']}; tiny Qwen2.5-VL ({meta['dtype']}), {args.reps} interleaved rounds, p50; load "
-             f"average {load} after the run (shared machine: compare within a row group only).",
+             f"average {load_before} before and {load} after the run (shared machine: compare within a row group "
+             f"only).",
              "Cases: default = 2 prompts x G 8, 96 new tokens, sampling T 1, no row stops; stop16 = greedy, half "
              "the rows stop after 16 tokens; longimg = 2 prompts with a large image x G 8, 32 new tokens, sampling.",
              "ms / position = call time (prefill included) / decoded positions (the longest row).", "",

@@ -26,12 +26,14 @@ How a call runs:
    other rows are live, so the same seed gives the same completions with compaction on or off. Each token's log-prob is log_softmax of the processed
    logits (the distribution it was drawn from); greedy: argmax, log-prob at T = 1 after suppression.
 
-CPU vs CUDA: on CUDA the step of each bucket is the static-shape form, captured as a CUDA graph on its first
-use and replayed (decode_step.StepGraphs); sampling runs eagerly between replays. On CPU the dynamic form runs
-eagerly: it attends only the columns written so far (fewer FLOPs than the static form's full length),
-and torch.compile measured slower to pay back here (compiling the step once per bucket and length costs
-seconds; a rollout decodes ~100 positions of ~1 ms; see benchmarks/README.md "Decode loop"). `static=True`
-runs the static form eagerly on any device (the tests prove it gives the dynamic form's ids).
+CPU vs CUDA: on CUDA the step of each (bucket, attention span) is the static-shape form, captured as a CUDA
+graph on its first use and replayed (decode_step.StepGraphs); sampling runs eagerly between replays. On CPU
+the dynamic form runs eagerly. Why eager: measured on the tiny Qwen2.5-VL (16 rows, 1 thread, CPU time
+per step, load ~10), the dynamic eager step costs 0.99 ms, the static eager one 1.07 ms (it attends the
+masked columns too) and the static one under torch.compile (dynamic=False) 0.82 ms, but compiling took
+~100 s and recurs for every new shape (bucket, cache length = prompt length + max_new_tokens): 17% of a
+~0.1 s rollout decode does not pay that back. `static=True` runs the static form eagerly on any device
+(the tests prove it gives the dynamic form's ids).
 
 Not served (unsupported_reason says why; the caller falls back to transformers' generate): families other
 than Qwen2.5-VL / Qwen3-VL / InternVL3, sliding-window layers, length-dependent RoPE (dynamic, longrope),
@@ -213,8 +215,8 @@ def decode_groups(backbone, prompts: dict, rows: list[int], *, max_new_tokens: i
     P = prompts["input_ids"].shape[0]
     if any(not 0 <= r < P for r in rows):
         raise ValueError(f"decode_groups: rows must index the {P} prompts, got {sorted(set(rows))}")
-    stats = {"prefill_rows": 0, "decode_steps": 0, "compactions": 0, "buckets": [], "prefill_s": 0.0, "decode_s": 0.0,
-                 "graph_captures": 0}
+    stats = {"prefill_rows": 0, "decode_steps": 0, "compactions": 0, "buckets": [], "prefill_s": 0.0,
+             "decode_s": 0.0, "graph_captures": 0}
     if R == 0 or T <= 0:
         return DecodeOutput([[] for _ in rows], [torch.zeros(0) for _ in rows], stats)
     t0 = time.perf_counter()
@@ -237,6 +239,8 @@ def decode_groups(backbone, prompts: dict, rows: list[int], *, max_new_tokens: i
     buf.bias[:, :Lp].masked_fill_(mask.index_select(0, idx).bool(), 0.0)    # left padding stays -inf
     buf.pos.copy_(start.index_select(0, idx))
     logits = logits0.index_select(0, idx)
+    if on_cuda:
+        torch.cuda.synchronize(device)                                         # times, not queued work
     stats.update(prefill_rows=len(used), prefill_s=time.perf_counter() - t0)
 
     t0 = time.perf_counter()
