@@ -10,7 +10,8 @@ How a call runs:
    transformers' generate would pass (Qwen: the 3 M-RoPE rows from the model's get_rope_index, which hold
    each prompt's rope delta; InternVL: cumsum of the attention mask). Each prompt's K/V is copied into the
    rows that continue it, inside ONE preallocated cache per layer [rows, kv_heads, prompt_len +
-   max_new_tokens, head_dim]; its left padding is masked by an additive key mask kept beside the cache.
+   max_new_tokens (rounded up to 16), head_dim] for K and one for V; its left padding (and every column not
+   written yet) is masked by an additive key mask [rows, columns] kept beside the cache.
 2. Decode: the lean step of mrpo.models.decode_step over the same weights (q/k/v and gate/up fused once per
    call, RoPE table once per call, K/V written in place, one SDPA per layer). All rows decode in lockstep,
    so the cache column of step t is the same for every row; each row's rotary position is its prompt's
@@ -230,7 +231,8 @@ def decode_groups(backbone, prompts: dict, rows: list[int], *, max_new_tokens: i
     mask = prompts["attention_mask"]
     device, Lp = mask.device, mask.shape[1]
     w.rope_tables(model, int(start.max()) + T, mrope=backbone.is_qwen)
-    buf = DecodeBuffers(w, R, Lp + T, device, w.embed.dtype)
+    # columns rounded up to 16: aligned mask rows for CUDA's memory-efficient SDPA; extra columns stay masked
+    buf = DecodeBuffers(w, R, -(-(Lp + T) // 16) * 16, device, w.embed.dtype)
     idx = torch.tensor(rows, dtype=torch.long, device=device)
     for (k, v), kc, vc in zip(kv, buf.k, buf.v):                              # each prompt's K/V into its rows
         kc[:, :, :Lp] = k.index_select(0, idx)

@@ -241,7 +241,10 @@ def decode_step(w: StepWeights, buf: DecodeBuffers, rows: int, col: int | None =
         qk = qkv[:, :nq].view(rows, H + KV, hd)
         if lw.qk_norm is not None:                                           # Qwen3: per-head q / k norms
             qk = rms_norm(qk, None, w.qk_eps) * lw.qk_norm
-        qk = torch.addcmul(qk * cos, qk.roll(hd // 2, -1), sin)              # RoPE: x cos + rotate_half(x) sin
+        if qk.dtype == torch.float32:                                        # RoPE: x cos + rotate_half(x) sin
+            qk = torch.addcmul(qk * cos, qk.roll(hd // 2, -1), sin)
+        else:                                                                # bf16 / fp16: round each product, as HF
+            qk = qk * cos + qk.roll(hd // 2, -1) * sin
         k = qk[:, H:, None]                                                  # [B, KV, 1, hd]
         v = qkv[:, nq:].view(rows, KV, 1, hd)
         if static:

@@ -101,6 +101,16 @@ def test_greedy_equals_generate(bb, prompts):
     assert out.stats["prefill_rows"] == 3 and out.stats["decode_steps"] == max(len(c) for c in ref) - 1
 
 
+def test_bf16_greedy_equals_generate(bb, prompts):
+    """bf16 (the GPU dtype) on CPU: the lean step rounds as the Hugging Face layers do (RMSNorm's fp32
+    statistics, each RoPE product), so greedy ids still equal generate's."""
+    half = load_backbone(bb.model.name_or_path, dtype=torch.bfloat16)
+    half.model.eval()
+    batch = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in prompts.items()}
+    out = decode_groups(half, batch, [0, 1, 2], max_new_tokens=16, do_sample=False)
+    assert out.completion_ids == half.generate(batch, 16, do_sample=False)
+
+
 @pytest.mark.parametrize("compaction", [True, False])
 def test_greedy_groups_with_early_stops_equal_generate(early_eos, prompts, compaction):
     """G = 3 rows per prompt in shuffled request order, rows stopping at different steps: generate's ids
