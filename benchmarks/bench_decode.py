@@ -128,11 +128,41 @@ def _loop_cases(bb, long_side: int) -> dict:
     return cases
 
 
+def _loop_providers(case: str, cb, prompts: dict, rows: list[int], kw: dict, dev: str, outs: dict, stats: dict
+                    ) -> dict:
+    """{provider: call} for one --loop case; each call records its completion ids in outs (and our stats)."""
+    from mrpo.models.decode import decode_groups
+
+    repeated = cb.select_rows(prompts, rows)
+
+    def ours(name: str, every_row: bool = False, **extra):
+        def call():
+            g = torch.Generator(device=dev).manual_seed(1234)
+            if every_row:     # the repeated batch as R prompts: no prefill is shared
+                o = decode_groups(cb, repeated, list(range(len(rows))), generator=g, **kw, **extra)
+            else:
+                o = decode_groups(cb, prompts, rows, generator=g, **kw, **extra)
+            outs[name], stats[name] = o.completion_ids, o.stats
+        return call
+
+    def generate():
+        torch.manual_seed(1234)
+        outs["generate"] = cb.generate(repeated, kw["max_new_tokens"], do_sample=kw["do_sample"],
+                                       temperature=kw.get("temperature", 1.0))
+
+    fns = {"ours": ours("ours")}
+    if case == "stop16":
+        fns["ours, no compaction"] = ours("ours, no compaction", compaction=False)
+    if case == "longimg":
+        fns["ours, every row prefilled"] = ours("ours, every row prefilled", every_row=True)
+    fns["generate"] = generate
+    return fns
+
+
 def loop_main(args) -> None:
     """--loop: our decode loop vs generate on cases (a), (b), (c), at each thread count."""
     import dataclasses
 
-    from mrpo.models.decode import decode_groups
     from mrpo.models.load import load_backbone
     from mrpo.models.tiny import build_tiny
 
@@ -149,31 +179,9 @@ def loop_main(args) -> None:
         torch.set_num_threads(threads)
         for case, (prompts, rows, kw, eos) in cases.items():
             cb = dataclasses.replace(bb, eos_token_ids=list(eos))
-            repeated = cb.select_rows(prompts, rows)
             outs: dict[str, list[list[int]]] = {}
             stats: dict[str, dict] = {}
-
-            def ours(name, **extra):
-                def call():
-                    g = torch.Generator(device=dev).manual_seed(1234)
-                    if extra.pop("per_row", False) or name == "ours, every row prefilled":
-                        o = decode_groups(cb, repeated, list(range(len(rows))), generator=g, **kw, **extra)
-                    else:
-                        o = decode_groups(cb, prompts, rows, generator=g, **kw, **extra)
-                    outs[name], stats[name] = o.completion_ids, o.stats
-                return call
-
-            def generate():
-                torch.manual_seed(1234)
-                outs["generate"] = cb.generate(repeated, kw["max_new_tokens"], do_sample=kw["do_sample"],
-                                               temperature=kw.get("temperature", 1.0))
-
-            fns = {"ours": ours("ours")}
-            if case == "stop16":
-                fns["ours, no compaction"] = ours("ours, no compaction", compaction=False)
-            if case == "longimg":
-                fns["ours, every row prefilled"] = ours("ours, every row prefilled")
-            fns["generate"] = generate
+            fns = _loop_providers(case, cb, prompts, rows, kw, dev, outs, stats)
             wall, cpu = common.time_interleaved_cpu(fns, warmup=1, reps=args.reps)
             if case == "stop16" and not all(outs[n] == outs["generate"] for n in outs):
                 failed.append((threads, case))

@@ -20,9 +20,10 @@ Two forms of one step, same math:
   dynamic (`static=False`): the cache column is a Python int and attention reads only the columns
     written so far (cheapest on CPU, where a decode step costs what its op count and sizes cost);
   static (`static=True`): the column is a 1-element device tensor, K/V are written with index_copy_ and
-    attention reads the full preallocated length with the not-yet-written columns masked (-inf): fixed
-    shapes, no host values, so a CUDA graph can capture it once per batch bucket and replay it
-    (StepGraphs). It also runs eagerly on CPU, which is how the tests prove it equal to the dynamic form.
+    attention reads a span of columns (the first multiple of SPAN = 256 that holds the written ones) with
+    the not-yet-written columns masked (-inf): fixed shapes, no host values, so a CUDA graph can capture
+    it once per (batch bucket, span) and replay it (StepGraphs). It also runs eagerly on CPU, which is
+    how the tests prove it equal to the dynamic form.
 
 Weights: `StepWeights.from_model` concatenates q/k/v (and, off CUDA, gate/up) once per call (the caller
 runs inside engine.generation(), where sharded weights are gathered); peft LoRA layers are merged once per
@@ -280,9 +281,9 @@ def capture_cuda_graph(fn, pool=None):
 
 
 class StepGraphs:
-    """The static step of each (batch bucket, attention span) captured once (first use: an eager warm-up run, whose logits
-    are that step's, then the capture, which executes nothing) and replayed at every later step of the
-    call. `capture`: (fn, pool) -> (graph with .replay(), output); default capture_cuda_graph (CPU tests
+    """The static step of each (batch bucket, attention span) captured once (first use: an eager warm-up
+    run, whose logits are that step's, then the capture, which executes nothing) and replayed at every
+    later step of the call with that pair. `capture`: (fn, pool) -> (graph with .replay(), output); default capture_cuda_graph (CPU tests
     put a stand-in there). Replaying a capture is safe because the static step is idempotent for a given
     state: it reads buf.tokens / pos / col and writes K/V and the mask at col, so the warm-up run and the
     capture leave the buffers as one run does; the caller advances pos / col / tokens between steps."""
