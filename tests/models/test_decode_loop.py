@@ -282,3 +282,29 @@ def test_sharded_weights_are_refused(bb, prompts):
     step_mod.language_model(model).embed_tokens.weight = torch.nn.Parameter(torch.empty(0))
     with pytest.raises(ValueError, match="engine.generation"):
         decode_groups(dataclasses.replace(bb, model=model), prompts, [0], max_new_tokens=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs(bb, prompts, early_eos):
+    """On CUDA (fp32, no TF32): the captured-graph step gives generate's greedy ids and the eager dynamic
+    step's, through compaction; one capture per (bucket, span); bf16 runs with graphs too."""
+    cuda = dataclasses.replace(early_eos, model=copy_to(early_eos.model, "cuda", torch.float32))
+    batch = {k: v.cuda() for k, v in prompts.items()}
+    rows = [i for i in range(3) for _ in range(G)]
+    graphs = decode_groups(cuda, batch, rows, max_new_tokens=NEW, do_sample=False)
+    eager = decode_groups(cuda, batch, rows, max_new_tokens=NEW, do_sample=False, static=False)
+    assert graphs.stats["graph_captures"] >= len(set(graphs.stats["buckets"])) >= 2
+    assert graphs.completion_ids == eager.completion_ids == cuda.generate(cuda.select_rows(batch, rows), NEW,
+                                                                          do_sample=False)
+    half = dataclasses.replace(cuda, model=copy_to(early_eos.model, "cuda", torch.bfloat16))
+    hb = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in batch.items()}
+    out = decode_groups(half, hb, rows, max_new_tokens=NEW, temperature=0.7,
+                        generator=torch.Generator("cuda").manual_seed(SEED))
+    assert out.stats["graph_captures"] >= 1 and all(torch.isfinite(lp).all() for lp in out.logprobs)
+
+
+def copy_to(model, device, dtype):
+    import copy
+
+    return copy.deepcopy(model).to(device=device, dtype=dtype).eval()
