@@ -77,7 +77,7 @@ def unsupported_reason(backbone, model=None, **options) -> str | None:
         lm = language_model(model)
     except AttributeError:
         return f"{type(model).__name__} has no model.language_model"
-    if type(lm).__name__ != FAMILY_TEXT_MODELS[family]:
+    if not any(c.__name__ == FAMILY_TEXT_MODELS[family] for c in type(lm).__mro__):   # FSDP2 subclasses it
         return f"text model class {type(lm).__name__} (expected {FAMILY_TEXT_MODELS[family]} for {family})"
     cfg = lm.config
     if getattr(cfg, "hidden_act", "silu") != "silu":
