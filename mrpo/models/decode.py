@@ -225,6 +225,9 @@ def decode_groups(backbone, prompts: dict, rows: list[int], *, max_new_tokens: i
     if len(used) < P:                                                          # prefill only the prompts in use
         prompts = backbone.select_rows(prompts, used)
         rows = [used.index(r) for r in rows]
+    filler = backbone._vision_filler(prompts, model)   # sharded ranks: all run the vision tower (or none)
+    if filler is not None:                             # an extra prefilled prompt that no row continues
+        prompts = backbone._append_row(prompts, filler)
     on_cuda = prompts["input_ids"].device.type == "cuda"
     w = StepWeights.from_model(model, fuse_mlp=not on_cuda)                    # raises on sharded weights
     logits0, kv, start = _prefill(backbone, model, prompts)
@@ -243,7 +246,7 @@ def decode_groups(backbone, prompts: dict, rows: list[int], *, max_new_tokens: i
     logits = logits0.index_select(0, idx)
     if on_cuda:
         torch.cuda.synchronize(device)                                         # times, not queued work
-    stats.update(prefill_rows=len(used), prefill_s=time.perf_counter() - t0)
+    stats.update(prefill_rows=prompts["input_ids"].shape[0], prefill_s=time.perf_counter() - t0)
 
     t0 = time.perf_counter()
     vocab = w.lm_head.shape[0]

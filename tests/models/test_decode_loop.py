@@ -236,6 +236,16 @@ def test_each_distinct_prompt_prefilled_once(bb, prompts):
     assert sub.completion_ids == [bb.generate(bb.select_rows(prompts, [1]), 4, do_sample=False)[0]] * 2
 
 
+def test_sharded_rank_without_images_prefills_the_vision_filler(bb, prompts, monkeypatch):
+    """Under FSDP2 / ZeRO-3 a rank whose prompts hold no image prefills Backbone's vision filler row too
+    (stand-in here: prompt 0, which has an image), so every rank runs the vision tower; no row continues it."""
+    monkeypatch.setattr(bb, "_vision_filler", lambda batch, model: bb.select_rows(prompts, [0])
+                        if "pixel_values" not in batch else None)
+    out = decode_groups(bb, prompts, [1, 1], max_new_tokens=6, do_sample=False)
+    assert out.stats["prefill_rows"] == 2
+    assert out.completion_ids == [bb.generate(bb.select_rows(prompts, [1]), 6, do_sample=False)[0]] * 2
+
+
 def test_lora_adapters_are_merged(bb, prompts):
     """A peft-LoRA policy (non-zero B) decodes to the ids of transformers' generate on the same model."""
     import copy
