@@ -34,7 +34,8 @@ per step, load ~10), the dynamic eager step costs 0.99 ms, the static eager one 
 masked columns too) and the static one under torch.compile (dynamic=False) 0.82 ms, but compiling took
 ~100 s and recurs for every new shape (bucket, cache length = prompt length + max_new_tokens): 17% of a
 ~0.1 s rollout decode does not pay that back. `static=True` runs the static form eagerly on any device
-(the tests prove it gives the dynamic form's ids).
+(the tests prove it gives the dynamic form's ids). Small CPU steps run on one intra-op thread
+(_step_threads: OpenMP fork/join per tiny op costs more than the op, and stalls on a busy machine).
 
 Not served (unsupported_reason says why; the caller falls back to transformers' generate): families other
 than Qwen2.5-VL / Qwen3-VL / InternVL3, sliding-window layers, length-dependent RoPE (dynamic, longrope),
