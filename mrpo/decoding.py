@@ -109,9 +109,9 @@ def generate(backbone, prompts: dict, rows: list[int], *, decode: str = "loop", 
         _FELL_BACK.add(why)
         log.warning("rollout.decode=loop: %s; generating with transformers' generate instead (rollout.decode=hf)", why)
     hf = HF_PATH.get(decode, "eager")
-    batch = backbone.select_rows(prompts, list(rows)) if list(rows) != list(range(prompts["input_ids"].shape[0])) \
-        else prompts
-    with _seeded(seed, backbone.model.device):
+    rows = list(rows)
+    batch = prompts if rows == list(range(len(next(iter(prompts.values()))))) else backbone.select_rows(prompts, rows)
+    with _seeded(seed, lambda: backbone.model.device):
         ids, logprobs = hf_generate(backbone, batch, max_new_tokens, decode=hf, synced_gpus=synced_gpus, **options)
     return Generation(ids, logprobs, f"hf:{hf}")
 
@@ -163,11 +163,12 @@ def hf_generate(backbone, batch: dict, max_new_tokens: int, *, decode: str = "ea
 
 
 @contextlib.contextmanager
-def _seeded(seed: int | None, device: torch.device):
-    """The global torch RNG (the CPU's, and the CUDA device's) seeded with `seed` inside, restored after."""
+def _seeded(seed: int | None, device):
+    """The global torch RNG (the CPU's, and the CUDA device()'s) seeded with `seed` inside, restored after."""
     if seed is None:
         yield
         return
+    device = device()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         yield
