@@ -139,3 +139,22 @@ def test_logprob_diff_metrics():
     r.sample_logprobs = None
     r.note_trainer_logprobs([0], torch.tensor([0.0, 0.0]))
     assert all(v != v for v in r.logprob_diff_metrics(torch.device("cpu")).values())
+
+
+@pytest.mark.slow
+def test_decode_loop_fsdp2_two_ranks(tmp_path):
+    """FSDP2 on 2 gloo ranks (tests/models/decode_fsdp_worker.py): weights gathered once per rollout, no
+    collective per token (ranks decode different lengths), completions = one unsharded process; greedy
+    evaluation over 2 ranks = one process."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("mrpo.models.decode")
+    paths = [str(build_tiny(f, tmp_path / f, seed=0)) for f in FAMILIES]
+    worker = Path(__file__).parent / "models" / "decode_fsdp_worker.py"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(worker), *paths], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert proc.stdout.count(" ok") == 2 * len(FAMILIES)
