@@ -97,13 +97,15 @@ def run_ours(cfg, steps: int, warmup: int) -> list[dict]:
     trainer = Trainer(cfg)
     probe = StepProbe(trainer)
     cpu = {"decode": [], "train": 0.0}
-    generate, accumulate, engine_step = trainer.backbone.generate, trainer.accumulate_gradients, trainer.engine.step
+    import mrpo.decoding as decoding
 
-    def cpu_generate(batch, max_new_tokens, *a, **k):
+    generate, accumulate, engine_step = decoding.generate, trainer.accumulate_gradients, trainer.engine.step
+
+    def cpu_generate(*a, **k):
         c0 = time.process_time()
-        ids = generate(batch, max_new_tokens, *a, **k)
-        cpu["decode"].append(1e3 * (time.process_time() - c0) / max(1, max(len(c) for c in ids)))
-        return ids
+        out = generate(*a, **k)
+        cpu["decode"].append(1e3 * (time.process_time() - c0) / max(1, max(len(c) for c in out.completion_ids)))
+        return out
 
     def cpu_timed(fn):
         def timed(*a, **k):
@@ -114,7 +116,7 @@ def run_ours(cfg, steps: int, warmup: int) -> list[dict]:
                 cpu["train"] += time.process_time() - c0
         return timed
 
-    trainer.backbone.generate = cpu_generate   # under StepProbe's wall-clock wrapper
+    decoding.generate = cpu_generate   # under StepProbe's wall-clock wrapper (restored by probe.close below)
     trainer.accumulate_gradients, trainer.engine.step = cpu_timed(accumulate), cpu_timed(engine_step)
     out = []
     try:

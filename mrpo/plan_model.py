@@ -18,6 +18,7 @@ CPU_CHUNK_BYTES = 128 * 2 ** 20         # ... and 128 MiB on CPU
 ZERO_BUCKET = 500_000_000               # DeepSpeed reduce_bucket_size (elements)
 SAMPLING_COPIES = 7                     # [rows, V] fp32 logits alive while sampling (logits, warped, probs, ...;
                                         # measured with V = 151936: tests/test_plan.py)
+LOOP_SAMPLING_COPIES = 5                # our decode loop's: noise, logits, log-probs, picked noise, the race
 PHASES = ("rollout", "logprobs", "train")
 
 
@@ -295,16 +296,33 @@ def make_plan(cfg, gpus: int, gpu_mem_gib: float, shape: ModelShape, device: str
         ph.terms[f"parameters gathered for generation ({pd}-byte, whole model)"] = s.params_total * pd
     elif shard > 1:
         ph.terms["parameters unsharded per unit (gather_for_generation off)"] = working
-    kv = 2 * s.layers * s.kv_heads * s.head_dim * gen_rows * seq * pd
-    static = cfg.rollout.decode != "eager"
-    ph.terms[f"KV cache ({'static' if static else 'dynamic'}, {gen_rows} rows x {seq} tokens)"] = kv
-    prefill_rows_tokens = gen_rows * cfg.data.max_prompt_length
-    ph.terms[f"prefill working set ({gen_rows} x {cfg.data.max_prompt_length} prompt tokens, no grad)"] = \
-        text_infer(prefill_rows_tokens) + SAMPLING_COPIES * gen_rows * s.vocab * 4
-    ph.terms[f"vision tower, no grad ({gen_rows} images x {s.patches_per_image} patches)"] = \
-        vision_infer(gen_rows) + gen_rows * s.tokens_per_image * s.hidden * pd
-    if not static:
-        ph.notes.append("dynamic cache: torch.cat growth briefly holds two copies of one layer's K/V")
+    kv_token = 2 * s.layers * s.kv_heads * s.head_dim * pd                 # K + V of one token, all layers
+    prompts, prompt_len = max(1, gen_rows // cfg.rollout.group_size), cfg.data.max_prompt_length
+    if cfg.rollout.decode == "loop" and not (shard > 1 and not d.gather_for_generation):
+        # mrpo.models.decode: the distinct prompts prefilled once, their K/V copied into one preallocated
+        # cache of every row (+ its additive key mask), fused q/k/v and gate/up copies for the lean step
+        ph.terms[f"KV cache (one preallocated, {gen_rows} rows x {seq} tokens)"] = gen_rows * seq * (kv_token + pd)
+        ph.terms[f"prefill K/V of the {prompts} distinct prompts (until copied into their rows)"] = \
+            prompts * prompt_len * kv_token
+        ph.terms[f"prefill working set ({prompts} x {prompt_len} prompt tokens, no grad)"] = \
+            text_infer(prompts * prompt_len) + prompts * s.vocab * 4
+        ph.terms["decode step: fused q/k/v and gate/up weight copies"] = \
+            s.layers * s.hidden * ((s.heads + 2 * s.kv_heads) * s.head_dim + 2 * s.intermediate) * pd
+        ph.terms[f"sampling ({gen_rows} rows x {s.vocab} fp32, {LOOP_SAMPLING_COPIES} buffers)"] = \
+            LOOP_SAMPLING_COPIES * gen_rows * s.vocab * 4
+        ph.terms[f"vision tower, no grad ({prompts} images x {s.patches_per_image} patches, once per prompt)"] = \
+            vision_infer(prompts) + prompts * s.tokens_per_image * s.hidden * pd
+        ph.notes.append("decode loop: finished rows are compacted within the same cache (no second copy)")
+    else:   # transformers' generate: every row prefilled (its prompt repeated G times)
+        static = cfg.rollout.decode in ("static", "static_compiled")
+        ph.terms[f"KV cache ({'static' if static else 'dynamic'}, {gen_rows} rows x {seq} tokens)"] = \
+            gen_rows * seq * kv_token
+        ph.terms[f"prefill working set ({gen_rows} x {prompt_len} prompt tokens, no grad)"] = \
+            text_infer(gen_rows * prompt_len) + SAMPLING_COPIES * gen_rows * s.vocab * 4
+        ph.terms[f"vision tower, no grad ({gen_rows} images x {s.patches_per_image} patches)"] = \
+            vision_infer(gen_rows) + gen_rows * s.tokens_per_image * s.hidden * pd
+        if not static:
+            ph.notes.append("dynamic cache: torch.cat growth briefly holds two copies of one layer's K/V")
     phases["rollout"] = ph
 
     # ---- old / reference log-probs
