@@ -348,8 +348,8 @@ def greedy_texts(engine, backbone, pool: PromptPool, records: list[dict], max_ne
             if stop():
                 return None
             chunk = mine[b * batch_size:(b + 1) * batch_size]
-            batch = pool.encode(chunk or records[:1])
-            ids = decoding.generate(backbone, batch, list(range(batch["input_ids"].shape[0])), decode=decode,
+            chunk_or_filler = chunk or records[:1]   # a rank without records of its own still makes the call
+            ids = decoding.generate(backbone, pool.encode(chunk_or_filler), list(range(len(chunk_or_filler))), decode=decode,
                                     max_new_tokens=max_new_tokens, do_sample=False,
                                     gathered=decoding.weights_gathered(engine), synced_gpus=world > 1).completion_ids
             if chunk:
