@@ -1,0 +1,270 @@
+"""The lean decode step of mrpo.models.decode: one token per row through the language model's own weights.
+
+Families: Qwen2.5-VL and InternVL3 (Qwen2 text: q/k/v biases) and Qwen3-VL (Qwen3 text: per-head RMSNorm
+on q and k). Per decoder layer the step runs about 14 tensor ops instead of the ~250 of the Hugging Face
+layer (see /work/shared/notes-offline-backbones.md, "For a decode loop of our own"):
+
+    h = rms_norm(x)                     qkv = h @ [Wq; Wk; Wv].T + b     (one matmul)
+    [q; k] *= cos, += roll(q; k) * sin  (RoPE on q and k together; Qwen3: per-head rms_norm first)
+    K[:, :, col] = k, V[:, :, col] = v  (written in place into the preallocated cache)
+    a = SDPA(q grouped per KV head, K, V, additive padding mask)      (one call; no repeat_kv)
+    x += a @ Wo.T ; h = rms_norm(x) ; g, u = h @ [Wgate; Wup].T ; x += (silu(g) * u) @ Wdown.T
+
+Rotary position: during decode all three M-RoPE axes carry the same text position (the prompt's last
+position + 1 + t; the prompt's rope delta is inside that start), and M-RoPE with equal axes (Qwen2.5-VL's
+sectioned or Qwen3-VL's interleaved layout) is the 1-D RoPE of that position. The cos / sin table is the
+model's own `rotary_emb` evaluated once per call over every position the call can reach, so its
+numbers are the Hugging Face ones (attention scaling and rope type included).
+
+Two forms of one step, same math:
+  dynamic (`static=False`): the cache column is a Python int and attention reads only the columns
+    written so far (cheapest on CPU, where a decode step costs what its op count and sizes cost);
+  static (`static=True`): the column is a 1-element device tensor, K/V are written with index_copy_ and
+    attention reads the full preallocated length with the not-yet-written columns masked (-inf): fixed
+    shapes, no host values, so a CUDA graph can capture it once per batch bucket and replay it
+    (StepGraphs). It also runs eagerly on CPU, which is how the tests prove it equal to the dynamic form.
+
+Weights: `StepWeights.from_model` concatenates q/k/v and gate/up once per call (the caller runs inside
+engine.generation(), where sharded weights are gathered); peft LoRA layers are merged once per call
+(W + scaling * B @ A, computed in fp32; the teacher-forced forward adds the branch instead, equal to
+~1e-6). The fused copies cost the bytes of the q/k/v and gate/up weights for the length of the call.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+FAMILY_TEXT_MODELS = {"qwen2_5_vl": "Qwen2_5_VLTextModel", "qwen3_vl": "Qwen3VLTextModel", "internvl3": "Qwen2Model"}
+
+
+def language_model(model) -> torch.nn.Module:
+    """The decoder-only text model inside a VL model (embed_tokens, layers, norm, rotary_emb)."""
+    model = getattr(model, "module", model)     # a DeepSpeed engine wraps the HF model
+    return model.model.language_model
+
+
+def linear_weight(module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight [out, in], bias [out] or None) that `module` applies: an nn.Linear's own, or a peft LoRA
+    Linear's base weight plus scaling * B @ A of each active adapter (unless merged or disabled)."""
+    base = getattr(module, "base_layer", None)
+    if base is None:
+        return module.weight, module.bias
+    weight, bias = base.weight, base.bias
+    if getattr(module, "merged", False) or getattr(module, "disable_adapters", False):
+        return weight, bias
+    delta = None
+    for name in module.active_adapters:
+        if name not in module.lora_A:
+            continue
+        a, b = module.lora_A[name].weight.float(), module.lora_B[name].weight.float()   # [r, in], [out, r]
+        d = module.scaling[name] * (b @ a)
+        delta = d if delta is None else delta + d
+    if delta is None:
+        return weight, bias
+    return (weight.float() + delta).to(weight.dtype), bias
+
+
+def lora_unsupported(module) -> str | None:
+    """Why a peft LoRA layer cannot be merged here (None: it can, or it is not a LoRA layer)."""
+    if getattr(module, "base_layer", None) is None:
+        return None
+    if type(module).__name__ != "Linear" or not isinstance(module.base_layer, torch.nn.Linear):
+        return f"LoRA layer type {type(module).__name__} over {type(module.base_layer).__name__}"
+    for name in module.active_adapters:
+        if getattr(module, "use_dora", {}).get(name, False):
+            return "DoRA adapters"
+        if getattr(module, "lora_bias", {}).get(name, False):
+            return "LoRA adapters with a bias"
+    if getattr(module, "fan_in_fan_out", False):
+        return "LoRA layers with fan_in_fan_out"
+    return None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim as transformers' Qwen RMSNorm computes it (fp32 statistics, the result
+    cast back before the weight multiplies it); fp32 uses the fused F.rms_norm (the same numbers)."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    y = x.float()
+    y = (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return y if weight is None else weight * y
+
+
+@dataclass
+class LayerWeights:
+    ln_in: torch.Tensor            # [D]
+    ln_post: torch.Tensor          # [D]
+    qkv_w: torch.Tensor            # [(H + 2 KV) * hd, D]
+    qkv_b: torch.Tensor | None     # [(H + 2 KV) * hd]
+    qk_norm: torch.Tensor | None   # Qwen3: [H + KV, hd] (q_norm weight per q head, then k_norm per k head)
+    o_w: torch.Tensor              # [D, H * hd]
+    o_b: torch.Tensor | None
+    gate_up_w: torch.Tensor        # [2 I, D]
+    down_w: torch.Tensor           # [D, I]
+
+
+@dataclass
+class StepWeights:
+    """Everything the lean step reads, gathered from the model once per decode call."""
+    layers: list[LayerWeights]
+    embed: torch.Tensor            # [V, D]
+    norm: torch.Tensor             # [D] final norm
+    lm_head: torch.Tensor          # [V, D]
+    eps: float                     # decoder RMSNorm epsilon
+    qk_eps: float                  # Qwen3 q/k norm epsilon
+    heads: int
+    kv_heads: int
+    head_dim: int
+    scale: float                   # attention softmax scale (head_dim ** -0.5)
+    cos: torch.Tensor | None = None        # [N, hd] RoPE table over positions 0..N-1 (set by rope_tables)
+    sin_signed: torch.Tensor | None = None  # [N, hd]: (-sin, +sin) halves, so rotate_half(x) * sin = roll(x) * it
+
+    @staticmethod
+    def from_model(model) -> StepWeights:
+        lm = language_model(model)
+        out_emb = getattr(model, "module", model).get_output_embeddings()
+        cfg = lm.config
+        attn0 = lm.layers[0].self_attn
+        layers = []
+        qk_eps = 0.0
+        with torch.no_grad():
+            for layer in lm.layers:
+                at, mlp = layer.self_attn, layer.mlp
+                (qw, qb), (kw, kb), (vw, vb) = (linear_weight(m) for m in (at.q_proj, at.k_proj, at.v_proj))
+                qkv_b = None if qb is None else torch.cat([qb, kb, vb])
+                qk_norm = None
+                if getattr(at, "q_norm", None) is not None:
+                    qk_eps = at.q_norm.variance_epsilon
+                    qk_norm = torch.cat([at.q_norm.weight.expand(cfg.num_attention_heads, -1),
+                                         at.k_norm.weight.expand(cfg.num_key_value_heads, -1)])
+                ow, ob = linear_weight(at.o_proj)
+                (gw, _), (uw, _), (dw, _) = (linear_weight(m) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+                layers.append(LayerWeights(
+                    ln_in=layer.input_layernorm.weight, ln_post=layer.post_attention_layernorm.weight,
+                    qkv_w=torch.cat([qw, kw, vw]), qkv_b=qkv_b, qk_norm=qk_norm, o_w=ow, o_b=ob,
+                    gate_up_w=torch.cat([gw, uw]), down_w=dw))
+        return StepWeights(layers=layers, embed=lm.embed_tokens.weight, norm=lm.norm.weight,
+                           lm_head=out_emb.weight, eps=lm.layers[0].input_layernorm.variance_epsilon,
+                           qk_eps=qk_eps, heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads,
+                           head_dim=attn0.head_dim, scale=attn0.scaling)
+
+    def rope_tables(self, model, positions: int, mrope: bool) -> None:
+        """cos / sin_signed over positions 0..positions-1, from the model's own rotary embedding
+        (mrope: 3 equal axes, the text positions of Qwen's M-RoPE)."""
+        lm = language_model(model)
+        device, dtype = self.embed.device, self.embed.dtype
+        ids = torch.arange(positions, device=device)[None]
+        if mrope:
+            ids = ids[None].expand(3, 1, -1)
+        with torch.no_grad():
+            cos, sin = lm.rotary_emb(torch.empty(0, device=device, dtype=dtype), ids)
+        cos, sin = cos.reshape(positions, -1), sin.reshape(positions, -1)
+        half = sin.shape[-1] // 2
+        self.cos, self.sin_signed = cos.contiguous(), torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
+
+
+class DecodeBuffers:
+    """The preallocated state of one decode call, indexed by slot (a row of the running batch; live rows
+    are compacted to the front). rows = slots; length = prompt length + max_new_tokens columns."""
+
+    def __init__(self, w: StepWeights, rows: int, length: int, device, dtype):
+        shape = (rows, w.kv_heads, length, w.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in w.layers]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in w.layers]
+        self.bias = torch.full((rows, length), float("-inf"), device=device, dtype=dtype)  # additive key mask
+        self.tokens = torch.zeros(rows, dtype=torch.long, device=device)   # input token of the next step
+        self.pos = torch.zeros(rows, dtype=torch.long, device=device)      # its rotary position
+        self.col = torch.zeros(1, dtype=torch.long, device=device)         # its cache column (static step)
+
+    def compact(self, keep: torch.Tensor) -> None:
+        """Move the slots `keep` (ascending) to the front, in order: copies within the buffers."""
+        n = keep.numel()
+        for buf in (*self.k, *self.v, self.bias, self.tokens, self.pos):
+            buf[:n] = buf.index_select(0, keep)
+
+
+def decode_step(w: StepWeights, buf: DecodeBuffers, rows: int, col: int | None = None, static: bool = False
+                ) -> torch.Tensor:
+    """One decoded position for slots [0, rows): embeds buf.tokens, writes their K/V at the cache column
+    (dynamic: the int `col`; static: buf.col), unmasks that column, returns logits [rows, V] (model dtype).
+    The caller advances buf.pos / buf.col (and the tokens) between steps."""
+    H, KV, hd = w.heads, w.kv_heads, w.head_dim
+    x = F.embedding(buf.tokens[:rows], w.embed)                              # [B, D]
+    cos = w.cos.index_select(0, buf.pos[:rows])[:, None]                     # [B, 1, hd]
+    sin = w.sin_signed.index_select(0, buf.pos[:rows])[:, None]
+    if static:
+        buf.bias[:rows].index_fill_(1, buf.col, 0.0)
+        mask = buf.bias[:rows, None, None, :]                                # [B, 1, 1, L]
+    else:
+        buf.bias[:rows, col] = 0.0
+        mask = buf.bias[:rows, None, None, : col + 1]
+    nq = (H + KV) * hd
+    for lw, kc, vc in zip(w.layers, buf.k, buf.v):
+        h = rms_norm(x, lw.ln_in, w.eps)
+        qkv = F.linear(h, lw.qkv_w, lw.qkv_b)                                # [B, (H + 2 KV) hd]
+        qk = qkv[:, :nq].view(rows, H + KV, hd)
+        if lw.qk_norm is not None:                                           # Qwen3: per-head q / k norms
+            qk = rms_norm(qk, None, w.qk_eps) * lw.qk_norm
+        qk = torch.addcmul(qk * cos, qk.roll(hd // 2, -1), sin)              # RoPE: x cos + rotate_half(x) sin
+        k = qk[:, H:, None]                                                  # [B, KV, 1, hd]
+        v = qkv[:, nq:].view(rows, KV, 1, hd)
+        if static:
+            kc[:rows].index_copy_(2, buf.col, k)
+            vc[:rows].index_copy_(2, buf.col, v)
+            keys, values = kc[:rows], vc[:rows]
+        else:
+            kc[:rows, :, col : col + 1] = k
+            vc[:rows, :, col : col + 1] = v
+            keys, values = kc[:rows, :, : col + 1], vc[:rows, :, : col + 1]
+        # the H / KV query heads of one KV head act as that head's queries: no repeat of K / V
+        q = qk[:, :H].reshape(rows, KV, H // KV, hd)
+        a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=w.scale)   # [B, KV, H/KV, hd]
+        x = x + F.linear(a.reshape(rows, H * hd), lw.o_w, lw.o_b)
+        h = rms_norm(x, lw.ln_post, w.eps)
+        gate, up = F.linear(h, lw.gate_up_w).chunk(2, dim=-1)
+        x = x + F.linear(F.silu(gate) * up, lw.down_w)
+    return F.linear(rms_norm(x, w.norm, w.eps), w.lm_head)
+
+
+def capture_cuda_graph(fn, pool=None):
+    """Capture fn() (no host syncs, fixed shapes, only static buffers) as a CUDA graph in memory pool
+    `pool` (None: a new one); returns (graph, output tensor that each graph.replay() overwrites). The
+    caller has run fn() eagerly once on this bucket (the warm-up), so lazy library initialisation
+    (cuBLAS handles and workspaces) happens outside the capture."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out
+
+
+class StepGraphs:
+    """The static step of each batch bucket captured once (first use: an eager warm-up run, whose logits
+    are that step's, then the capture, which executes nothing) and replayed at every later step of the
+    call. `capture`: (fn, pool) -> (graph with .replay(), output); default capture_cuda_graph (CPU tests
+    put a stand-in there). Replaying a capture is safe because the static step is idempotent for a given
+    state: it reads buf.tokens / pos / col and writes K/V and the mask at col, so the warm-up run and the
+    capture leave the buffers as one run does; the caller advances pos / col / tokens between steps."""
+
+    def __init__(self, w: StepWeights, buf: DecodeBuffers, capture=None):
+        self.w, self.buf = w, buf
+        self.capture = capture or capture_cuda_graph
+        self.graphs: dict[int, tuple] = {}
+        self.pool = None          # one memory pool shared by the buckets' graphs (they never run at once)
+
+    @property
+    def captures(self) -> int:
+        return len(self.graphs)
+
+    def __call__(self, rows: int) -> torch.Tensor:
+        entry = self.graphs.get(rows)
+        if entry is not None:
+            entry[0].replay()
+            return entry[1]
+        logits = decode_step(self.w, self.buf, rows, static=True)   # the warm-up is this step's real run
+        graph, out = self.capture(lambda: decode_step(self.w, self.buf, rows, static=True), self.pool)
+        self.graphs[rows] = (graph, out)
+        if hasattr(graph, "pool"):
+            self.pool = graph.pool()
+        return logits
