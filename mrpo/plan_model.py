@@ -299,20 +299,24 @@ def make_plan(cfg, gpus: int, gpu_mem_gib: float, shape: ModelShape, device: str
     kv_token = 2 * s.layers * s.kv_heads * s.head_dim * pd                 # K + V of one token, all layers
     prompts, prompt_len = max(1, gen_rows // cfg.rollout.group_size), cfg.data.max_prompt_length
     if cfg.rollout.decode == "loop" and not (shard > 1 and not d.gather_for_generation):
-        # mrpo.models.decode: the distinct prompts prefilled once, their K/V copied into one preallocated
-        # cache of every row (+ its additive key mask), fused q/k/v and gate/up copies for the lean step
-        ph.terms[f"KV cache (one preallocated, {gen_rows} rows x {seq} tokens)"] = gen_rows * seq * (kv_token + pd)
+        # mrpo.models.decode: the distinct prompts prefilled once (vision tower once per image), their K/V
+        # copied into one preallocated cache of every row (+ its additive key mask), then the lean step over
+        # fused q/k/v and gate/up copies. The prefill's working set is gone before the decode buffers exist:
+        # the phase peak is the larger of the two moments, so the prefill counts only beyond the decode's.
+        kv = gen_rows * seq * (kv_token + pd)
+        fused = s.layers * s.hidden * ((s.heads + 2 * s.kv_heads) * s.head_dim + 2 * s.intermediate) * pd
+        sampling = LOOP_SAMPLING_COPIES * gen_rows * s.vocab * 4
+        prefill = (text_infer(prompts * prompt_len) + prompts * s.vocab * 4 + vision_infer(prompts)
+                   + prompts * s.tokens_per_image * s.hidden * pd)
+        ph.terms[f"KV cache (one preallocated, {gen_rows} rows x {seq} tokens)"] = kv
         ph.terms[f"prefill K/V of the {prompts} distinct prompts (until copied into their rows)"] = \
             prompts * prompt_len * kv_token
-        ph.terms[f"prefill working set ({prompts} x {prompt_len} prompt tokens, no grad)"] = \
-            text_infer(prompts * prompt_len) + prompts * s.vocab * 4
-        ph.terms["decode step: fused q/k/v and gate/up weight copies"] = \
-            s.layers * s.hidden * ((s.heads + 2 * s.kv_heads) * s.head_dim + 2 * s.intermediate) * pd
-        ph.terms[f"sampling ({gen_rows} rows x {s.vocab} fp32, {LOOP_SAMPLING_COPIES} buffers)"] = \
-            LOOP_SAMPLING_COPIES * gen_rows * s.vocab * 4
-        ph.terms[f"vision tower, no grad ({prompts} images x {s.patches_per_image} patches, once per prompt)"] = \
-            vision_infer(prompts) + prompts * s.tokens_per_image * s.hidden * pd
-        ph.notes.append("decode loop: finished rows are compacted within the same cache (no second copy)")
+        ph.terms["decode step: fused q/k/v and gate/up weight copies"] = fused
+        ph.terms[f"sampling ({gen_rows} rows x {s.vocab} fp32, {LOOP_SAMPLING_COPIES} buffers)"] = sampling
+        ph.terms[f"prefill ({prompts} x {prompt_len} prompt tokens, {prompts} images), beyond the decode buffers"] = \
+            max(0, prefill - (kv + fused + sampling))
+        ph.notes.append(f"decode loop: prefill working set {prefill / GiB:.2f} GiB (vision tower once per prompt) "
+                        f"before the decode buffers; finished rows are compacted within the same cache")
     else:   # transformers' generate: every row prefilled (its prompt repeated G times)
         static = cfg.rollout.decode in ("static", "static_compiled")
         ph.terms[f"KV cache ({'static' if static else 'dynamic'}, {gen_rows} rows x {seq} tokens)"] = \
