@@ -18,6 +18,20 @@ Reports p50 wall ms and (CPU) process CPU ms per decoded position (call time / l
 the ratio to `plain`, and checks that the ids agree across providers within each mode. On CPU
 static_compiled runs as static (transformers compiles only on CUDA-type devices).
 Writes results/decode_<tag>.md and .csv.
+
+    python benchmarks/bench_decode.py --loop                # our decode loop (mrpo.models.decode) vs generate
+
+--loop: mrpo.models.decode.decode_groups against Backbone.generate (transformers' generate over the repeated
+batch, as rollouts ran it) on the tiny Qwen2.5-VL, rounds interleaved, at each of --threads (default 1 2):
+  (a) default   2 prompts x G = 8 rows, 96 new tokens, sampling at T = 1 (the EOS set is one suppressed id,
+                so every row decodes all 96 positions in both): time per decoded position;
+  (b) stop16    the same rows, greedy, with one more EOS id that the first prompt's greedy completion
+                emits first at token 16 and the second never: half the rows stop after 16 tokens; ours
+                with compaction on and off, and generate (ids checked equal across the three);
+  (c) longimg   2 prompts with a large image (--long-image-side px, hundreds of image tokens) x G = 8,
+                32 new tokens: ours with the shared prefill (each prompt once), ours prefilling every row
+                (the 16 rows passed as 16 prompts), and generate; time per call.
+Writes results/decode_loop_<tag>.md and .csv (tag default: <device>).
 """
 from __future__ import annotations
 
@@ -89,6 +103,123 @@ def time_processors(processors: dict, input_ids: torch.Tensor, vocab: int, reps:
             for k in processors}
 
 
+def _loop_cases(bb, long_side: int) -> dict:
+    """{case: (prompts, rows, kwargs of both providers, eos ids)} for --loop (see the module docstring)."""
+    import dataclasses
+
+    from mrpo.data.synthetic import make_example
+
+    exs = [make_example(0, "train", i, image_size=56) for i in range(2)]
+    prompts = bb.encode_prompts([e[0]["problem"] for e in exs], [[e[1]] for e in exs])
+    rows = [i for i in range(2) for _ in range(8)]
+    cases = {"default": (prompts, rows, dict(max_new_tokens=96, do_sample=True, temperature=1.0),
+                         bb.suppress_token_ids[:1])}
+    # (b): an id that prompt 0's greedy completion first emits at index 15 (its 16th token), prompt 1's never
+    greedy = bb.generate(prompts, 96, do_sample=False)
+    cands = [t for t in set(greedy[0]) if greedy[0].index(t) == 15 and t not in greedy[1]]
+    if not cands:
+        raise SystemExit(f"bench_decode --loop: no token first emitted at index 15 by prompt 0: {greedy}")
+    cases["stop16"] = (prompts, rows, dict(max_new_tokens=96, do_sample=False), bb.eos_token_ids + cands[:1])
+    big = dataclasses.replace(bb, max_pixels=long_side * long_side)
+    imgs = [make_example(0, "train", i, image_size=long_side)[1] for i in range(2)]
+    long_prompts = big.encode_prompts([e[0]["problem"] for e in exs], [[im] for im in imgs])
+    cases["longimg"] = (long_prompts, rows, dict(max_new_tokens=32, do_sample=True, temperature=1.0),
+                        bb.suppress_token_ids[:1])
+    return cases
+
+
+def _loop_providers(case: str, cb, prompts: dict, rows: list[int], kw: dict, dev: str, outs: dict, stats: dict
+                    ) -> dict:
+    """{provider: call} for one --loop case; each call records its completion ids in outs (and our stats)."""
+    from mrpo.models.decode import decode_groups
+
+    repeated = cb.select_rows(prompts, rows)
+
+    def ours(name: str, every_row: bool = False, **extra):
+        def call():
+            g = torch.Generator(device=dev).manual_seed(1234)
+            if every_row:     # the repeated batch as R prompts: no prefill is shared
+                o = decode_groups(cb, repeated, list(range(len(rows))), generator=g, **kw, **extra)
+            else:
+                o = decode_groups(cb, prompts, rows, generator=g, **kw, **extra)
+            outs[name], stats[name] = o.completion_ids, o.stats
+        return call
+
+    def generate():
+        torch.manual_seed(1234)
+        outs["generate"] = cb.generate(repeated, kw["max_new_tokens"], do_sample=kw["do_sample"],
+                                       temperature=kw.get("temperature", 1.0))
+
+    fns = {"ours": ours("ours")}
+    if case == "stop16":
+        fns["ours, no compaction"] = ours("ours, no compaction", compaction=False)
+    if case == "longimg":
+        fns["ours, every row prefilled"] = ours("ours, every row prefilled", every_row=True)
+    fns["generate"] = generate
+    return fns
+
+
+def loop_main(args) -> None:
+    """--loop: our decode loop vs generate on cases (a), (b), (c), at each thread count."""
+    import dataclasses
+
+    from mrpo.models.load import load_backbone
+    from mrpo.models.tiny import build_tiny
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    path = args.model_path or build_tiny("qwen2_5_vl", Path(tempfile.gettempdir()) / "mrpo_bench_decode_tiny")
+    bb = load_backbone(path, device=dev, dtype=torch.bfloat16 if dev == "cuda" else torch.float32)
+    bb.model.eval()
+    cases = _loop_cases(bb, args.long_image_side)
+    load_before = common.load_average()
+    meta = {"kernel": "decode_loop", "x_name": "threads", "dtype": str(bb.model.dtype),
+            "device": common.device_name(dev), **common.versions(), "timestamp": common.timestamp()}
+    rows_out, table, failed = [], [], []
+    for threads in args.threads_list:
+        torch.set_num_threads(threads)
+        for case, (prompts, rows, kw, eos) in cases.items():
+            cb = dataclasses.replace(bb, eos_token_ids=list(eos))
+            outs: dict[str, list[list[int]]] = {}
+            stats: dict[str, dict] = {}
+            fns = _loop_providers(case, cb, prompts, rows, kw, dev, outs, stats)
+            wall, cpu = common.time_interleaved_cpu(fns, warmup=1, reps=args.reps)
+            if case == "stop16" and not all(outs[n] == outs["generate"] for n in outs):
+                failed.append((threads, case))
+            gen_cpu = common.quantiles(cpu["generate"])[0]
+            gen_wall = common.quantiles(wall["generate"])[0]
+            for name in fns:
+                steps = max(len(c) for c in outs[name])
+                w, c = common.quantiles(wall[name]), common.quantiles(cpu[name])
+                st = stats.get(name, {})
+                note = (f"case={case}; rows={len(rows)}; new_tokens={kw['max_new_tokens']}; decoded positions={steps}; "
+                        f"prompt_len={prompts['input_ids'].shape[1]}; buckets={st.get('buckets', '-')}; "
+                        f"prefill_rows={st.get('prefill_rows', len(rows))}")
+                for metric, q, unit in (("call_wall", w, "s"), ("call_cpu", c, "s")):
+                    rows_out.append({**meta, "x_value": threads, "provider": name, "mode": case, "metric": metric,
+                                     "unit": unit, "p50": q[0], "p20": q[1], "p80": q[2], "note": note})
+                table.append(f"| {threads} | {case} | {name} | {steps} | {1e3 * w[0] / steps:.3f} | "
+                             f"{1e3 * c[0] / steps:.3f} | {w[0] / gen_wall:.3f} | {c[0] / gen_cpu:.3f} | "
+                             f"{st.get('buckets', '-')} |")
+    load = common.load_average()
+    lines = [f"# Decode loop: {meta['device']}", "",
+             f"`python benchmarks/bench_decode.py --loop{' ' + ' '.join(args.argv) if args.argv else ''}` at "
+             f"{meta['timestamp']}; tiny Qwen2.5-VL ({meta['dtype']}), {args.reps} interleaved rounds, p50; load "
+             f"average {load_before} before and {load} after the run (shared machine: compare within a row group "
+             f"only).",
+             "Cases: default = 2 prompts x G 8, 96 new tokens, sampling T 1, no row stops; stop16 = greedy, half "
+             "the rows stop after 16 tokens; longimg = 2 prompts with a large image x G 8, 32 new tokens, sampling.",
+             "ms / position = call time (prefill included) / decoded positions (the longest row).", "",
+             "| threads | case | provider | positions | wall ms / position | CPU ms / position | wall vs generate "
+             "| CPU vs generate | buckets |", "|---:|---|---|---:|---:|---:|---:|---:|---|", *table]
+    tag = args.tag or dev
+    out = Path(args.out_dir)
+    common.write_csv(out / f"decode_loop_{tag}.csv", rows_out)
+    (out / f"decode_loop_{tag}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    if failed:
+        raise SystemExit(f"bench_decode --loop: greedy ids differ from generate for {failed}")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -102,7 +233,14 @@ def main(argv=None) -> None:
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--tag", help="results/decode_<tag>.* (default: <device>)")
     ap.add_argument("--out-dir", default=str(common.RESULTS_DIR))
+    ap.add_argument("--loop", action="store_true", help="our decode loop vs generate (cases a, b, c)")
+    ap.add_argument("--threads-list", type=int, nargs="+", default=[1, 2], help="--loop: thread counts")
+    ap.add_argument("--long-image-side", type=int, default=448, help="--loop case longimg: image side (px)")
     args = ap.parse_args(argv)
+    if args.loop:
+        args.argv = sys.argv[1:] if argv is None else list(argv)
+        args.argv = [a for a in args.argv if a != "--loop"]
+        return loop_main(args)
 
     from mrpo.data.synthetic import make_example
     from mrpo.models.load import load_backbone

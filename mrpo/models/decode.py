@@ -10,7 +10,8 @@ How a call runs:
    transformers' generate would pass (Qwen: the 3 M-RoPE rows from the model's get_rope_index, which hold
    each prompt's rope delta; InternVL: cumsum of the attention mask). Each prompt's K/V is copied into the
    rows that continue it, inside ONE preallocated cache per layer [rows, kv_heads, prompt_len +
-   max_new_tokens, head_dim]; its left padding is masked by an additive key mask kept beside the cache.
+   max_new_tokens (rounded up to 16), head_dim] for K and one for V; its left padding (and every column not
+   written yet) is masked by an additive key mask [rows, columns] kept beside the cache.
 2. Decode: the lean step of mrpo.models.decode_step over the same weights (q/k/v and gate/up fused once per
    call, RoPE table once per call, K/V written in place, one SDPA per layer). All rows decode in lockstep,
    so the cache column of step t is the same for every row; each row's rotary position is its prompt's
@@ -20,18 +21,20 @@ How a call runs:
    compacted to the front of the same buffers (an index_select copy per buffer) and the step runs on that
    bucket. Padding slots of a bucket compute on stale data and write nowhere (their output row is a trash row).
 4. Sampling: suppression of backbone.suppress_token_ids, temperature, top-k, top-p (transformers' warpers'
-   order and semantics), then an exponential race (Gumbel-max): token = argmax(log p - log E) with
-   E ~ Exp(1) drawn from the call's generator for EVERY original row at every step, whether the row is live
-   or not. A row's noise therefore does not depend on which other rows are live, so the same seed gives the
-   same completions with compaction on or off. Each token's log-prob is log_softmax of the processed
+   order and semantics), then an inverse-CDF draw: token = the first index where the row's cumulative
+   probability (fp64) exceeds u * total, with u ~ U[0, 1) drawn from the call's generator for EVERY original
+   row at every step, whether the row is live or not. A row's noise therefore does not depend on which
+   other rows are live, so the same seed gives the same completions with compaction on or off. Each token's log-prob is log_softmax of the processed
    logits (the distribution it was drawn from); greedy: argmax, log-prob at T = 1 after suppression.
 
-CPU vs CUDA: on CUDA the step of each bucket is the static-shape form, captured as a CUDA graph on its first
-use and replayed (decode_step.StepGraphs); sampling runs eagerly between replays. On CPU the dynamic form runs
-eagerly: it attends only the columns written so far (fewer FLOPs than the static form's full length),
-and torch.compile measured slower to pay back here (compiling the step once per bucket and length costs
-seconds; a rollout decodes ~100 positions of ~1 ms; see benchmarks/README.md "Decode loop"). `static=True`
-runs the static form eagerly on any device (the tests prove it gives the dynamic form's ids).
+CPU vs CUDA: on CUDA the step of each (bucket, attention span) is the static-shape form, captured as a CUDA
+graph on its first use and replayed (decode_step.StepGraphs); sampling runs eagerly between replays. On CPU
+the dynamic form runs eagerly. Why eager: measured on the tiny Qwen2.5-VL (16 rows, 1 thread, CPU time
+per step, load ~10), the dynamic eager step costs 0.99 ms, the static eager one 1.07 ms (it attends the
+masked columns too) and the static one under torch.compile (dynamic=False) 0.82 ms, but compiling took
+~100 s and recurs for every new shape (bucket, cache length = prompt length + max_new_tokens): 17% of a
+~0.1 s rollout decode does not pay that back. `static=True` runs the static form eagerly on any device
+(the tests prove it gives the dynamic form's ids).
 
 Not served (unsupported_reason says why; the caller falls back to transformers' generate): families other
 than Qwen2.5-VL / Qwen3-VL / InternVL3, sliding-window layers, length-dependent RoPE (dynamic, longrope),
@@ -45,15 +48,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from mrpo.models.decode_step import (
-    FAMILY_TEXT_MODELS,
-    DecodeBuffers,
-    StepGraphs,
-    StepWeights,
-    decode_step,
-    language_model,
-    lora_unsupported,
-)
+from mrpo.models.decode_step import (FAMILY_TEXT_MODELS, DecodeBuffers, StepGraphs, StepWeights, decode_step,
+                                     language_model, lora_unsupported, span_of)
 
 # options unsupported_reason understands (the decode_groups keywords, and generate's that it may be asked about)
 _OPTIONS = {"max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "generator", "compaction", "static",
@@ -81,7 +77,7 @@ def unsupported_reason(backbone, model=None, **options) -> str | None:
         lm = language_model(model)
     except AttributeError:
         return f"{type(model).__name__} has no model.language_model"
-    if type(lm).__name__ != FAMILY_TEXT_MODELS[family]:
+    if not any(c.__name__ == FAMILY_TEXT_MODELS[family] for c in type(lm).__mro__):   # FSDP2 subclasses it
         return f"text model class {type(lm).__name__} (expected {FAMILY_TEXT_MODELS[family]} for {family})"
     cfg = lm.config
     if getattr(cfg, "hidden_act", "silu") != "silu":
@@ -143,8 +139,7 @@ class Sampler:
         self.top_k = min(top_k, vocab) if top_k and top_k > 0 else 0
         self.generator, self.rows = generator, rows
         noise_device = generator.device if generator is not None else device
-        self.noise = torch.ones(rows + 1, vocab, device=noise_device)   # row `rows`: the trash row's (unused)
-        self.tiny = torch.finfo(torch.float32).tiny
+        self.noise = torch.zeros(rows + 1, 1, dtype=torch.float64, device=noise_device)   # row `rows`: trash row
 
     def __call__(self, logits: torch.Tensor, slot_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = logits.float()                                   # in place below: the step's fresh output
@@ -164,10 +159,13 @@ class Sampler:
             drop[:, -1] = False                              # keep at least one token
             x.masked_fill_(drop.scatter(1, order, drop), float("-inf"))
         logp = F.log_softmax(x, dim=-1)
-        # noise for every original row, live or not: a row's draw does not depend on the others (compaction)
-        self.noise[: self.rows].exponential_(generator=self.generator)
-        e = self.noise.index_select(0, slot_rows.to(self.noise.device)).to(x.device)
-        tok = (logp - e.clamp_min_(self.tiny).log_()).argmax(-1)        # Gumbel-max: a draw from softmax(x)
+        # inverse-CDF draw with one uniform per ORIGINAL row and step, drawn whether the row is live or not:
+        # a row's draw does not depend on the others (compaction). One uniform per row instead of a Gumbel
+        # per token: CPU random numbers cost ~10 ns each, a [rows, V] draw would cost more than the step.
+        self.noise[: self.rows].uniform_(generator=self.generator)
+        u = self.noise.index_select(0, slot_rows.to(self.noise.device)).to(x.device)     # [B, 1] fp64
+        cdf = logp.double().exp_().cumsum_(-1)                                            # fp64: no drift
+        tok = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)[:, 0].clamp_max_(x.shape[-1] - 1)
         return tok, logp.gather(1, tok[:, None])[:, 0]
 
 
@@ -218,8 +216,8 @@ def decode_groups(backbone, prompts: dict, rows: list[int], *, max_new_tokens: i
     P = prompts["input_ids"].shape[0]
     if any(not 0 <= r < P for r in rows):
         raise ValueError(f"decode_groups: rows must index the {P} prompts, got {sorted(set(rows))}")
-    stats = {"prefill_rows": 0, "decode_steps": 0, "compactions": 0, "buckets": [], "prefill_s": 0.0, "decode_s": 0.0,
-                 "graph_captures": 0}
+    stats = {"prefill_rows": 0, "decode_steps": 0, "compactions": 0, "buckets": [], "prefill_s": 0.0,
+             "decode_s": 0.0, "graph_captures": 0}
     if R == 0 or T <= 0:
         return DecodeOutput([[] for _ in rows], [torch.zeros(0) for _ in rows], stats)
     t0 = time.perf_counter()
@@ -227,12 +225,17 @@ def decode_groups(backbone, prompts: dict, rows: list[int], *, max_new_tokens: i
     if len(used) < P:                                                          # prefill only the prompts in use
         prompts = backbone.select_rows(prompts, used)
         rows = [used.index(r) for r in rows]
+    filler = backbone._vision_filler(prompts, model)   # sharded ranks: all run the vision tower (or none)
+    if filler is not None:                             # an extra prefilled prompt that no row continues
+        prompts = backbone._append_row(prompts, filler)
+    on_cuda = prompts["input_ids"].device.type == "cuda"
+    w = StepWeights.from_model(model, fuse_mlp=not on_cuda)                    # raises on sharded weights
     logits0, kv, start = _prefill(backbone, model, prompts)
     mask = prompts["attention_mask"]
     device, Lp = mask.device, mask.shape[1]
-    w = StepWeights.from_model(model)
     w.rope_tables(model, int(start.max()) + T, mrope=backbone.is_qwen)
-    buf = DecodeBuffers(w, R, Lp + T, device, w.embed.dtype)
+    # columns rounded up to 16: aligned mask rows for CUDA's memory-efficient SDPA; extra columns stay masked
+    buf = DecodeBuffers(w, R, -(-(Lp + T) // 16) * 16, device, w.embed.dtype)
     idx = torch.tensor(rows, dtype=torch.long, device=device)
     for (k, v), kc, vc in zip(kv, buf.k, buf.v):                              # each prompt's K/V into its rows
         kc[:, :, :Lp] = k.index_select(0, idx)
@@ -241,7 +244,9 @@ def decode_groups(backbone, prompts: dict, rows: list[int], *, max_new_tokens: i
     buf.bias[:, :Lp].masked_fill_(mask.index_select(0, idx).bool(), 0.0)    # left padding stays -inf
     buf.pos.copy_(start.index_select(0, idx))
     logits = logits0.index_select(0, idx)
-    stats.update(prefill_rows=len(used), prefill_s=time.perf_counter() - t0)
+    if on_cuda:
+        torch.cuda.synchronize(device)                                         # times, not queued work
+    stats.update(prefill_rows=prompts["input_ids"].shape[0], prefill_s=time.perf_counter() - t0)
 
     t0 = time.perf_counter()
     vocab = w.lm_head.shape[0]
@@ -258,9 +263,10 @@ def decode_groups(backbone, prompts: dict, rows: list[int], *, max_new_tokens: i
     for t in range(T):
         if t > 0:
             col = Lp + t - 1                                                   # where the input token's K/V go
+            span = span_of(col, buf.bias.shape[1])
             if static:
                 buf.col.fill_(col)
-            logits = graphs(B) if graphs is not None else decode_step(w, buf, B, col, static=static)
+            logits = graphs(B, span) if graphs is not None else decode_step(w, buf, B, col, static=static, span=span)
             buf.pos[:B] += 1
             steps += 1
         tok, lp = sampler(logits, slot_rows)

@@ -20,14 +20,17 @@ Two forms of one step, same math:
   dynamic (`static=False`): the cache column is a Python int and attention reads only the columns
     written so far (cheapest on CPU, where a decode step costs what its op count and sizes cost);
   static (`static=True`): the column is a 1-element device tensor, K/V are written with index_copy_ and
-    attention reads the full preallocated length with the not-yet-written columns masked (-inf): fixed
-    shapes, no host values, so a CUDA graph can capture it once per batch bucket and replay it
-    (StepGraphs). It also runs eagerly on CPU, which is how the tests prove it equal to the dynamic form.
+    attention reads a span of columns (the first multiple of SPAN = 256 that holds the written ones) with
+    the not-yet-written columns masked (-inf): fixed shapes, no host values, so a CUDA graph can capture
+    it once per (batch bucket, span) and replay it (StepGraphs). It also runs eagerly on CPU, which is
+    how the tests prove it equal to the dynamic form.
 
-Weights: `StepWeights.from_model` concatenates q/k/v and gate/up once per call (the caller runs inside
-engine.generation(), where sharded weights are gathered); peft LoRA layers are merged once per call
-(W + scaling * B @ A, computed in fp32; the teacher-forced forward adds the branch instead, equal to
-~1e-6). The fused copies cost the bytes of the q/k/v and gate/up weights for the length of the call.
+Weights: `StepWeights.from_model` concatenates q/k/v (and, off CUDA, gate/up) once per call (the caller
+runs inside engine.generation(), where sharded weights are gathered); peft LoRA layers are merged once per
+call (W + scaling * B @ A, computed in fp32; the teacher-forced forward adds the branch instead, equal to
+~1e-6). Memory held for the length of a call, besides the KV cache: the fused q/k/v copy (7B Qwen2.5-VL
+bf16: 28 x 4608 x 3584 x 2 B = 0.9 GB); off CUDA also the gate/up copy (7.6 GB at 7B, which is why CUDA
+keeps gate and up as two matmuls); with LoRA, a merged copy of every adapted weight.
 """
 from __future__ import annotations
 
@@ -82,6 +85,18 @@ def lora_unsupported(module) -> str | None:
     return None
 
 
+def _check_gathered(weight: torch.Tensor, name: str) -> None:
+    """The lean step needs whole weights: a DTensor (FSDP2 shard) or an empty ZeRO-3 placeholder means
+    the call runs outside engine.generation()."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:   # pragma: no cover - torch without distributed
+        DTensor = ()
+    if isinstance(weight, DTensor) or weight.numel() == 0:
+        raise ValueError(f"decode_groups: {name} is sharded ({type(weight).__name__}, {weight.numel()} elements); "
+                         f"call it inside engine.generation(), which gathers every weight once")
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim as transformers' Qwen RMSNorm computes it (fp32 statistics, the result
     cast back before the weight multiplies it); fp32 uses the fused F.rms_norm (the same numbers)."""
@@ -101,8 +116,10 @@ class LayerWeights:
     qk_norm: torch.Tensor | None   # Qwen3: [H + KV, hd] (q_norm weight per q head, then k_norm per k head)
     o_w: torch.Tensor              # [D, H * hd]
     o_b: torch.Tensor | None
-    gate_up_w: torch.Tensor        # [2 I, D]
+    gate_up_w: torch.Tensor | None  # [2 I, D] fused (fuse_mlp), else None and gate_w / up_w [I, D]
     down_w: torch.Tensor           # [D, I]
+    gate_w: torch.Tensor | None = None
+    up_w: torch.Tensor | None = None
 
 
 @dataclass
@@ -122,11 +139,17 @@ class StepWeights:
     sin_signed: torch.Tensor | None = None  # [N, hd]: (-sin, +sin) halves, so rotate_half(x) * sin = roll(x) * it
 
     @staticmethod
-    def from_model(model) -> StepWeights:
+    def from_model(model, fuse_mlp: bool = True) -> StepWeights:
+        """fuse_mlp: concatenate gate/up into one weight (one matmul per step; CPU, where a step costs its op
+        count). Without it gate and up stay two matmuls over the model's own tensors: no copy of the
+        largest weights (on CUDA the captured graph makes the extra op free)."""
         lm = language_model(model)
         out_emb = getattr(model, "module", model).get_output_embeddings()
         cfg = lm.config
         attn0 = lm.layers[0].self_attn
+        down0 = lm.layers[0].mlp.down_proj
+        _check_gathered(getattr(down0, "base_layer", down0).weight, "layers.0.mlp.down_proj.weight")
+        _check_gathered(lm.embed_tokens.weight, "embed_tokens.weight")
         layers = []
         qk_eps = 0.0
         with torch.no_grad():
@@ -144,7 +167,8 @@ class StepWeights:
                 layers.append(LayerWeights(
                     ln_in=layer.input_layernorm.weight, ln_post=layer.post_attention_layernorm.weight,
                     qkv_w=torch.cat([qw, kw, vw]), qkv_b=qkv_b, qk_norm=qk_norm, o_w=ow, o_b=ob,
-                    gate_up_w=torch.cat([gw, uw]), down_w=dw))
+                    gate_up_w=torch.cat([gw, uw]) if fuse_mlp else None, down_w=dw,
+                    gate_w=None if fuse_mlp else gw, up_w=None if fuse_mlp else uw))
         return StepWeights(layers=layers, embed=lm.embed_tokens.weight, norm=lm.norm.weight,
                            lm_head=out_emb.weight, eps=lm.layers[0].input_layernorm.variance_epsilon,
                            qk_eps=qk_eps, heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads,
@@ -185,18 +209,29 @@ class DecodeBuffers:
             buf[:n] = buf.index_select(0, keep)
 
 
-def decode_step(w: StepWeights, buf: DecodeBuffers, rows: int, col: int | None = None, static: bool = False
-                ) -> torch.Tensor:
+SPAN = 256   # the static step attends the first multiple of SPAN columns that holds the written ones
+
+
+def span_of(col: int, length: int) -> int:
+    """Columns the static step attends when writing column `col`: a multiple of SPAN (at most `length`),
+    so a graph serves SPAN consecutive steps and attention does not read the whole empty cache early on."""
+    return min(length, -(-(col + 1) // SPAN) * SPAN)
+
+
+def decode_step(w: StepWeights, buf: DecodeBuffers, rows: int, col: int | None = None, static: bool = False,
+                span: int | None = None) -> torch.Tensor:
     """One decoded position for slots [0, rows): embeds buf.tokens, writes their K/V at the cache column
     (dynamic: the int `col`; static: buf.col), unmasks that column, returns logits [rows, V] (model dtype).
-    The caller advances buf.pos / buf.col (and the tokens) between steps."""
+    Attention reads columns [0, col] (dynamic) or [0, span) with the unwritten ones masked (static; span
+    default: the whole cache). The caller advances buf.pos / buf.col (and the tokens) between steps."""
     H, KV, hd = w.heads, w.kv_heads, w.head_dim
     x = F.embedding(buf.tokens[:rows], w.embed)                              # [B, D]
     cos = w.cos.index_select(0, buf.pos[:rows])[:, None]                     # [B, 1, hd]
     sin = w.sin_signed.index_select(0, buf.pos[:rows])[:, None]
     if static:
+        span = buf.bias.shape[1] if span is None else span
         buf.bias[:rows].index_fill_(1, buf.col, 0.0)
-        mask = buf.bias[:rows, None, None, :]                                # [B, 1, 1, L]
+        mask = buf.bias[:rows, None, None, :span]                            # [B, 1, 1, span]
     else:
         buf.bias[:rows, col] = 0.0
         mask = buf.bias[:rows, None, None, : col + 1]
@@ -207,13 +242,16 @@ def decode_step(w: StepWeights, buf: DecodeBuffers, rows: int, col: int | None =
         qk = qkv[:, :nq].view(rows, H + KV, hd)
         if lw.qk_norm is not None:                                           # Qwen3: per-head q / k norms
             qk = rms_norm(qk, None, w.qk_eps) * lw.qk_norm
-        qk = torch.addcmul(qk * cos, qk.roll(hd // 2, -1), sin)              # RoPE: x cos + rotate_half(x) sin
+        if qk.dtype == torch.float32:                                        # RoPE: x cos + rotate_half(x) sin
+            qk = torch.addcmul(qk * cos, qk.roll(hd // 2, -1), sin)
+        else:                                                                # bf16 / fp16: round each product, as HF
+            qk = qk * cos + qk.roll(hd // 2, -1) * sin
         k = qk[:, H:, None]                                                  # [B, KV, 1, hd]
         v = qkv[:, nq:].view(rows, KV, 1, hd)
         if static:
             kc[:rows].index_copy_(2, buf.col, k)
             vc[:rows].index_copy_(2, buf.col, v)
-            keys, values = kc[:rows], vc[:rows]
+            keys, values = kc[:rows, :, :span], vc[:rows, :, :span]
         else:
             kc[:rows, :, col : col + 1] = k
             vc[:rows, :, col : col + 1] = v
@@ -223,7 +261,10 @@ def decode_step(w: StepWeights, buf: DecodeBuffers, rows: int, col: int | None =
         a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=w.scale)   # [B, KV, H/KV, hd]
         x = x + F.linear(a.reshape(rows, H * hd), lw.o_w, lw.o_b)
         h = rms_norm(x, lw.ln_post, w.eps)
-        gate, up = F.linear(h, lw.gate_up_w).chunk(2, dim=-1)
+        if lw.gate_up_w is not None:
+            gate, up = F.linear(h, lw.gate_up_w).chunk(2, dim=-1)
+        else:
+            gate, up = F.linear(h, lw.gate_w), F.linear(h, lw.up_w)
         x = x + F.linear(F.silu(gate) * up, lw.down_w)
     return F.linear(rms_norm(x, w.norm, w.eps), w.lm_head)
 
@@ -240,9 +281,9 @@ def capture_cuda_graph(fn, pool=None):
 
 
 class StepGraphs:
-    """The static step of each batch bucket captured once (first use: an eager warm-up run, whose logits
-    are that step's, then the capture, which executes nothing) and replayed at every later step of the
-    call. `capture`: (fn, pool) -> (graph with .replay(), output); default capture_cuda_graph (CPU tests
+    """The static step of each (batch bucket, attention span) captured once (first use: an eager warm-up
+    run, whose logits are that step's, then the capture, which executes nothing) and replayed at every
+    later step of the call with that pair. `capture`: (fn, pool) -> (graph with .replay(), output); default capture_cuda_graph (CPU tests
     put a stand-in there). Replaying a capture is safe because the static step is idempotent for a given
     state: it reads buf.tokens / pos / col and writes K/V and the mask at col, so the warm-up run and the
     capture leave the buffers as one run does; the caller advances pos / col / tokens between steps."""
@@ -250,21 +291,21 @@ class StepGraphs:
     def __init__(self, w: StepWeights, buf: DecodeBuffers, capture=None):
         self.w, self.buf = w, buf
         self.capture = capture or capture_cuda_graph
-        self.graphs: dict[int, tuple] = {}
+        self.graphs: dict[tuple[int, int], tuple] = {}
         self.pool = None          # one memory pool shared by the buckets' graphs (they never run at once)
 
     @property
     def captures(self) -> int:
         return len(self.graphs)
 
-    def __call__(self, rows: int) -> torch.Tensor:
-        entry = self.graphs.get(rows)
+    def __call__(self, rows: int, span: int) -> torch.Tensor:
+        entry = self.graphs.get((rows, span))
         if entry is not None:
             entry[0].replay()
             return entry[1]
-        logits = decode_step(self.w, self.buf, rows, static=True)   # the warm-up is this step's real run
-        graph, out = self.capture(lambda: decode_step(self.w, self.buf, rows, static=True), self.pool)
-        self.graphs[rows] = (graph, out)
+        logits = decode_step(self.w, self.buf, rows, static=True, span=span)   # warm-up = this step's real run
+        graph, out = self.capture(lambda: decode_step(self.w, self.buf, rows, static=True, span=span), self.pool)
+        self.graphs[(rows, span)] = (graph, out)
         if hasattr(graph, "pool"):
             self.pool = graph.pool()
         return logits

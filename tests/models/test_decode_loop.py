@@ -101,6 +101,16 @@ def test_greedy_equals_generate(bb, prompts):
     assert out.stats["prefill_rows"] == 3 and out.stats["decode_steps"] == max(len(c) for c in ref) - 1
 
 
+def test_bf16_greedy_equals_generate(bb, prompts):
+    """bf16 (the GPU dtype) on CPU: the lean step rounds as the Hugging Face layers do (RMSNorm's fp32
+    statistics, each RoPE product), so greedy ids still equal generate's."""
+    half = load_backbone(bb.model.name_or_path, dtype=torch.bfloat16)
+    half.model.eval()
+    batch = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in prompts.items()}
+    out = decode_groups(half, batch, [0, 1, 2], max_new_tokens=16, do_sample=False)
+    assert out.completion_ids == half.generate(batch, 16, do_sample=False)
+
+
 @pytest.mark.parametrize("compaction", [True, False])
 def test_greedy_groups_with_early_stops_equal_generate(early_eos, prompts, compaction):
     """G = 3 rows per prompt in shuffled request order, rows stopping at different steps: generate's ids
@@ -146,9 +156,11 @@ def test_same_seed_same_completions_with_compaction_on_and_off(sampling_eos, pro
     assert other.completion_ids != on.completion_ids                          # the seed matters
 
 
-def test_static_step_equals_dynamic_step(early_eos, sampling_eos, prompts):
-    """The graph-capturable form (fixed shapes, full-length masked attention, index_copy_ at a device
-    column) run eagerly gives the dynamic form's ids, greedy and sampled, through compactions."""
+def test_static_step_equals_dynamic_step(early_eos, sampling_eos, prompts, monkeypatch):
+    """The graph-capturable form (fixed shapes, masked attention over a span of SPAN-multiple columns,
+    index_copy_ at a device column) run eagerly gives the dynamic form's ids, greedy and sampled, through
+    compactions and span changes (SPAN = 8 here, so the decoded columns cross several)."""
+    monkeypatch.setattr(step_mod, "SPAN", 8)
     rows = [i for i in range(3) for _ in range(G)]
     for bb, kwargs in ((early_eos, {"do_sample": False}), (sampling_eos, {"temperature": 0.5})):
         outs = [decode_groups(bb, prompts, rows, max_new_tokens=NEW, static=static,
@@ -159,17 +171,33 @@ def test_static_step_equals_dynamic_step(early_eos, sampling_eos, prompts):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
+def test_unfused_mlp_step_equals_fused(bb, prompts):
+    """The CUDA weight layout (gate and up as two matmuls, no fused copy) gives the CPU layout's logits."""
+    logits = []
+    for fuse in (True, False):
+        w = step_mod.StepWeights.from_model(bb.model, fuse_mlp=fuse)
+        w.rope_tables(bb.model, 64, mrope=bb.is_qwen)
+        buf = step_mod.DecodeBuffers(w, 3, 8, "cpu", torch.float32)
+        buf.tokens.copy_(torch.tensor([10, 11, 12]))
+        buf.pos.copy_(torch.tensor([3, 5, 7]))
+        with torch.no_grad():
+            logits.append(torch.stack([step_mod.decode_step(w, buf, 3, col) for col in range(4)]))
+        assert (w.layers[0].gate_up_w is None) == (not fuse)
+    torch.testing.assert_close(logits[0], logits[1], atol=1e-5, rtol=0)
+
+
 def test_graph_capture_and_replay_with_a_cpu_stand_in(early_eos, prompts, monkeypatch):
     """The CUDA-graph bookkeeping on CPU: a stand-in 'graph' records the step and re-runs it into the same
     output tensor at replay. Ids equal the dynamic step's; one capture per bucket used; the capture running
     the step again (a real capture runs nothing) changes nothing, as the static step is idempotent."""
-    captured = []
+    captured, replays = [], []
 
     class StandIn:
         def __init__(self, fn):
             self.fn, self.out = fn, fn()
 
         def replay(self):
+            replays.append(1)
             self.out.copy_(self.fn())
 
     def capture(fn, pool):
@@ -179,11 +207,14 @@ def test_graph_capture_and_replay_with_a_cpu_stand_in(early_eos, prompts, monkey
 
     monkeypatch.setattr(decode_mod, "use_graphs", lambda device: True)
     monkeypatch.setattr(step_mod, "capture_cuda_graph", capture)
+    monkeypatch.setattr(step_mod, "SPAN", 8)
     rows = [i for i in range(3) for _ in range(3)]
     graphs = decode_groups(early_eos, prompts, rows, max_new_tokens=NEW, do_sample=False, static=True)
     eager = decode_groups(early_eos, prompts, rows, max_new_tokens=NEW, do_sample=False, static=False)
     assert graphs.completion_ids == eager.completion_ids
-    assert graphs.stats["graph_captures"] == len(captured) == len(set(graphs.stats["buckets"]))
+    # one capture per (bucket, span) used, each replayed at the later steps of that pair
+    assert graphs.stats["graph_captures"] == len(captured) > len(set(graphs.stats["buckets"])) > 1
+    assert len(captured) + len(replays) == graphs.stats["decode_steps"]
     assert eager.stats["graph_captures"] == 0
 
 
@@ -203,6 +234,16 @@ def test_each_distinct_prompt_prefilled_once(bb, prompts):
     assert out.stats["prefill_rows"] == 3 and sub.stats["prefill_rows"] == 1
     assert sum(seen) == prompts["pixel_values"].shape[0]                      # images of the first call, once
     assert sub.completion_ids == [bb.generate(bb.select_rows(prompts, [1]), 4, do_sample=False)[0]] * 2
+
+
+def test_sharded_rank_without_images_prefills_the_vision_filler(bb, prompts, monkeypatch):
+    """Under FSDP2 / ZeRO-3 a rank whose prompts hold no image prefills Backbone's vision filler row too
+    (stand-in here: prompt 0, which has an image), so every rank runs the vision tower; no row continues it."""
+    monkeypatch.setattr(bb, "_vision_filler", lambda batch, model: bb.select_rows(prompts, [0])
+                        if "pixel_values" not in batch else None)
+    out = decode_groups(bb, prompts, [1, 1], max_new_tokens=6, do_sample=False)
+    assert out.stats["prefill_rows"] == 2
+    assert out.completion_ids == [bb.generate(bb.select_rows(prompts, [1]), 6, do_sample=False)[0]] * 2
 
 
 def test_lora_adapters_are_merged(bb, prompts):
@@ -241,3 +282,39 @@ def test_unsupported_reasons(bb, monkeypatch):
         assert "sliding" in unsupported_reason(bb)
         with pytest.raises(ValueError, match="sliding"):
             decode_groups(bb, {"input_ids": torch.zeros(1, 2, dtype=torch.long)}, [0], max_new_tokens=2)
+
+
+def test_sharded_weights_are_refused(bb, prompts):
+    """Outside engine.generation() a ZeRO-3 parameter is an empty placeholder (FSDP2: a DTensor shard)."""
+    import copy
+
+    model = copy.deepcopy(bb.model)
+    step_mod.language_model(model).embed_tokens.weight = torch.nn.Parameter(torch.empty(0))
+    with pytest.raises(ValueError, match="engine.generation"):
+        decode_groups(dataclasses.replace(bb, model=model), prompts, [0], max_new_tokens=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs(bb, prompts, early_eos):
+    """On CUDA (fp32, no TF32): the captured-graph step gives generate's greedy ids and the eager dynamic
+    step's, through compaction; one capture per (bucket, span); bf16 runs with graphs too."""
+    cuda = dataclasses.replace(early_eos, model=copy_to(early_eos.model, "cuda", torch.float32))
+    batch = {k: v.cuda() for k, v in prompts.items()}
+    rows = [i for i in range(3) for _ in range(G)]
+    graphs = decode_groups(cuda, batch, rows, max_new_tokens=NEW, do_sample=False)
+    eager = decode_groups(cuda, batch, rows, max_new_tokens=NEW, do_sample=False, static=False)
+    assert graphs.stats["graph_captures"] >= len(set(graphs.stats["buckets"])) >= 2
+    assert graphs.completion_ids == eager.completion_ids == cuda.generate(cuda.select_rows(batch, rows), NEW,
+                                                                          do_sample=False)
+    half = dataclasses.replace(cuda, model=copy_to(early_eos.model, "cuda", torch.bfloat16))
+    hb = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in batch.items()}
+    out = decode_groups(half, hb, rows, max_new_tokens=NEW, temperature=0.7,
+                        generator=torch.Generator("cuda").manual_seed(SEED))
+    assert out.stats["graph_captures"] >= 1 and all(torch.isfinite(lp).all() for lp in out.logprobs)
+
+
+def copy_to(model, device, dtype):
+    import copy
+
+    return copy.deepcopy(model).to(device=device, dtype=dtype).eval()
