@@ -304,14 +304,19 @@ def make_plan(cfg, gpus: int, gpu_mem_gib: float, shape: ModelShape, device: str
         # fused q/k/v and gate/up copies. The prefill's working set is gone before the decode buffers exist:
         # the phase peak is the larger of the two moments, so the prefill counts only beyond the decode's.
         kv = gen_rows * seq * (kv_token + pd)
-        fused = s.layers * s.hidden * ((s.heads + 2 * s.kv_heads) * s.head_dim + 2 * s.intermediate) * pd
+        # q/k/v concatenated once per call (off CUDA also gate/up; decode_step.StepWeights); with LoRA a merged
+        # copy of every adapted weight (bounded here by the whole blocks: all projections targeted)
+        fused = s.layers * s.hidden * ((s.heads + 2 * s.kv_heads) * s.head_dim
+                                       + (2 * s.intermediate if device != "cuda" else 0)) * pd
+        if lora:
+            fused = max(fused, s.layers * s.params_layer * pd)
         sampling = LOOP_SAMPLING_COPIES * gen_rows * s.vocab * 4
         prefill = (text_infer(prompts * prompt_len) + prompts * s.vocab * 4 + vision_infer(prompts)
                    + prompts * s.tokens_per_image * s.hidden * pd)
         ph.terms[f"KV cache (one preallocated, {gen_rows} rows x {seq} tokens)"] = kv
         ph.terms[f"prefill K/V of the {prompts} distinct prompts (until copied into their rows)"] = \
             prompts * prompt_len * kv_token
-        ph.terms["decode step: fused q/k/v and gate/up weight copies"] = fused
+        ph.terms["decode step: fused q/k/v (CPU: + gate/up) copies; LoRA: merged weights"] = fused
         ph.terms[f"sampling ({gen_rows} rows x {s.vocab} fp32, {LOOP_SAMPLING_COPIES} buffers)"] = sampling
         ph.terms[f"prefill ({prompts} x {prompt_len} prompt tokens, {prompts} images), beyond the decode buffers"] = \
             max(0, prefill - (kv + fused + sampling))

@@ -3,8 +3,9 @@ shard the policy as the FSDP2 engine does (passthrough head, apply_fsdp2), then
 
   rollouts: each rank decodes its own share of the prompts (rollout.decode=loop, G rows per DISTINCT
     prompt, a seed per call from the run seed, step and prompt ids) inside generation_context: the
-    weights are all-gathered once per FSDP unit, and NO other collective runs while decoding, although
-    the ranks decode different numbers of tokens (different max_new_tokens); the completions and their
+    weights are all-gathered once per FSDP unit, and the call runs one all-reduce (the vision filler's
+    flag) and no collective per token, although the ranks decode different numbers of tokens (different
+    max_new_tokens); the completions and their
     log-probs equal those of one unsharded process making the same calls (every share);
   evaluation: mrpo.rollout.greedy_texts over 2 ranks (records split r::2, gathered back in order) equals
     one unsharded process decoding the same chunks.
@@ -89,7 +90,9 @@ def check(path: str, rank: int, world: int) -> None:
     finally:
         counter.restore()
     assert out.path == "loop", out.path
-    assert gathers_at_entry == units and during == (0, 0), (gathers_at_entry, during)   # none per token
+    # one all-gather per FSDP unit on entry; in the call one all-reduce (the vision filler's "does any rank
+    # hold an image" flag), none per token: rank 1 decodes twice the tokens of rank 0 with the same count
+    assert gathers_at_entry == units and during == (0, 1), (gathers_at_entry, during)
     everyone = [None] * world
     dist.all_gather_object(everyone, (out.completion_ids, [lp.tolist() for lp in out.logprobs]))
     for r in range(world):                                            # one unsharded process, every share
