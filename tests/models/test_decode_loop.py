@@ -246,6 +246,24 @@ def test_sharded_rank_without_images_prefills_the_vision_filler(bb, prompts, mon
     assert out.completion_ids == [bb.generate(bb.select_rows(prompts, [1]), 6, do_sample=False)[0]] * 2
 
 
+def test_small_steps_run_on_one_thread(bb, prompts, monkeypatch):
+    """The tiny model's decode steps run single-threaded (the prefill and the caller keep their threads)."""
+    seen, step = [], step_mod.decode_step
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(decode_mod, "decode_step", spy)
+    torch.set_num_threads(2)
+    try:
+        out = decode_groups(bb, prompts, [0, 1], max_new_tokens=4, do_sample=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+    assert seen == [1] * out.stats["decode_steps"] and seen
+
+
 def test_lora_adapters_are_merged(bb, prompts):
     """A peft-LoRA policy (non-zero B) decodes to the ids of transformers' generate on the same model."""
     import copy
