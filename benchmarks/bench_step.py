@@ -192,19 +192,21 @@ class StepProbe:
                 self.in_train_forward = False
 
         self._patch(trainer, "hidden_states", probed_hidden_states)
-        generate, dev = trainer.backbone.generate, trainer.device
+        import mrpo.decoding as decoding
 
-        def probed_generate(batch, max_new_tokens, *a, **k):
+        generate, dev = decoding.generate, trainer.device
+
+        def probed_generate(*a, **k):   # every rollout / evaluation call, our loop or generate
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            out = generate(batch, max_new_tokens, *a, **k)   # returns host lists: already synchronised
-            steps = max((len(c) for c in out), default=0)
+            out = generate(*a, **k)   # returns host lists: already synchronised
+            steps = max((len(c) for c in out.completion_ids), default=0)
             if self.active and steps:
                 self.decode_ms.append(1e3 * (time.perf_counter() - t0) / steps)
             return out
 
-        self._patch(trainer.backbone, "generate", probed_generate)
+        self._patch(decoding, "generate", probed_generate)
         models = [m for m in (trainer.model, getattr(trainer, "ref_model", None)) if m is not None]
         from torch.distributed.fsdp import FSDPModule
 

@@ -28,7 +28,8 @@ Per step (optimizer step) and per side, as wall time and as process CPU time (st
 machine; with one thread it is the work done): the step; the rollout phase (ours: prompt encoding,
 generation, scoring, advantages; TRL: `_generate_and_score_completions`, which also tokenizes and
 processes images); generation per decoded position (wall ms of each generate call / its decode steps,
-i.e. the longest completion of the call; ours: `Backbone.generate`, TRL: `_generate_single_turn`); and
+i.e. the longest completion of the call; ours: `mrpo.decoding.generate`, the decode loop of
+rollout.decode=loop by default, TRL: `_generate_single_turn`); and
 loss + backward + optimizer (ours: the `time/loss_backward` phase; TRL: step time minus the rollout phase).
 The first `--warmup` steps of each run are not measured. Runs alternate which side goes first.
 Writes results/vs_trl_<tag>.csv (one row per measured step and side) and .md (medians, ratios ours/TRL).
@@ -97,13 +98,15 @@ def run_ours(cfg, steps: int, warmup: int) -> list[dict]:
     trainer = Trainer(cfg)
     probe = StepProbe(trainer)
     cpu = {"decode": [], "train": 0.0}
-    generate, accumulate, engine_step = trainer.backbone.generate, trainer.accumulate_gradients, trainer.engine.step
+    import mrpo.decoding as decoding
 
-    def cpu_generate(batch, max_new_tokens, *a, **k):
+    generate, accumulate, engine_step = decoding.generate, trainer.accumulate_gradients, trainer.engine.step
+
+    def cpu_generate(*a, **k):
         c0 = time.process_time()
-        ids = generate(batch, max_new_tokens, *a, **k)
-        cpu["decode"].append(1e3 * (time.process_time() - c0) / max(1, max(len(c) for c in ids)))
-        return ids
+        out = generate(*a, **k)
+        cpu["decode"].append(1e3 * (time.process_time() - c0) / max(1, max(len(c) for c in out.completion_ids)))
+        return out
 
     def cpu_timed(fn):
         def timed(*a, **k):
@@ -114,7 +117,7 @@ def run_ours(cfg, steps: int, warmup: int) -> list[dict]:
                 cpu["train"] += time.process_time() - c0
         return timed
 
-    trainer.backbone.generate = cpu_generate   # under StepProbe's wall-clock wrapper
+    decoding.generate = cpu_generate   # under StepProbe's wall-clock wrapper (restored by probe.close below)
     trainer.accumulate_gradients, trainer.engine.step = cpu_timed(accumulate), cpu_timed(engine_step)
     out = []
     try:
@@ -293,6 +296,7 @@ def write_report(rows, summary, args, cmd: str, load_before: str, path_stem: Pat
         w.writeheader()
         w.writerows(rows)
     ver = common.versions()
+    decode = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("rollout.decode=")), "loop")
     import trl
 
     lines = [
@@ -304,7 +308,8 @@ def write_report(rows, summary, args, cmd: str, load_before: str, path_stem: Pat
         f"{common.load_average()} (a shared machine: only the ratios, measured side by side, mean anything).", "",
         "Tiny default Qwen2.5-VL (float32, SDPA), synthetic medical VQA, G = 8, 16 completions per step in 2 "
         "micro-batches, 96 new tokens, T = 0.7, top-k 0, top-p 1, beta 0, one iteration per rollout, loss "
-        "seq-mean-token-mean, AdamW lr 1e-4; our reward (rule judge) in both. Medians over all measured steps:", "",
+        "seq-mean-token-mean, AdamW lr 1e-4; our reward (rule judge) in both; our decoder: rollout.decode="
+        f"{decode}. Medians over all measured steps:", "",
     ]
     sides = [s for s in ("ours", "trl") if s in summary]
     header = "| measure | " + " | ".join(sides) + (" | ours / TRL |" if len(sides) == 2 else " |")

@@ -17,9 +17,13 @@ skipped and says so):
              (varlen attention) and the padded forward, interleaved, and the rollout's per-token log-probs
              of both in bf16 (max abs difference); names the packed attention kernel that ran
   step_fast  the same with rollout.decode=static_compiled (static KV cache, compiled decode step)
+  decode     our decode loop on that model (benchmarks/gpu_decode.py: 2 prompts x G = 8, 128 new tokens;
+             CUDA graphs per batch bucket): tokens/s, graph captures, ms per decode step and its ratio to
+             the weight-read bound = bytes one decode step reads / HBM bandwidth (--hbm-gbs, else the
+             device's peak from HBM_GBS, else the measured copy bandwidth; the report names which)
   report     summary.md / summary.csv against the targets: fused loss fwd+bwd <= 1.15x the three GEMMs
              and peak memory <= Liger's; decode step <= 3x the time to read the weights once at the
-             measured bandwidth
+             measured bandwidth; the decode loop's step / its weight-read bound (reported, no target yet)
 --dry-run: every stage at toy sizes on the CPU (CUDA-only parts skipped with a message), so that import
 and syntax errors show here and not on the GPU machine.
 """
@@ -39,6 +43,21 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+# peak HBM bandwidth (GB/s, vendor figures) by a part of torch.cuda.get_device_name(); first match wins
+HBM_GBS = (("H200", 4800.0), ("H100 NVL", 3900.0), ("H100 PCIe", 2000.0), ("H100", 3350.0), ("GH200", 4000.0),
+           ("A100 80GB PCIe", 1935.0), ("A100-SXM4-80GB", 2039.0), ("A100", 1555.0), ("L40S", 864.0),
+           ("L4", 300.0), ("A10G", 600.0), ("A10", 600.0), ("RTX 4090", 1008.0), ("MI300X", 5300.0))
+
+
+def hbm_gbs(device: str, flag: float | None = None, measured: float | None = None) -> tuple[float | None, str]:
+    """(bandwidth GB/s, where it came from): the --hbm-gbs flag, the HBM_GBS entry of the device name, or
+    the measured copy bandwidth (bytes read + written per second: reading alone runs at about that rate)."""
+    if flag:
+        return flag, "--hbm-gbs"
+    for part, gbs in HBM_GBS:
+        if part in device:
+            return gbs, f"peak HBM of {part}"
+    return (measured, "measured copy") if measured else (None, "unknown")
 
 
 # ----------------------------------------------------------------------------- wheels (stdlib only)
@@ -256,6 +275,22 @@ def report(args, runner: Runner, env: dict, bw: dict | None) -> None:
             r = s["decode_ms_per_token"] / read_ms
             add(f"{stage} weights read once at measured bandwidth", round(read_ms, 3), "ms")
             add(f"{stage} decode / weight read", round(r, 2), "x", "<= 3", "yes" if r <= 3 else "no")
+    dec = out / "decode.json"
+    if dec.exists():
+        s = json.loads(dec.read_text())
+        add(f"decode loop tokens/s ({s['rows']} rows, {s['new_tokens']} new tokens, {s['dtype']})",
+            s["tokens_per_s"], "tok/s")
+        add("decode loop step", s["decode_step_ms"], "ms")
+        add("decode loop prefill", s["prefill_s"], "s")
+        add("decode loop graph captures per call", s["graph_captures"], "graphs")
+        add("decode loop compactions per call", s["compactions"], "count")
+        add("decode loop weights read per step", round(s["weight_bytes"] / 2 ** 30, 4), "GiB")
+        gbs, source = hbm_gbs(s["device"], getattr(args, "hbm_gbs", None), bw["gb_per_s"] if bw else None)
+        if gbs:
+            bound_ms = 1e3 * s["weight_bytes"] / (gbs * 1e9)
+            r = s["decode_step_ms"] / bound_ms
+            add(f"decode loop weight-read bound ({gbs:g} GB/s, {source})", round(bound_ms, 4), "ms")
+            add("decode loop step / weight-read bound", round(r, 2), "x")
     with open(out / "summary.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["metric", "value", "unit", "target", "met"])
         w.writeheader()
@@ -285,6 +320,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reserve-s", type=float, default=15.0, help="kept for the report, seconds")
     ap.add_argument("--out", help="results folder (default benchmarks/results/gpu; dry run: a temporary folder)")
     ap.add_argument("--skip", nargs="*", default=[], help="stage names to skip")
+    ap.add_argument("--hbm-gbs", type=float, default=None,
+                    help="HBM bandwidth (GB/s) for the decode stage's weight-read bound (default: device table)")
     args = ap.parse_args(argv)
     if args.unpack_wheels:
         unpack_wheels(Path(args.unpack_wheels), Path(args.site))
@@ -301,7 +338,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     args.tag = "dry" if args.dry_run else "h200" if "H200" in torch.cuda.get_device_name() else "cuda"
     runner = Runner(args)
-    for stale in ("summary.md", "summary.csv", "step.json", "packing.json", "plan.json", "step_fast.json", f"loss_{args.tag}.csv",
+    for stale in ("summary.md", "summary.csv", "step.json", "packing.json", "plan.json", "step_fast.json", "decode.json", f"loss_{args.tag}.csv",
                   "bandwidth.json"):
         (out / stale).unlink(missing_ok=True)   # the report reads only this run's outputs
     py, dry = runner.py, args.dry_run
@@ -356,6 +393,14 @@ def main(argv=None) -> int:
         runner.run(stage, 120 if stage == "packing" else 200,
                    py + ["benchmarks/bench_step.py", *measure, "--tag", f"{args.tag}_{stage}", "--out-dir", str(out),
                          "--json", str(out / f"{stage}.json"), *overrides, f"rollout.decode={decode}"], min_s=60)
+
+    if "decode" not in args.skip:
+        if (model_dir / "gpu_model.json").exists():
+            shape = ["--new-tokens", "8", "--reps", "1", "--threads", "1"] if dry else ["--new-tokens", "128", "--reps", "3"]
+            runner.run("decode", 120, py + ["benchmarks/gpu_decode.py", str(model_dir), "--json", str(out / "decode.json"),
+                                            "--prompts", "2", "--group", "8", *shape], min_s=40)
+        else:
+            runner.note("decode", "skipped", why="no model (the model stage failed or was skipped)")
 
     report(args, runner, env, bw)
     shutil.rmtree(model_dir, ignore_errors=True)   # GBs of random weights: never results

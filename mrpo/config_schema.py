@@ -55,10 +55,13 @@ class RolloutConfig:
     temperature: float = _f(1.0, "sampling temperature of the rollouts")
     top_p: float = _f(1.0, "nucleus sampling threshold of the rollouts; < 1 needs loss.allow_sampling_mismatch")
     top_k: int = _f(0, "top-k sampling of the rollouts (0 = off); > 0 needs loss.allow_sampling_mismatch")
-    decode: Literal["eager", "static", "static_compiled"] = _f(
-        "eager", "generate path: eager (dynamic KV cache), static (pre-allocated KV cache), static_compiled "
-                 "(static cache + torch.compile'd decode step with CUDA graphs; on CUDA only, static elsewhere); "
-                 "a family without static-cache support falls back to eager with a warning")
+    decode: Literal["loop", "hf", "eager", "static", "static_compiled"] = _f(
+        "loop", "decoder of rollouts and evaluation: loop (our decode loop, mrpo.models.decode: prompts prefilled "
+                "once per group, finished rows compacted out, CUDA graphs on CUDA; where it cannot serve the model "
+                "or options, transformers' generate with a one-time warning naming why), hf (transformers' "
+                "generate, dynamic KV cache: the reference path; eager is its old name), static (generate with a "
+                "pre-allocated KV cache), static_compiled (static cache + compiled decode step, CUDA only, static "
+                "elsewhere); see mrpo/decoding.py")
 
 
 @dataclass

@@ -2,8 +2,11 @@
 
     python -m mrpo.infer --model PATH --data test.jsonl --out RUN/eval/predictions.jsonl \
         [--batch-size 8] [--max-new-tokens 512] [--temperature 0] [--family qwen2_5_vl] [--limit N]
-        [--prompt-template TEMPLATE_OR_FILE]
+        [--prompt-template TEMPLATE_OR_FILE] [--decode {loop,hf,eager,static,static_compiled}]
         [--adapter RUN/final_model/adapter]
+
+--decode: as rollout.decode (mrpo/decoding.py): loop (default, our decode loop; falls back to generate
+with a one-time message naming why where it cannot serve the model) or hf (transformers' generate).
 
 --adapter: a LoRA adapter folder (peft: adapter_config.json + adapter_model.safetensors, as written by a
 run with lora.rank > 0) applied to the base model given by --model and merged into its weights before
@@ -94,18 +97,19 @@ def _decode(tokenizer, ids: Sequence[int], stop: set[int]) -> str:
 def run_inference(backbone, records: Sequence[dict], out_path: str | Path, batch_size: int = 8,
                   max_new_tokens: int = 512, temperature: float = 0.0, top_p: float = 1.0,
                   max_prompt_length: int | None = None, max_pixels: int | None = None,
-                  progress: bool = True, prompt_template: str | None = None) -> int:
+                  progress: bool = True, prompt_template: str | None = None, decode: str = "loop") -> int:
     """Generate for every record whose id is not yet in out_path and append predictions; returns
     the number of records written by this call.
 
     backbone: mrpo.models.backbone.Backbone (encode_prompts, generate, tokenizer, reasoning_tag,
         eos_token_ids, pad_token_id). records: input records (id, image path, problem, solution, ...).
-    temperature 0 = greedy. max_pixels: image budget (None = the backbone's). prompt_template: as
+    temperature 0 = greedy. decode: rollout.decode's paths (mrpo.decoding). max_pixels: image budget (None = the backbone's). prompt_template: as
     data.prompt_template (None = the paper's instruction). A record's "image" is a path, a list of
     paths or [] (text-only).
     Records whose image cannot be read or whose prompt exceeds max_prompt_length are skipped, counted
     and named on stderr (not written, so a rerun retries them).
     """
+    from mrpo import decoding
     from mrpo.data.records import load_record_images
     from mrpo.models.backbone import PromptTooLongError
 
@@ -148,9 +152,9 @@ def run_inference(backbone, records: Sequence[dict], out_path: str | Path, batch
                     keep = [i for i in range(len(chunk)) if i not in set(e.indices)]
                     chunk, images = [chunk[i] for i in keep], [images[i] for i in keep]
             if chunk:
-                ids = backbone.generate(batch, max_new_tokens=max_new_tokens,
-                                        temperature=temperature if temperature > 0 else 1.0,
-                                        top_p=top_p, do_sample=temperature > 0)
+                ids = decoding.generate(backbone, batch, list(range(len(chunk))), decode=decode,
+                                        max_new_tokens=max_new_tokens, top_p=top_p, do_sample=temperature > 0,
+                                        temperature=temperature if temperature > 0 else 1.0).completion_ids
                 lines = [json.dumps(prediction_record(r, _decode(backbone.tokenizer, i, stop), tag, len(i)),
                                     ensure_ascii=False) + "\n" for r, i in zip(chunk, ids)]
                 f.write("".join(lines))
@@ -184,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-template", default=None,
                    help="format string with {question} (and {reasoning_tag}, {answer_tag}) or a file holding one; "
                         "use the one the model was trained with (default: the MRPO paper's instruction)")
+    p.add_argument("--decode", default="loop", choices=["loop", "hf", "eager", "static", "static_compiled"],
+                   help="decoder: loop (ours, default; falls back to generate where it cannot serve) or hf "
+                        "(transformers' generate; eager = hf, static / static_compiled: its static KV cache)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--no-progress", action="store_true")
@@ -211,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     n = run_inference(backbone, records, args.out, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, top_p=args.top_p, max_prompt_length=args.max_prompt_length,
                       max_pixels=args.max_pixels, progress=not args.no_progress,
-                      prompt_template=args.prompt_template)
+                      prompt_template=args.prompt_template, decode=args.decode)
     print(f"infer: wrote {n} new predictions ({len(records)} records, {len(records) - n} already done or "
           f"skipped) to {args.out} in {time.time() - t0:.1f}s")
     return 0

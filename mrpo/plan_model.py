@@ -20,6 +20,7 @@ CPU_CHUNK_BYTES = 128 * 2 ** 20         # ... and 128 MiB on CPU
 ZERO_BUCKET = 500_000_000               # DeepSpeed reduce_bucket_size (elements)
 SAMPLING_COPIES = 7                     # [rows, V] fp32 logits alive while sampling (logits, warped, probs, ...;
                                         # measured with V = 151936: tests/test_plan.py)
+LOOP_SAMPLING_COPIES = 5                # our decode loop's: noise, logits, log-probs, picked noise, the race
 PHASES = ("rollout", "logprobs", "train")
 
 
@@ -325,16 +326,42 @@ def make_plan(cfg, gpus: int, gpu_mem_gib: float, shape: ModelShape, device: str
         ph.terms[f"parameters gathered for generation ({pd}-byte, whole model)"] = s.params_total * pd
     elif shard > 1:
         ph.terms["parameters unsharded per unit (gather_for_generation off)"] = working
-    kv = 2 * s.layers * s.kv_heads * s.head_dim * gen_rows * seq * pd
-    static = cfg.rollout.decode != "eager"
-    ph.terms[f"KV cache ({'static' if static else 'dynamic'}, {gen_rows} rows x {seq} tokens)"] = kv
-    prefill_rows_tokens = gen_rows * cfg.data.max_prompt_length
-    ph.terms[f"prefill working set ({gen_rows} x {cfg.data.max_prompt_length} prompt tokens, no grad)"] = \
-        text_infer(prefill_rows_tokens) + SAMPLING_COPIES * gen_rows * s.vocab * 4
-    ph.terms[f"vision tower, no grad ({gen_rows} images x {s.patches_per_image} patches)"] = \
-        vision_infer(gen_rows) + gen_rows * s.tokens_per_image * s.hidden * pd
-    if not static:
-        ph.notes.append("dynamic cache: torch.cat growth briefly holds two copies of one layer's K/V")
+    kv_token = 2 * s.layers * s.kv_heads * s.head_dim * pd                 # K + V of one token, all layers
+    prompts, prompt_len = max(1, gen_rows // cfg.rollout.group_size), cfg.data.max_prompt_length
+    if cfg.rollout.decode == "loop" and not (shard > 1 and not d.gather_for_generation):
+        # mrpo.models.decode: the distinct prompts prefilled once (vision tower once per image), their K/V
+        # copied into one preallocated cache of every row (+ its additive key mask), then the lean step over
+        # fused q/k/v and gate/up copies. The prefill's working set is gone before the decode buffers exist:
+        # the phase peak is the larger of the two moments, so the prefill counts only beyond the decode's.
+        kv = gen_rows * seq * (kv_token + pd)
+        # q/k/v concatenated once per call (off CUDA also gate/up; decode_step.StepWeights); with LoRA a merged
+        # copy of every adapted weight (bounded here by the whole blocks: all projections targeted)
+        fused = s.layers * s.hidden * ((s.heads + 2 * s.kv_heads) * s.head_dim
+                                       + (2 * s.intermediate if device != "cuda" else 0)) * pd
+        if lora:
+            fused = max(fused, s.layers * s.params_layer * pd)
+        sampling = LOOP_SAMPLING_COPIES * gen_rows * s.vocab * 4
+        prefill = (text_infer(prompts * prompt_len) + prompts * s.vocab * 4 + vision_infer(prompts)
+                   + prompts * s.tokens_per_image * s.hidden * pd)
+        ph.terms[f"KV cache (one preallocated, {gen_rows} rows x {seq} tokens)"] = kv
+        ph.terms[f"prefill K/V of the {prompts} distinct prompts (until copied into their rows)"] = \
+            prompts * prompt_len * kv_token
+        ph.terms["decode step: fused q/k/v (CPU: + gate/up) copies; LoRA: merged weights"] = fused
+        ph.terms[f"sampling ({gen_rows} rows x {s.vocab} fp32, {LOOP_SAMPLING_COPIES} buffers)"] = sampling
+        ph.terms[f"prefill ({prompts} x {prompt_len} prompt tokens, {prompts} images), beyond the decode buffers"] = \
+            max(0, prefill - (kv + fused + sampling))
+        ph.notes.append(f"decode loop: prefill working set {prefill / GiB:.2f} GiB (vision tower once per prompt) "
+                        f"before the decode buffers; finished rows are compacted within the same cache")
+    else:   # transformers' generate: every row prefilled (its prompt repeated G times)
+        static = cfg.rollout.decode in ("static", "static_compiled")
+        ph.terms[f"KV cache ({'static' if static else 'dynamic'}, {gen_rows} rows x {seq} tokens)"] = \
+            gen_rows * seq * kv_token
+        ph.terms[f"prefill working set ({gen_rows} x {prompt_len} prompt tokens, no grad)"] = \
+            text_infer(gen_rows * prompt_len) + SAMPLING_COPIES * gen_rows * s.vocab * 4
+        ph.terms[f"vision tower, no grad ({gen_rows} images x {s.patches_per_image} patches)"] = \
+            vision_infer(gen_rows) + gen_rows * s.tokens_per_image * s.hidden * pd
+        if not static:
+            ph.notes.append("dynamic cache: torch.cat growth briefly holds two copies of one layer's K/V")
     phases["rollout"] = ph
 
     # ---- old / reference log-probs

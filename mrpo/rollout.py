@@ -1,9 +1,10 @@
 """Prompts in, scored completions out: prompt encoding (once per step), generation, rewards, and the
 per-token MRPO step tensors that the loss needs.
 
-A step's prompts are encoded once (images loaded, image processor run) into one batch; the rollout
-repeats each row G times and every log-prob / loss pass selects its rows from that same batch
-(`Backbone.select_rows`), so pixel values are computed once per step.
+A step's prompts are encoded once (images loaded, image processor run) into one batch of DISTINCT
+prompts; the rollout decodes G rows per prompt from it (mrpo.decoding: our decode loop prefills each
+prompt once and copies its KV into its rows) and every log-prob / loss pass selects its rows from that same
+batch (`Backbone.select_rows`), so pixel values are computed once per step.
 """
 from __future__ import annotations
 
@@ -12,12 +13,15 @@ import itertools
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-from mrpo_kernels import LossInputs
+from mrpo_kernels import LossInputs, step_token_weights
 
+from mrpo import decoding
+from mrpo.algo.advantages import compute_advantages
+from mrpo.distributed import all_gather_rows, all_reduce_max, all_reduce_sum
 from mrpo.errors import UserInputError
 from mrpo.data.records import load_record_images
 from mrpo.eval.reasoning import ffp_stage, first_failure_index
@@ -107,10 +111,46 @@ class Rollout:
     answer_correct: list[bool] | None = None
     old_logprobs: list[torch.Tensor] | None = None
     ref_logprobs: list[torch.Tensor] | None = None
+    sample_logprobs: list[torch.Tensor] | None = None   # per completion [T_i] fp32: under the sampling distribution
+    decode_stats: dict | None = None                     # the decoder's path and stats (mrpo.decoding.Generation)
+    _diff: list = field(default_factory=list, repr=False)   # (seqs, |sampled - trainer| [N]) of the first pass
 
     @property
     def lengths(self) -> list[int]:
         return [len(c) for c in self.completion_ids]
+
+    def note_trainer_logprobs(self, seqs: list[int], logprobs: torch.Tensor) -> None:
+        """The trainer's log-probs [N] (packed, on its device) of the completions `seqs`, from the loss's
+        forward: kept as |sampled - trainer| (no host sync) when no old log-prob pass ran, only the first
+        time each completion is seen (later iterations run on updated weights)."""
+        if self.sample_logprobs is None or self.old_logprobs is not None or any(
+                i in done for done, _ in self._diff for i in seqs):
+            return
+        sampled = torch.cat([self.sample_logprobs[i] for i in seqs]).to(logprobs.device)
+        self._diff.append((list(seqs), (sampled - logprobs.detach().float()).abs()))
+
+    def logprob_diff_metrics(self, device: torch.device) -> dict:
+        """rollout/logprob_diff_mean and _max: |log-prob under the sampling distribution - the trainer's| over
+        all ranks' completion tokens, from the step's first log-prob pass: the old log-probs when
+        algo.num_iterations > 1, else the first iteration's loss forward (note_trainer_logprobs); the
+        reference pass (loss.beta > 0) is not the policy's. NaN when nothing was sampled (e.g. warm-up).
+        Every rank calls it (one all-reduce of the sums, one of the max)."""
+        if self.sample_logprobs is not None and self.old_logprobs is not None:
+            diffs = [(s.float() - o.float()).abs() for s, o in zip(self.sample_logprobs, self.old_logprobs)]
+        else:
+            diffs = [d for _, d in self._diff]
+        flat = torch.cat([d.to(device) for d in diffs]) if diffs else torch.zeros(0, device=device)
+        sums = torch.stack([flat.double().sum(), torch.tensor(float(flat.numel()), device=device, dtype=torch.float64)])
+        peak = flat.double().max() if flat.numel() else torch.tensor(float("-inf"), device=device, dtype=torch.float64)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            comm = device if device.type == "cuda" else torch.device("cpu")
+            sums, peak = sums.to(comm), peak.reshape(1).to(comm)
+            dist.all_reduce(sums)
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        total, count = sums.tolist()
+        peak = float(peak.max())
+        return {"rollout/logprob_diff_mean": total / count if count else float("nan"),
+                "rollout/logprob_diff_max": peak if count else float("nan")}
 
     def loss_inputs(self, seqs: list[int], token_weights: torch.Tensor | None, device: torch.device) -> LossInputs:
         """Packed loss inputs of the completions `seqs` (in that order); token_weights: [N] or None."""
@@ -134,20 +174,25 @@ class Rollout:
 
 
 @torch.no_grad()
-def sample_groups(engine, backbone, pool: PromptPool, prompts: list[dict], rollout_cfg) -> Rollout:
-    """G = rollout.group_size sampled completions per prompt (group-major); the prompts are encoded once
-    for the whole step, and generation runs in the engine's generation() context (weights gathered once)."""
+def sample_groups(engine, backbone, pool: PromptPool, prompts: list[dict], rollout_cfg,
+                  seed: tuple | None = None) -> Rollout:
+    """G = rollout.group_size sampled completions per prompt (group-major): the DISTINCT prompts are
+    encoded once for the whole step and decoded into G rows each (mrpo.decoding.generate, rollout.decode)
+    in the engine's generation() context (weights gathered once, no collective per token). seed: (run
+    seed, step): the call's sampling seed is derived from it and the prompts' ids (a resumed run draws the
+    same completions); None = the global RNG. The sampled tokens' log-probs are kept (sample_logprobs)."""
     batch = pool.encode(prompts)
     rows = [i for i in range(len(prompts)) for _ in range(rollout_cfg.group_size)]
     backbone.model.eval()
     with engine.generation():
-        ids = backbone.generate(backbone.select_rows(batch, rows), max_new_tokens=rollout_cfg.max_new_tokens,
-                                temperature=rollout_cfg.temperature, top_p=rollout_cfg.top_p,
-                                top_k=rollout_cfg.top_k, do_sample=True,
-                                synced_gpus=dist.is_initialized() and dist.get_world_size() > 1,
-                                decode=rollout_cfg.decode)
+        out = decoding.generate(
+            backbone, batch, rows, decode=rollout_cfg.decode, max_new_tokens=rollout_cfg.max_new_tokens,
+            temperature=rollout_cfg.temperature, top_p=rollout_cfg.top_p, top_k=rollout_cfg.top_k, do_sample=True,
+            seed=None if seed is None else decoding.call_seed(*seed, *(r["id"] for r in prompts)),
+            gathered=decoding.weights_gathered(engine), synced_gpus=dist.is_initialized() and dist.get_world_size() > 1)
     backbone.model.train()
-    return Rollout(batch, rows, [prompts[i] for i in rows], ids)
+    return Rollout(batch, rows, [prompts[i] for i in rows], out.completion_ids, sample_logprobs=out.logprobs,
+                   decode_stats={"path": out.path, **out.stats})
 
 
 def score(rollout: Rollout, reward_model, tokenizer) -> tuple[list, dict]:
@@ -230,6 +275,50 @@ def micro_batches(lengths: list[int], max_seqs: int, max_tokens: int = 0) -> lis
     return out
 
 
+def rank_micro_batches(rollout: Rollout, cfg, device: torch.device) -> list[MicroBatch]:
+    """This rank's micro-batches (by count / loss.max_tokens_per_micro_batch), then zero-weight fillers
+    up to the largest count on any rank: every rank runs the same collectives (pad_micro_batches)."""
+    prompt_len = rollout.prompts["attention_mask"].sum(-1).tolist()
+    lengths = [prompt_len[r] + n for r, n in zip(rollout.prompt_row, rollout.lengths)]
+    micro = micro_batches(lengths, cfg.optim.per_device_batch_size, cfg.loss.max_tokens_per_micro_batch)
+    return pad_micro_batches(micro, all_reduce_max(len(micro), device), lengths)
+
+
+def rank_token_weights(rollout: Rollout, cfg, grad_world: int, device: torch.device) -> list[torch.Tensor]:
+    """Per completion, its tokens' loss weights [T_i]: loss.loss_agg over all tokens/sequences of the step
+    on all ranks, times `grad_world`, the ranks that gradient reduction averages over."""
+    lengths = rollout.lengths
+    total_tokens, total_seqs = all_reduce_sum([sum(lengths), sum(n > 0 for n in lengths)], device)
+    w = step_token_weights(torch.tensor(lengths), cfg.loss.loss_agg, total_tokens=int(total_tokens),
+                           total_seqs=int(total_seqs), max_completion_length=cfg.rollout.max_new_tokens,
+                           scale=float(grad_world))
+    return list(w.split(lengths))
+
+
+def global_advantages(rewards: torch.Tensor, cfg, columns, rank: int, device: torch.device) -> torch.Tensor:
+    """This rank's advantages [n] from its unweighted reward matrix [n, R] (RewardModel.reward_matrix,
+    NaN = missing; columns: RewardModel.columns, (name, weight) pairs), computed over every rank's
+    completions (GDPO's and scale=batch's batch statistics are global; group statistics are unchanged
+    since groups never span ranks)."""
+    n = rewards.shape[0]
+    everyone = all_gather_rows(rewards.double(), device)
+    method = "grpo" if cfg.algo.name == "mrpo" else cfg.algo.name   # MRPO: GRPO advantages, shaped
+    weights = torch.tensor([w for _, w in columns], dtype=torch.float64)
+    adv = compute_advantages(everyone, cfg.rollout.group_size, method=method, scale=cfg.algo.advantage_scale,
+                             weights=weights)
+    return adv[rank * n:(rank + 1) * n].float()
+
+
+def loss_kwargs(cfg, direct_backward: bool) -> dict:
+    """mrpo_loss keyword arguments of the run config (engine.direct_backward: see Engine)."""
+    c = cfg.loss
+    return dict(eps_low=c.eps_low, eps_high=c.eps_high, beta=c.beta, temperature=c.temperature,
+                loss_agg=c.loss_agg, max_completion_length=cfg.rollout.max_new_tokens,
+                shaping="mrpo" if cfg.algo.name == "mrpo" else "none",
+                valid_step_credit=cfg.algo.valid_step_credit, backend=c.backend, chunk_size=c.chunk_size,
+                unit_grad_output=direct_backward, validate=False)   # no host syncs
+
+
 def gold_rollout(pool: PromptPool, records: list[dict], tokenizer, tag: str, eos: int) -> Rollout:
     """The gold rationale + answer of each record as its one completion, for the supervised warm-up:
     advantage 1, no steps, answer right (the fused loss then gives the cross-entropy gradient)."""
@@ -244,11 +333,12 @@ def gold_rollout(pool: PromptPool, records: list[dict], tokenizer, tag: str, eos
 
 @torch.no_grad()
 def greedy_texts(engine, backbone, pool: PromptPool, records: list[dict], max_new_tokens: int, batch_size: int,
-                 stop, decode: str = "eager") -> list[str] | None:
+                 stop, decode: str = "loop") -> list[str] | None:
     """Greedy completions of `records` (decoded with special tokens kept, the final EOS dropped, as
     mrpo.infer writes them, so it never joins the last step of truncated reasoning), the work split over
     ranks (rank r takes records[r::world]) and gathered back in order on every rank. stop(): polled before
-    each batch (all ranks agree); None when it fired. decode: rollout.decode (see Backbone.decode_kwargs)."""
+    each batch (all ranks agree); None when it fired. decode: rollout.decode (mrpo.decoding; the loop runs
+    no collective, generate's fallback runs in lockstep: every rank makes the same number of calls)."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     mine, texts = records[rank::world], []
@@ -258,8 +348,10 @@ def greedy_texts(engine, backbone, pool: PromptPool, records: list[dict], max_ne
             if stop():
                 return None
             chunk = mine[b * batch_size:(b + 1) * batch_size]
-            ids = backbone.generate(pool.encode(chunk or records[:1]), max_new_tokens=max_new_tokens,
-                                    do_sample=False, synced_gpus=world > 1, decode=decode)
+            chunk_or_filler = chunk or records[:1]   # a rank without records of its own still makes the call
+            ids = decoding.generate(backbone, pool.encode(chunk_or_filler), list(range(len(chunk_or_filler))), decode=decode,
+                                    max_new_tokens=max_new_tokens, do_sample=False,
+                                    gathered=decoding.weights_gathered(engine), synced_gpus=world > 1).completion_ids
             if chunk:
                 texts.extend(backbone.tokenizer.decode(i[:-1] if i and i[-1] in eos else i, skip_special_tokens=False)
                              for i in ids)

@@ -23,14 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from mrpo_kernels import linear_logprobs, mrpo_loss, step_token_weights
+from mrpo_kernels import linear_logprobs, mrpo_loss
 
 from mrpo import build, checkpoint
-from mrpo.algo.advantages import compute_advantages
 from mrpo.config import Config
 from mrpo.data.sampler import PromptSampler
-from mrpo.distributed import (all_gather_rows, all_reduce_max, all_reduce_mean, all_reduce_sum, shutdown,
-                              warnings_once)
+from mrpo.distributed import all_reduce_mean, shutdown, warnings_once
 from mrpo.engines import build_engine
 from mrpo.eval.reasoning import evaluate_over_ranks
 from mrpo.judges import build_judge
@@ -43,8 +41,9 @@ from mrpo.plan import check_at_startup, compare_measured
 from mrpo.plan_measure import PhaseMemory
 from mrpo.rewards import COUNT_METRICS, RewardModel
 from mrpo.run_safety import GracefulStop
-from mrpo.rollout import (MicroBatch, PromptPool, Rollout, first_failure_stage, gold_rollout, greedy_texts,
-                          in_background, micro_batches, pad_micro_batches, sample_groups, score)
+from mrpo.rollout import (MicroBatch, PromptPool, Rollout, first_failure_stage, global_advantages, gold_rollout,
+                          greedy_texts, in_background, loss_kwargs, rank_micro_batches, rank_token_weights,
+                          sample_groups, score)
 
 log = logging.getLogger("mrpo")
 
@@ -96,7 +95,7 @@ class Trainer:
         cfg, t = self.cfg, [time.perf_counter()]
         prompts = self.pool.usable(self.sampler.next(self.prompts_per_rank), self.prompts_per_rank)
         with self.phase_memory.phase("rollout"):
-            rollout = sample_groups(self.engine, self.backbone, self.pool, prompts, cfg.rollout)
+            rollout = sample_groups(self.engine, self.backbone, self.pool, prompts, cfg.rollout, seed=(cfg.seed, self.step))
         t.append(time.perf_counter())
         judged = in_background(score, rollout, self.reward_model, self.backbone.tokenizer)   # overlaps the passes
         with self.phase_memory.phase("logprobs"):
@@ -130,7 +129,7 @@ class Trainer:
             "tokens_per_s": sum(rollout.lengths) * self.world / (t[4] - t[0]),
             "skipped_long_prompts": float(len(self.pool.too_long)),
             "padding_fraction": float(self.backbone.last_padding_fraction or 0.0),   # of the last training forward
-        })
+            **rollout.logprob_diff_metrics(self.device)})
         return all_reduce_mean(metrics, self.device, summed=COUNT_METRICS + USAGE_KEYS + ("skipped_long_prompts",))
 
     def accumulate_gradients(self, rollout: Rollout, weights: list[torch.Tensor], micro: list[MicroBatch]) -> torch.Tensor:
@@ -143,48 +142,23 @@ class Trainer:
             token_weights = torch.cat([weights[i] for i in mb.seqs]) * float(not mb.filler)
             inputs = rollout.loss_inputs(mb.seqs, token_weights, self.device)
             loss, m = mrpo_loss(hidden, weight, inputs, **self.loss_kwargs())   # a filler's loss is exactly 0
+            rollout.note_trainer_logprobs(mb.seqs, m["logprobs"])   # rollout vs trainer (first pass only)
             self.engine.backward(loss, sync=j == len(micro) - 1)
             n = inputs.targets.numel() * (not mb.filler)   # real tokens
             sums += torch.stack([loss.detach().double(), m["clip_fraction"].double() * n, m["kl"].double() * n])
         return sums
 
     def global_advantages(self, rewards: torch.Tensor) -> torch.Tensor:
-        """This rank's advantages [n] from its unweighted reward matrix [n, R] (RewardModel.reward_matrix,
-        NaN = missing), computed over every rank's completions (GDPO's and scale=batch's batch statistics
-        are global; group statistics are unchanged since groups never span ranks)."""
-        n = rewards.shape[0]
-        everyone = all_gather_rows(rewards.double(), self.device)
-        method = "grpo" if self.cfg.algo.name == "mrpo" else self.cfg.algo.name   # MRPO: GRPO advantages, shaped
-        weights = torch.tensor([w for _, w in self.reward_model.columns], dtype=torch.float64)
-        adv = compute_advantages(everyone, self.cfg.rollout.group_size, method=method,
-                                 scale=self.cfg.algo.advantage_scale, weights=weights)
-        return adv[self.rank * n:(self.rank + 1) * n].float()
+        return global_advantages(rewards, self.cfg, self.reward_model.columns, self.rank, self.device)
 
     def step_token_weights(self, rollout: Rollout) -> list[torch.Tensor]:
-        """Per completion, its tokens' loss weights [T_i]: loss.loss_agg over all tokens/sequences of the step
-        on all ranks, times the ranks that gradient reduction averages over."""
-        lengths = rollout.lengths
-        total_tokens, total_seqs = all_reduce_sum([sum(lengths), sum(n > 0 for n in lengths)], self.device)
-        w = step_token_weights(torch.tensor(lengths), self.cfg.loss.loss_agg, total_tokens=int(total_tokens),
-                               total_seqs=int(total_seqs), max_completion_length=self.cfg.rollout.max_new_tokens,
-                               scale=float(self.engine.grad_average_world))
-        return list(w.split(lengths))
+        return rank_token_weights(rollout, self.cfg, self.engine.grad_average_world, self.device)
 
     def micro_batches(self, rollout: Rollout) -> list[MicroBatch]:
-        """This rank's micro-batches (by count / loss.max_tokens_per_micro_batch), then zero-weight fillers
-        up to the largest count on any rank: every rank runs the same collectives (pad_micro_batches)."""
-        prompt_len = rollout.prompts["attention_mask"].sum(-1).tolist()
-        lengths = [prompt_len[r] + n for r, n in zip(rollout.prompt_row, rollout.lengths)]
-        micro = micro_batches(lengths, self.cfg.optim.per_device_batch_size, self.cfg.loss.max_tokens_per_micro_batch)
-        return pad_micro_batches(micro, all_reduce_max(len(micro), self.device), lengths)
+        return rank_micro_batches(rollout, self.cfg, self.device)
 
     def loss_kwargs(self) -> dict:
-        c = self.cfg.loss
-        return dict(eps_low=c.eps_low, eps_high=c.eps_high, beta=c.beta, temperature=c.temperature,
-                    loss_agg=c.loss_agg, max_completion_length=self.cfg.rollout.max_new_tokens,
-                    shaping="mrpo" if self.cfg.algo.name == "mrpo" else "none",
-                    valid_step_credit=self.cfg.algo.valid_step_credit, backend=c.backend, chunk_size=c.chunk_size,
-                    unit_grad_output=self.engine.direct_backward, validate=False)   # no host syncs
+        return loss_kwargs(self.cfg, self.engine.direct_backward)
 
     def hidden_states(self, model, rollout: Rollout, seqs: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Packed completion hidden states [N, D] of the completions `seqs` and the lm_head weight [V, D]."""

@@ -68,3 +68,49 @@ def test_report_ratios(tmp_path):
     assert got["packing packed / padded loss+backward"]["met"] == "yes"
     assert got["packing loss+backward packed (torch_varlen)"]["value"] == "0.8"
     assert got["packing log-probs packed vs padded, max abs diff (bfloat16)"]["value"] == "0.03"
+
+
+def test_hbm_bandwidth_table_flag_and_fallback():
+    assert gpu_check.hbm_gbs("NVIDIA H200") == (4800.0, "peak HBM of H200")
+    assert gpu_check.hbm_gbs("NVIDIA H100 80GB HBM3")[0] == 3350.0
+    assert gpu_check.hbm_gbs("NVIDIA H100 PCIe")[0] == 2000.0
+    assert gpu_check.hbm_gbs("NVIDIA H200", flag=1000.0) == (1000.0, "--hbm-gbs")
+    assert gpu_check.hbm_gbs("cpu", measured=20.0) == (20.0, "measured copy")
+    assert gpu_check.hbm_gbs("cpu") == (None, "unknown")
+
+
+def test_report_decode_stage(tmp_path):
+    (tmp_path / "decode.json").write_text(json.dumps({
+        "device": "NVIDIA H100 80GB HBM3", "dtype": "bfloat16", "rows": 16, "prompts": 2, "new_tokens": 128,
+        "reps": 3, "call_s": 0.5, "tokens_per_s": 4000.0, "decode_step_ms": 2.0, "prefill_s": 0.02,
+        "decode_steps": 127, "graph_captures": 3, "compactions": 2, "weight_bytes": 3.35e9}))
+    args = types.SimpleNamespace(out=str(tmp_path), dry_run=False, tag="cuda", budget_s=480.0, hbm_gbs=None)
+    gpu_check.report(args, types.SimpleNamespace(results={}, t0=0.0), {}, {"gb_per_s": 2500.0})
+    got = {r["metric"]: r["value"] for r in csv.DictReader(open(tmp_path / "summary.csv"))}
+    # 3.35e9 bytes at the H100's 3350 GB/s = 1 ms per step; 2 ms measured = 2x
+    assert got["decode loop weight-read bound (3350 GB/s, peak HBM of H100)"] == "1.0"
+    assert got["decode loop step / weight-read bound"] == "2.0"
+    assert got["decode loop graph captures per call"] == "3"
+    assert got["decode loop tokens/s (16 rows, 128 new tokens, bfloat16)"] == "4000.0"
+
+
+def test_decode_stage_dry_run_on_cpu(tmp_path):
+    """benchmarks/gpu_decode.py on the tiny GPU-shaped model on the CPU: the stage's JSON is complete."""
+    import pytest
+    import subprocess
+
+    pytest.importorskip("mrpo.models.decode")
+    import torch
+
+    import gpu_models
+
+    path = gpu_models.make_qwen2_5_vl_1b(tmp_path / "model", size="tiny", dtype=torch.float32, device="cpu")["path"]
+    out = tmp_path / "decode.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_decode.py"), path, "--json", str(out),
+                           "--new-tokens", "6", "--reps", "1", "--threads", "1", "--group", "2"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads(out.read_text())
+    assert s["rows"] == 4 and s["graph_captures"] == 0 and s["device"] == "cpu" and s["tokens_per_s"] > 0
+    assert 0 < s["weight_bytes"] < sum(p.stat().st_size for p in Path(path).glob("*.safetensors"))

@@ -160,8 +160,16 @@ def test_engine_state_terms():
     adapters = shape.lora_in_out * 64
     assert lora["AdamW exp_avg + exp_avg_sq (float32 adapters, no fp32 master)"] == 2 * adapters * 4 // 4
     assert not any("reference" in k for k in lora)
-    # KV cache: 2 x 28 layers x 4 KV heads x 128 x bf16 x 16 rows x (1024 + 512) tokens
-    assert fsdp.phases["rollout"].terms["KV cache (dynamic, 16 rows x 1536 tokens)"] == 2 * 28 * 4 * 128 * 2 * 16 * 1536
+    # KV cache: 2 x 28 layers x 4 KV heads x 128 x bf16 x 16 rows x (1024 + 512) tokens; the decode loop
+    # (default) adds its bf16 key mask per row and token and prefills the 2 distinct prompts, not 16 rows
+    rollout = fsdp.phases["rollout"].terms
+    kv = 2 * 28 * 4 * 128 * 2
+    assert rollout["KV cache (one preallocated, 16 rows x 1536 tokens)"] == (kv + 2) * 16 * 1536
+    assert rollout["prefill K/V of the 2 distinct prompts (until copied into their rows)"] == kv * 2 * 1024
+    assert "prefill (2 x 1024 prompt tokens, 2 images), beyond the decode buffers" in rollout
+    hf = make_plan(load_config(REPO_ROOT / "configs" / "qwen2_5_vl_7b_mrpo.yaml", ["rollout.decode=hf"]), 4, 80.0, shape)
+    assert hf.phases["rollout"].terms["KV cache (dynamic, 16 rows x 1536 tokens)"] == kv * 16 * 1536
+    assert "vision tower, no grad (16 images x" in " ".join(hf.phases["rollout"].terms)
     # gradient checkpointing keeps ~1/30 of the activations at these widths (with LoRA, whose optimizer step is
     # small, so the train peak is the backward's and the activation terms are listed)
     no_ckpt = make_plan(load_config(REPO_ROOT / "configs" / "qwen2_5_vl_7b_mrpo.yaml",

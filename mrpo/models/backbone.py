@@ -404,12 +404,13 @@ class Backbone:
 
     @torch.no_grad()
     def generate(self, batch: dict, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
-                 do_sample: bool = True, synced_gpus: bool = False, decode: str = "eager", top_k: int = 0
-                 ) -> list[list[int]]:
+                 do_sample: bool = True, synced_gpus: bool = False, decode: str = "eager", top_k: int = 0,
+                 logits_processors: list | None = None) -> list[list[int]]:
         """Batched generate with KV cache. Returns each completion's token ids without padding,
         cut after (and including) the first EOS; a completion without EOS has max_new_tokens ids.
         decode: eager | static | static_compiled (see decode_kwargs; greedy ids are the same on every path).
-        top_k: sample among the k most likely tokens only (0 = off)."""
+        top_k: sample among the k most likely tokens only (0 = off). logits_processors: more processors run
+        after the vision-token suppression (and before generate's own temperature / top-k / top-p warpers)."""
         kwargs = dict(_sampling_overrides(self.model.generation_config, do_sample), max_new_tokens=max_new_tokens,
                       do_sample=do_sample, use_cache=True, pad_token_id=self.pad_token_id,
                       eos_token_id=self.eos_token_ids, synced_gpus=synced_gpus)
@@ -421,6 +422,8 @@ class Backbone:
             if self._suppress is None:
                 self._suppress = _SuppressTokens(self.suppress_token_ids)
             kwargs["logits_processor"] = LogitsProcessorList([self._suppress])
+        if logits_processors:
+            kwargs["logits_processor"] = LogitsProcessorList([*kwargs.get("logits_processor", []), *logits_processors])
         rows = batch["input_ids"].shape[0]
         filler = self._vision_filler(batch, self.model)
         if filler is not None:

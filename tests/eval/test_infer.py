@@ -67,7 +67,7 @@ class FakeBackbone:
         assert all(isinstance(ims, list) and all(isinstance(im, Image.Image) for im in ims) for ims in images)
         return {"problems": list(problems)}
 
-    def generate(self, batch, max_new_tokens, temperature=1.0, top_p=1.0, do_sample=True):
+    def generate(self, batch, max_new_tokens, temperature=1.0, top_p=1.0, do_sample=True, **generate_kwargs):
         self.calls.append((list(batch["problems"]), do_sample))
         return [[ord(c) for c in f"<think>Step about {p}. Done.</think><answer>{p}</answer>"] + [EOS]
                 for p in batch["problems"]]
@@ -84,7 +84,7 @@ def test_run_inference_resumes_after_crash(tmp_path):
     recs = _records(tmp_path, 5)
     out = tmp_path / "eval" / "predictions.jsonl"
     bb = FakeBackbone()
-    assert run_inference(bb, recs[:3], out, batch_size=2, max_new_tokens=32, progress=False) == 3
+    assert run_inference(bb, recs[:3], out, batch_size=2, max_new_tokens=32, progress=False, decode="hf") == 3
     assert [c[0] for c in bb.calls] == [["p0", "p1"], ["p2"]] and bb.calls[0][1] is False   # greedy
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert rows[0]["text"] == "<think>Step about p0. Done.</think><answer>p0</answer>"   # EOS stripped
@@ -95,14 +95,14 @@ def test_run_inference_resumes_after_crash(tmp_path):
         f.write('{"id": "r3", "dataset": "d", "te')
     recs[4]["image"] = str(tmp_path / "missing.png")
     bb2 = FakeBackbone()
-    assert run_inference(bb2, recs, out, batch_size=2, progress=False, temperature=0.7) == 1
+    assert run_inference(bb2, recs, out, batch_size=2, progress=False, temperature=0.7, decode="hf") == 1
     assert bb2.calls == [(["p3"], True)]
     ids = [json.loads(x)["id"] for x in out.read_text().splitlines()]
     assert ids == ["r0", "r1", "r2", "r3"]
 
     recs[4]["image"] = recs[0]["image"]            # fixed: the skipped record is retried
     bb3 = FakeBackbone()
-    assert run_inference(bb3, recs + recs[:1], out, progress=False) == 1
+    assert run_inference(bb3, recs + recs[:1], out, progress=False, decode="hf") == 1
     assert [c[0] for c in bb3.calls] == [["p4"]]
     assert len(set(json.loads(x)["id"] for x in out.read_text().splitlines())) == 5
 
@@ -151,3 +151,18 @@ def test_tiny_model_inference_cli_resumable(tiny, tmp_path, capsys):
     out2 = tmp_path / "pred2.jsonl"
     assert run_inference(bb, recs[:2], out2, batch_size=1, max_new_tokens=6, progress=False) == 2
     assert [json.loads(x)["text"] for x in out2.read_text().splitlines()] == [r["text"] for r in rows[:2]]
+
+
+def test_infer_decode_loop_equals_generate(tiny, tmp_path):
+    """--decode loop (the default, our decode loop) and --decode hf (transformers' generate) write the
+    same greedy predictions."""
+    from mrpo.infer import main
+
+    model, data = tiny
+    texts = {}
+    for decode in ("loop", "hf"):
+        out = tmp_path / f"{decode}.jsonl"
+        assert main(["--model", str(model), "--data", str(data), "--out", str(out), "--batch-size", "3",
+                     "--max-new-tokens", "12", "--no-progress", "--device", "cpu", "--decode", decode]) == 0
+        texts[decode] = [json.loads(x)["text"] for x in out.read_text().splitlines()]
+    assert len(texts["loop"]) == 5 and texts["loop"] == texts["hf"]

@@ -86,7 +86,7 @@ def test_unknown_decode_raises(bb):
 
 
 def test_config_key():
-    assert load_config(None, []).rollout.decode == "eager"
+    assert load_config(None, []).rollout.decode == "loop"
     assert load_config(None, ["rollout.decode=static_compiled"]).rollout.decode == "static_compiled"
     with pytest.raises(ConfigError, match="rollout.decode"):
         load_config(None, ["rollout.decode=fast"])

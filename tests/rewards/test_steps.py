@@ -277,19 +277,21 @@ def test_truncated_reasoning_with_tiny_backbone_tokenizers(family, tmp_path):
     assert not rollout.step_valid[0][-2:].any()
 
 
-def test_greedy_eval_texts_drop_the_final_eos(bpe):
+def test_greedy_eval_texts_drop_the_final_eos(bpe, monkeypatch):
     """The trainer's evaluation texts end before EOS (as mrpo.infer's predictions do), so truncated
     reasoning's last step, segmented from the text alone, holds no special token."""
     import contextlib
     from types import SimpleNamespace
 
+    from mrpo import decoding
     from mrpo.rollout import greedy_texts
 
     truncated = bpe.encode("<think>The lesion is large! Is it benign", add_special_tokens=False)
     finished = bpe.encode("<think>No.</think><answer>x</answer>", add_special_tokens=False)
     eos = bpe.eos_token_id
-    backbone = SimpleNamespace(tokenizer=bpe, eos_token_ids=[eos],
-                               generate=lambda batch, **kw: [truncated + [eos], finished + [eos]][:len(batch)])
+    backbone = SimpleNamespace(tokenizer=bpe, eos_token_ids=[eos])
+    monkeypatch.setattr(decoding, "generate", lambda backbone, batch, rows, **kw: decoding.Generation(
+        [truncated + [eos], finished + [eos]][:len(rows)], [], "hf:eager"))
     engine = SimpleNamespace(generation=contextlib.nullcontext)
     pool = SimpleNamespace(encode=lambda records: records)
     texts = greedy_texts(engine, backbone, pool, [{"id": 0}, {"id": 1}], 8, batch_size=2, stop=lambda: False)

@@ -46,8 +46,9 @@ def _scripted_outputs(monkeypatch):
 
     real_sample_groups = mrpo.trainer.sample_groups
 
-    def sample_groups(engine, backbone, pool, prompts, rollout_cfg):
-        rollout = real_sample_groups(engine, backbone, pool, prompts, rollout_cfg)
+    def sample_groups(engine, backbone, pool, prompts, rollout_cfg, **kwargs):
+        rollout = real_sample_groups(engine, backbone, pool, prompts, rollout_cfg, **kwargs)
+        rollout.sample_logprobs = None   # the scripted completions below were not sampled
         for i, rec in enumerate(rollout.records):
             answer = rec["solution"] if i % 2 == 0 else "wrong"
             text = f"<think>{rec['gold_reasoning']}</think><answer>{answer}</answer>"
