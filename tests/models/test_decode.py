@@ -11,7 +11,7 @@ import pytest
 
 from mrpo.config import ConfigError, load_config
 from mrpo.data.synthetic import make_example
-from mrpo.models import backbone as backbone_mod
+from mrpo.models import hf_generate as hf_generate_mod
 from mrpo.models.load import load_backbone
 from mrpo.models.tiny import FAMILIES, build_tiny
 
@@ -52,7 +52,7 @@ def test_static_greedy_ids_equal_eager(bb, decode, monkeypatch):
     fast = bb.generate(batch, NEW, do_sample=False, decode=decode)
     assert calls[-1]["cache_implementation"] == "static"                 # the static path really ran
     assert calls[-1]["max_cache_len"] >= batch["input_ids"].shape[1] + NEW
-    assert calls[-1]["max_cache_len"] % backbone_mod.STATIC_CACHE_ROUND == 0
+    assert calls[-1]["max_cache_len"] % hf_generate_mod.STATIC_CACHE_ROUND == 0
     if bb.model.device.type != "cuda":
         assert calls[-1].get("disable_compile") is True and "compile_config" not in calls[-1]
     assert max(len(c) for c in eager) >= 8, eager                        # enough decoded tokens to compare
@@ -69,7 +69,7 @@ def test_unsupported_family_falls_back_once(bb, monkeypatch, caplog):
     batch = _batch(bb)
     eager = bb.generate(batch, NEW, do_sample=False)
     monkeypatch.setattr(bb.model, "_can_compile_fullgraph", False)
-    monkeypatch.setattr(backbone_mod, "_WARNED", set())
+    monkeypatch.setattr(hf_generate_mod, "_WARNED", set())
     calls = _spy(bb, monkeypatch)
     with caplog.at_level(logging.WARNING, logger="mrpo"):
         first = bb.generate(batch, NEW, do_sample=False, decode="static_compiled")
@@ -180,7 +180,7 @@ def test_suppress_tokens_processor_matches_transformers():
 
     scores = torch.randn(3, 50)
     ids = torch.zeros(3, 4, dtype=torch.long)
-    ours = backbone_mod._SuppressTokens([1, 7, 49, 60])   # 60: outside the vocabulary, ignored as by transformers
+    ours = hf_generate_mod._SuppressTokens([1, 7, 49, 60])   # 60: outside the vocabulary, ignored as by transformers
     ref = SuppressTokensLogitsProcessor([1, 7, 49, 60])
     for _ in range(2):   # the cached mask is reused
         assert torch.equal(ours(ids, scores), ref(ids, scores))

@@ -16,7 +16,7 @@ import torch
 
 from mrpo.config import LossConfig
 from mrpo.data.synthetic import make_example
-from mrpo.models import backbone as backbone_mod
+from mrpo.models import teacher_forcing as teacher_forcing_mod
 from mrpo.models.backbone import Backbone
 from mrpo.models.load import load_backbone
 from mrpo.models.parallelize import decoder_layers, hidden_states_mode, install_passthrough_head, vision_tower
@@ -247,7 +247,7 @@ def test_unsupported_attention(bb, images, monkeypatch):
         with pytest.raises(RuntimeError, match="cannot pack with attention implementation 'some_kernel'"):
             bb.packed_completion_hidden_states(batch, comps)
     # the model cannot run an unknown kernel, so for the fallback only the check reports one
-    monkeypatch.setattr(backbone_mod, "_PACKING_FALLBACK_WARNED", set())
+    monkeypatch.setattr(teacher_forcing_mod, "_PACKING_FALLBACK_WARNED", set())
     monkeypatch.setattr(bb, "packing_unsupported", lambda model=None: "attention implementation 'some_kernel'")
     with pytest.warns(UserWarning, match="loss.packing: cannot pack with attention implementation 'some_kernel'"):
         got = bb.completion_hidden_states(batch, comps, packed=True)[0]
