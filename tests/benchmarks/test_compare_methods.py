@@ -156,12 +156,12 @@ def test_lock_keeps_two_invocations_apart(tmp_path):
     assert cm.acquire(run) and cm.acquire(run)            # our own lock: re-entrant
     other = subprocess.Popen(["sleep", "30"])
     try:
-        (run / ".lock").write_text(f"{other.pid}\n")       # held by a live process
+        (run / cm.LOCK_NAME).write_text(f"{other.pid}\n")       # held by a live process
         assert not cm.acquire(run)
     finally:
         other.kill()
         other.wait()
     assert cm.acquire(run)                                 # its holder is gone: taken over
-    assert (run / ".lock").read_text().strip() == str(os.getpid())
+    assert (run / cm.LOCK_NAME).read_text().strip() == str(os.getpid())
     cm.release(run)
-    assert not (run / ".lock").exists()
+    assert not (run / cm.LOCK_NAME).exists()
