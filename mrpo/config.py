@@ -197,6 +197,9 @@ def _validate(cfg: Config, source: str) -> None:
     need(all(isinstance(t, str) for t in cfg.logging.tags), "logging.tags", "a list of strings")
     need(0 <= cfg.judge.max_unjudged_fraction <= 1, "judge.max_unjudged_fraction", "a share in [0, 1] (1 = never stop)")
     need(cfg.judge.unjudged_window >= 1, "judge.unjudged_window", "must be >= 1 (RL steps)")
+    need(0 <= cfg.judge.noise_flip_rate <= 1, "judge.noise_flip_rate", "a share of step verdicts in [0, 1] (0 = off)")
+    need(cfg.judge.noise_flip_rate == 0 or cfg.judge.kind != "none", "judge.noise_flip_rate",
+         "flips step verdicts, so it needs a step judge (judge.kind is none)")
     need(bool(cfg.output_dir), "output_dir", "must name a folder")
 
 

@@ -101,6 +101,10 @@ class JudgeConfig:
                                            "completions sent to the judge went unjudged over unjudged_window "
                                            "steps; 1.0 = never stop")
     unjudged_window: int = _f(5, "RL steps over which judge.max_unjudged_fraction is measured")
+    noise_flip_rate: float = _f(0.0, "research option: flip this share of step verdicts (valid <-> invalid) "
+                                     "during training, seeded by judge.noise_seed (mrpo.judges.noisy); "
+                                     "evaluation uses the clean judge; 0 = off")
+    noise_seed: int = _f(0, "seed of judge.noise_flip_rate's flips (a keyed hash of sample, steps and step index)")
 
 
 @dataclass

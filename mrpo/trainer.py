@@ -33,7 +33,7 @@ from mrpo.data.sampler import PromptSampler
 from mrpo.distributed import all_gather_rows, all_reduce_max, all_reduce_mean, all_reduce_sum, barrier
 from mrpo.engines import build_engine
 from mrpo.eval.reasoning import evaluate_generations
-from mrpo.judges import build_judge
+from mrpo.judges import build_judge, clean_judge
 from mrpo.judges.outage import JudgeOutageError, UnjudgedGuard
 from mrpo.metrics_log import MetricsLogger
 from mrpo.models.lora import adapters_disabled
@@ -347,7 +347,7 @@ class Trainer:
             barrier()   # wait for rank 0's scoring and writing, so no rank runs ahead
             return {}
         eval_dir = self.out / "eval" / tag
-        summary = evaluate_generations(records, texts, self.judge, self.reasoning_tag, out_dir=eval_dir)
+        summary = evaluate_generations(records, texts, clean_judge(self.judge), self.reasoning_tag, out_dir=eval_dir)
         (eval_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
         flat = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
         self.metrics.log({"phase": "eval", "tag": tag, "step": self.step, **flat})
