@@ -177,6 +177,29 @@ def _means_table(rows: list[dict], starts: list[dict], n_resamples: int) -> list
     return out
 
 
+def collapsed(r: dict) -> bool:
+    """Post hoc (not in plan.md): the run fell into the length exploit (greedy test K > K_max = 10 or
+    accuracy under 5%), so its stage shares describe run-on text, not reasoning."""
+    return r["mean_k"] > 10 or r["accuracy"] < 0.05
+
+
+def post_hoc_lines(rows: list[dict], seeds: list[int], n_resamples: int) -> list[str]:
+    """The primary endpoint again without the seeds where either run collapsed: a sensitivity analysis
+    added after seeing the runs (labelled so; it does not replace the registered decision)."""
+    a, b = PRIMARY
+    by = {(r["method"], r["seed"]): r for r in rows}
+    bad = [s for s in seeds if collapsed(by[(a, s)]) or collapsed(by[(b, s)])]
+    if not bad:
+        return []
+    keep = [s for s in seeds if s not in bad]
+    d = [by[(a, s)]["early"] - by[(b, s)]["early"] for s in keep]
+    t = test_row(d, n_resamples)
+    return [f"Post hoc (not registered): collapsed runs (greedy test K > 10 or accuracy < 5%) on seed(s) "
+            f"{bad} ({', '.join(f'{m} seed {s}' for s in bad for m in (a, b) if collapsed(by[(m, s)]))}). "
+            f"Without those seeds: mean difference {_ci(t, 'early')} points over {t['n']} seeds, Wilcoxon "
+            f"p = {t['p_wilcoxon']:.4f}, sign test {t['positives']}/{t['n_nonzero']} positive.", ""]
+
+
 def analysis_markdown(rows: list[dict], starts: list[dict], title: str, n_resamples: int = 10_000) -> list[str]:
     a, b = PRIMARY
     lines = [f"## {title}", ""]
@@ -186,18 +209,20 @@ def analysis_markdown(rows: list[dict], starts: list[dict], title: str, n_resamp
     t = test_row(d, n_resamples)
     by = {(r["method"], r["seed"]): r for r in rows}
     lines += ["### Primary endpoint: early-failure share of wrong answers, MRPO - GRPO (paired by seed)", "",
-              "| seed | start early | mrpo early | grpo early | mrpo - grpo (pp) | mrpo acc | grpo acc |",
-              "|---|---|---|---|---|---|---|"]
+              "| seed | start early | mrpo early | grpo early | mrpo - grpo (pp) | mrpo acc | grpo acc | mrpo K | grpo K |",
+              "|---|---|---|---|---|---|---|---|---|"]
     start_by = {s["seed"]: s for s in starts}
     for s, di in zip(seeds, d):
         st = start_by.get(s, {}).get("early", float("nan"))
         lines.append(f"| {s} | {st * 100:.1f} | {by[(a, s)]['early'] * 100:.1f} | {by[(b, s)]['early'] * 100:.1f} | "
-                     f"{di * 100:+.1f} | {by[(a, s)]['accuracy'] * 100:.1f} | {by[(b, s)]['accuracy'] * 100:.1f} |")
+                     f"{di * 100:+.1f} | {by[(a, s)]['accuracy'] * 100:.1f} | {by[(b, s)]['accuracy'] * 100:.1f} | "
+                     f"{by[(a, s)]['mean_k']:.2f} | {by[(b, s)]['mean_k']:.2f} |")
     lines += ["", f"Mean difference {_ci(t, 'early')} points (95% bootstrap CI over seeds); exact Wilcoxon "
               f"signed-rank W+ = {t['W+']:.1f} on {t['n_nonzero']} non-zero pairs, two-sided p = {t['p_wilcoxon']:.4f} "
               f"(primary); sign test {t['positives']}/{t['n_nonzero']} positive, p = {t['p_sign']:.4f}; sign-flip "
               f"permutation test of the mean p = {t['p_perm']:.4f}.", "",
               f"**Registered decision: {decide(t)}.**", "",
+              *post_hoc_lines(rows, seeds, n_resamples),
               "### Secondary endpoints, MRPO - GRPO (Holm-adjusted over the five)", "",
               "| endpoint | seeds | mean difference [95% CI] | Wilcoxon p | Holm p | sign test | permutation p |",
               "|---|---|---|---|---|---|---|"]

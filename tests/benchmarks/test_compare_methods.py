@@ -210,9 +210,20 @@ def test_study_report_on_fake_runs(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     md = st.report(runs, out, n_resamples=200)
-    assert "| 0 | 80.0 | 60.0 | 70.0 | -10.0 | 40.0 | 40.0 |" in md
+    assert "| 0 | 80.0 | 60.0 | 70.0 | -10.0 | 40.0 | 40.0 | 5.00 | 5.00 |" in md
     assert "two-sided p = 0.2500 (primary)" in md                     # 3 of 3 negative: 2/8
     assert "(on 3 of 8 registered seeds: a deviation) undecided" in md
     back = list(csv.DictReader(open(out / "runs.csv")))
     assert {(r["method"], r["seed"]) for r in back} >= {("mrpo", "0"), ("grpo", "2"), ("start", "1")}
     assert (out / "ffp_stages_ci.png").is_file() and (out / "far_by_ffp.png").is_file()
+
+
+def test_study_post_hoc_leaves_out_collapsed_seeds():
+    rows = []
+    for s, (em, eg, km, acc) in enumerate([(0.5, 0.7, 5.0, 0.4), (0.6, 0.7, 5.0, 0.4), (0.2, 0.9, 25.0, 0.0)]):
+        rows += [{"method": "mrpo", "seed": s, "early": em, "mean_k": km, "accuracy": acc},
+                 {"method": "grpo", "seed": s, "early": eg, "mean_k": 5.0, "accuracy": 0.4}]
+    assert st.collapsed(rows[4]) and not st.collapsed(rows[0])
+    line = " ".join(st.post_hoc_lines(rows, [0, 1, 2], n_resamples=200))
+    assert "seed(s) [2] (mrpo seed 2)" in line and "-15.0 [-20.0, -10.0] points over 2 seeds" in line
+    assert st.post_hoc_lines(rows[:4], [0, 1], n_resamples=200) == []
