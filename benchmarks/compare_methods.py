@@ -43,6 +43,7 @@ CSV_FIELDS = ["method", "variant", "seed", "steps", "accuracy", "early", "mid", 
 DEFAULT_METHODS = "mrpo,grpo,gdpo"
 FULL_METHODS = "mrpo,grpo,gdpo,mrpo:signed,mrpo:zero"
 FULL_LONG_METHODS = "mrpo,mrpo:signed,grpo,mrpo:zero"
+LOCK_NAME = ".compare.lock"   # this harness's per-run claim (the trainer's own lock is output_dir/.lock)
 
 
 # ----------------------------------------------------------------------------- plan
@@ -100,9 +101,10 @@ def sft_ready(sft_dir: Path) -> bool:
 
 
 def acquire(run_dir: Path) -> bool:
-    """Claim a run for this process (run_dir/.lock holds the pid): False while another live process holds
-    it, so two invocations can share the work (e.g. one per core) without running the same run twice."""
-    lock = Path(run_dir) / ".lock"
+    """Claim a run for this process (run_dir/.compare.lock holds the pid): False while another live process
+    holds it, so two invocations can share the work (e.g. one per core) without running the same run twice.
+    Not `.lock`: that is the trainer's own output_dir lock (mrpo.run_safety.OutputLock, a JSON record)."""
+    lock = Path(run_dir) / LOCK_NAME
     lock.parent.mkdir(parents=True, exist_ok=True)
     try:
         pid = int(lock.read_text().strip() or 0)
@@ -121,7 +123,7 @@ def acquire(run_dir: Path) -> bool:
 
 
 def release(run_dir: Path) -> None:
-    (Path(run_dir) / ".lock").unlink(missing_ok=True)
+    (Path(run_dir) / LOCK_NAME).unlink(missing_ok=True)
 
 
 def pending(runs: list[RunSpec], runs_dir: Path) -> list[RunSpec]:

@@ -203,6 +203,9 @@ def _validate(cfg: Config, source: str) -> None:
     need(cfg.judge.max_cost_usd == 0 or cfg.judge.price_input_per_mtok + cfg.judge.price_output_per_mtok > 0,
          "judge.max_cost_usd", "a budget needs the prices: set judge.price_input_per_mtok and "
          "judge.price_output_per_mtok (USD per million tokens)")
+    need(0 <= cfg.judge.noise_flip_rate <= 1, "judge.noise_flip_rate", "a share of step verdicts in [0, 1] (0 = off)")
+    need(cfg.judge.noise_flip_rate == 0 or cfg.judge.kind != "none", "judge.noise_flip_rate",
+         "flips step verdicts, so it needs a step judge (judge.kind is none)")
     need(bool(cfg.output_dir), "output_dir", "must name a folder")
 
 

@@ -111,6 +111,10 @@ class JudgeConfig:
                                   "(exit 4; rerun with a higher budget to go on); 0 = no budget")
     max_requests_per_minute: float = _f(0.0, "cap on the http judge's requests per minute over the run (each of the "
                                              "WORLD_SIZE processes takes its share, shared by its threads); 0 = no cap")
+    noise_flip_rate: float = _f(0.0, "research option: flip this share of step verdicts (valid <-> invalid) "
+                                     "during training, seeded by judge.noise_seed (mrpo.judges.noisy); "
+                                     "evaluation uses the clean judge; 0 = off")
+    noise_seed: int = _f(0, "seed of judge.noise_flip_rate's flips (a keyed hash of sample, steps and step index)")
 
 
 @dataclass

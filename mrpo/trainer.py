@@ -31,7 +31,7 @@ from mrpo.data.sampler import PromptSampler
 from mrpo.distributed import all_reduce_mean, shutdown, warnings_once
 from mrpo.engines import build_engine
 from mrpo.eval.reasoning import evaluate_over_ranks
-from mrpo.judges import build_judge
+from mrpo.judges import build_judge, clean_judge
 from mrpo.judges.outage import UnjudgedGuard
 from mrpo.judges.spend import JUDGE_STOPS, USAGE_KEYS, JudgeSpend
 from mrpo.metrics_log import MetricsLogger
@@ -316,7 +316,8 @@ class Trainer:
             self.stop_phase = "evaluation"
             log.warning("evaluation %s interrupted by a stop: nothing written", tag)
             return {}
-        summary = evaluate_over_ranks(records, texts, self.judge, self.reasoning_tag, self.out / "eval" / tag)
+        summary = evaluate_over_ranks(records, texts, clean_judge(self.judge), self.reasoning_tag,   # no noise in evaluation
+                                      self.out / "eval" / tag)
         if summary is None:   # not rank 0: its share is judged and handed over
             return {}
         flat = {k: v for k, v in summary.items() if isinstance(v, (int, float))}

@@ -6,11 +6,14 @@
     labels  precomputed labels from a JSONL file (mrpo.judges.labels.LabelsJudge)
     python  your function judge.function = "pkg.module:fn" (mrpo.judges.python.PythonJudge)
     none    no judge (GRPO/GDPO without process reward)
+
+judge.noise_flip_rate > 0 wraps any of them in mrpo.judges.noisy.NoisyJudge (seeded verdict flips, training only).
 """
 from __future__ import annotations
 
 from mrpo.errors import UserInputError
 from mrpo.judges.base import JudgeRequest, JudgeStats, StepJudge, StepVerdict
+from mrpo.judges.noisy import NoisyJudge, clean_judge
 
 
 def _http(cfg):
@@ -48,12 +51,17 @@ _SOURCE_KEY = {"local": "judge.local_model_path", "labels": "judge.labels_path"}
 
 def build_judge(cfg) -> StepJudge | None:
     """The judge for cfg.kind (a JudgeConfig or anything with the same attributes); None for "none".
+    With cfg.noise_flip_rate > 0 it is wrapped in mrpo.judges.noisy.NoisyJudge (its .clean is the judge).
     A labels file or local model that cannot be read raises UserInputError naming the key."""
     kind = getattr(cfg, "kind", None)
     if kind not in JUDGES:
         raise ValueError(f"judge.kind={kind!r} is not one of {', '.join(repr(k) for k in JUDGES)}")
     try:
-        return JUDGES[kind](cfg)
+        judge = JUDGES[kind](cfg)
+        rate = float(getattr(cfg, "noise_flip_rate", 0.0) or 0.0)
+        if rate and judge is not None:   # research option: a judge wrong part of the time (training only)
+            judge = NoisyJudge(judge, rate, getattr(cfg, "noise_seed", 0))
+        return judge
     except (OSError, ValueError) as e:
         if kind not in _SOURCE_KEY or isinstance(e, UserInputError):
             raise
@@ -63,4 +71,5 @@ def build_judge(cfg) -> StepJudge | None:
                              f"fix the file or point {key} at a readable one") from None
 
 
-__all__ = ["JudgeRequest", "JudgeStats", "StepJudge", "StepVerdict", "build_judge", "JUDGES"]
+__all__ = ["JudgeRequest", "JudgeStats", "StepJudge", "StepVerdict", "build_judge", "clean_judge", "NoisyJudge",
+           "JUDGES"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import csv
 import json
 import sys
 import math
@@ -156,12 +157,73 @@ def test_lock_keeps_two_invocations_apart(tmp_path):
     assert cm.acquire(run) and cm.acquire(run)            # our own lock: re-entrant
     other = subprocess.Popen(["sleep", "30"])
     try:
-        (run / ".lock").write_text(f"{other.pid}\n")       # held by a live process
+        (run / cm.LOCK_NAME).write_text(f"{other.pid}\n")       # held by a live process
         assert not cm.acquire(run)
     finally:
         other.kill()
         other.wait()
     assert cm.acquire(run)                                 # its holder is gone: taken over
-    assert (run / ".lock").read_text().strip() == str(os.getpid())
+    assert (run / cm.LOCK_NAME).read_text().strip() == str(os.getpid())
     cm.release(run)
-    assert not (run / ".lock").exists()
+    assert not (run / cm.LOCK_NAME).exists()
+
+
+# ----------------------------------------------------------------------------- the pre-registered study (study.py)
+
+_SPATH = Path(__file__).resolve().parents[2] / "benchmarks" / "study.py"
+_sspec = importlib.util.spec_from_file_location("study", _SPATH)
+st = importlib.util.module_from_spec(_sspec)
+sys.modules["study"] = st
+_sspec.loader.exec_module(st)
+
+
+def _t(mean, lo, hi, p, n=8):
+    return {"n": n, "mean": mean, "lo": lo, "hi": hi, "p_wilcoxon": p}
+
+
+def test_study_decision_rule():
+    assert st.decide(_t(-0.06, -0.09, -0.03, 0.008)).startswith("MRPO cuts early failures")
+    assert st.decide(_t(0.04, 0.01, 0.07, 0.02)).startswith("MRPO raises early failures")
+    assert st.decide(_t(0.0, -0.03, 0.04, 0.6)).startswith("no effect of practical size")
+    assert st.decide(_t(-0.03, -0.08, 0.01, 0.2)).startswith("undecided")
+    assert st.decide(_t(-0.06, -0.09, -0.03, 0.03, n=6)).startswith("(on 6 of 8 registered seeds")
+
+
+def test_study_paired_and_far_bins(tmp_path):
+    rows = [{"method": "mrpo", "seed": 0, "early": 0.5}, {"method": "grpo", "seed": 0, "early": 0.7},
+            {"method": "mrpo", "seed": 1, "early": 0.4}, {"method": "grpo", "seed": 2, "early": 0.1}]
+    assert st.paired(rows, "mrpo", "grpo", "early") == ([0], [pytest.approx(-0.2)])
+    (tmp_path / "summary.json").write_text(json.dumps({"counts": {
+        "far_n_bin0": 4, "far_sum_bin0": 2.0, "far_n_bin1": 0, "far_sum_bin1": 0.0, "far_n_bin2": 1,
+        "far_sum_bin2": 1.0}}))
+    got = st.far_bins(tmp_path)
+    assert got[0] == 0.5 and math.isnan(got[1]) and got[2] == 1.0 and math.isnan(got[4])
+
+
+def test_study_report_on_fake_runs(tmp_path):
+    runs = tmp_path / "runs"
+    for seed in range(3):
+        _fake_eval(runs / "study" / f"seed{seed}" / "sft" / "eval" / "start", accuracy=0.36, early=0.8)
+        for m, early in (("mrpo", 0.6 + 0.01 * seed), ("grpo", 0.7)):
+            spec = cm.RunSpec(*cm.parse_method(m), seed, st.RL_STEPS)
+            _fake_eval(spec.run_dir(runs / "study") / "eval" / "final", accuracy=0.4, early=early)
+    out = tmp_path / "out"
+    out.mkdir()
+    md = st.report(runs, out, n_resamples=200)
+    assert "| 0 | 80.0 | 60.0 | 70.0 | -10.0 | 40.0 | 40.0 | 5.00 | 5.00 |" in md
+    assert "two-sided p = 0.2500 (primary)" in md                     # 3 of 3 negative: 2/8
+    assert "(on 3 of 8 registered seeds: a deviation) undecided" in md
+    back = list(csv.DictReader(open(out / "runs.csv")))
+    assert {(r["method"], r["seed"]) for r in back} >= {("mrpo", "0"), ("grpo", "2"), ("start", "1")}
+    assert (out / "ffp_stages_ci.png").is_file() and (out / "far_by_ffp.png").is_file()
+
+
+def test_study_post_hoc_leaves_out_collapsed_seeds():
+    rows = []
+    for s, (em, eg, km, acc) in enumerate([(0.5, 0.7, 5.0, 0.4), (0.6, 0.7, 5.0, 0.4), (0.2, 0.9, 25.0, 0.0)]):
+        rows += [{"method": "mrpo", "seed": s, "early": em, "mean_k": km, "accuracy": acc},
+                 {"method": "grpo", "seed": s, "early": eg, "mean_k": 5.0, "accuracy": 0.4}]
+    assert st.collapsed(rows[4]) and not st.collapsed(rows[0])
+    line = " ".join(st.post_hoc_lines(rows, [0, 1, 2], n_resamples=200))
+    assert "seed(s) [2] (mrpo seed 2)" in line and "-15.0 [-20.0, -10.0] points over 2 seeds" in line
+    assert st.post_hoc_lines(rows[:4], [0, 1], n_resamples=200) == []
