@@ -89,6 +89,16 @@ def test_seed_per_call(bb):
     assert decoding.call_seed(1, 2) == decoding.call_seed(1, 2) != decoding.call_seed(2, 1)
 
 
+def test_group_row_seeds():
+    """One seed per (run seed, step, prompt id, index in the group), wherever the prompt sits in the call."""
+    seeds = decoding.group_row_seeds((3, 7), ["a", "b"], [0, 0, 1, 1])
+    assert seeds == [decoding.call_seed(3, 7, p, k) for p, k in (("a", 0), ("a", 1), ("b", 0), ("b", 1))]
+    assert len(set(seeds)) == 4
+    assert decoding.group_row_seeds((3, 7), ["c", "b"], [1, 0, 1, 0])[::2] == seeds[2:]   # b's, among others
+    assert decoding.group_row_seeds((3, 8), ["a"], [0]) != seeds[:1]
+    assert decoding.group_row_seeds((3, 7), ["a", "a"], [0, 1]) == seeds[:2]               # a repeated id counts on
+
+
 def test_loop_greedy_equals_hf_and_falls_back_once(bb, monkeypatch, caplog):
     """The default path is our loop; its greedy ids are generate's. A model / option the loop cannot
     serve falls back to generate with one message naming why."""
