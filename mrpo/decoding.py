@@ -12,6 +12,10 @@ rollout.decode (and `python -m mrpo.infer --decode`):
   static           generate with a pre-allocated static KV cache (Backbone.decode_kwargs).
   static_compiled  static cache + torch.compile'd decode step (CUDA graphs) on CUDA; `static` elsewhere.
 
+The loop's CUDA workspace (KV buffers, fused weight copies, captured graphs; decode.workspace) is kept
+between calls with unsharded weights (graphs captured once per run) and freed after each call when the
+weights are sharded (FSDP2 / ZeRO-3 over several ranks: gathered anew each rollout).
+
 Both paths return each token's log-prob under the distribution it was drawn from (temperature, top-k,
 top-p and the vision-token suppression applied; greedy: log_softmax of the suppressed logits): the
 rollout-vs-trainer mismatch metric (mrpo.rollout.Rollout.logprob_diff_metrics) compares them with the
@@ -120,6 +124,12 @@ def generate(backbone, prompts: dict, rows: list[int], *, decode: str = "loop", 
             generator = torch.Generator(device=backbone.model.device).manual_seed(seed)
         out = decode_loop.decode_groups(backbone, prompts, list(rows), max_new_tokens=max_new_tokens,
                                         generator=generator, row_seeds=row_seeds, **options)
+        if backbone._is_sharded(backbone.model):
+            # the loop's CUDA workspace (decode.workspace) pays off when its graphs are replayed in the next
+            # call; weights gathered anew for each rollout need not be at the addresses the graphs read, so
+            # it would be re-captured anyway: free its KV buffers and fused copies for the log-prob and
+            # train phases (unsharded weights stay put: their workspace is kept and counted in the plan)
+            decode_loop.release_workspace(backbone.model)
         return Generation(out.completion_ids, [lp.float().cpu() for lp in out.logprobs], "loop", dict(out.stats))
     if why is not None and why not in _FELL_BACK:
         _FELL_BACK.add(why)

@@ -119,6 +119,24 @@ def test_loop_greedy_equals_hf_and_falls_back_once(bb, monkeypatch, caplog):
     assert sum(why in r.getMessage() for r in caplog.records) == 1
 
 
+@pytest.mark.parametrize("sharded", [False, True])
+def test_loop_workspace_kept_unless_sharded(bb, monkeypatch, sharded):
+    """The loop's CUDA workspace (stand-in entry here) outlives a call with unsharded weights and is freed
+    after a call with sharded ones (gathered anew each rollout)."""
+    decode_loop = pytest.importorskip("mrpo.models.decode")
+    if decode_loop.unsupported_reason(bb, bb.model, do_sample=False) is not None:
+        pytest.skip("the loop does not serve this backbone")
+    monkeypatch.setattr(type(bb), "_is_sharded", staticmethod(lambda model: sharded))
+    monkeypatch.setattr(bb, "_vision_filler", lambda batch, model: None)   # no process group to ask
+    lm = decode_loop.language_model(bb.model)
+    decode_loop._WORKSPACES[lm] = "workspace"
+    try:
+        decoding.generate(bb, _prompts(bb), [0, 1], decode="loop", max_new_tokens=2, do_sample=False)
+        assert (lm in decode_loop._WORKSPACES) == (not sharded)
+    finally:
+        decode_loop._WORKSPACES.pop(lm, None)
+
+
 def test_sharded_without_gathered_weights_falls_back(bb, monkeypatch):
     monkeypatch.setattr(type(bb), "_is_sharded", staticmethod(lambda model: True))
     assert "gather_for_generation" in decoding.fallback_reason(bb, "loop", gathered=False, do_sample=True)
