@@ -1,7 +1,7 @@
 """Our own decode loop for rollouts, greedy evaluation and inference (issue 28).
 
     out = decode_groups(backbone, prompts, rows=[i for i in range(P) for _ in range(G)], max_new_tokens=96,
-                        temperature=0.7, generator=torch.Generator().manual_seed(seed))
+                        temperature=0.7, row_seeds=[seed of each row])   # or generator=torch.Generator()...
     out.completion_ids[r], out.logprobs[r], out.stats
 
 How a call runs:
@@ -22,13 +22,22 @@ How a call runs:
    bucket. Padding slots of a bucket compute on stale data and write nowhere (their output row is a trash row).
 4. Sampling: suppression of backbone.suppress_token_ids, temperature, top-k, top-p (transformers' warpers'
    order and semantics), then an inverse-CDF draw: token = the first index where the row's cumulative
-   probability (fp64) exceeds u * total, with u ~ U[0, 1) drawn from the call's generator for EVERY original
-   row at every step, whether the row is live or not. A row's noise therefore does not depend on which
-   other rows are live, so the same seed gives the same completions with compaction on or off. Each token's log-prob is log_softmax of the processed
-   logits (the distribution it was drawn from); greedy: argmax, log-prob at T = 1 after suppression.
+   probability (fp64) exceeds u * total, with one u ~ U[0, 1) per ORIGINAL row and step: with row_seeds,
+   u[r, t] is entry t of a table drawn up front from a generator seeded with row r's seed (row_uniforms),
+   so a row's completion depends only on its prompt, its seed and the weights (not on the call's other
+   rows, their order, or the rank); with a generator, the call's generator draws a uniform for EVERY row
+   at every step, live or not. Either way a row's noise does not depend on which other rows are live, so
+   the same seed gives the same completions with compaction on or off. Each token's log-prob is
+   log_softmax of the processed logits (the distribution it was drawn from); greedy: argmax, log-prob at
+   T = 1 after suppression.
 
 CPU vs CUDA: on CUDA the step of each (bucket, attention span) is the static-shape form, captured as a CUDA
-graph on its first use and replayed (decode_step.StepGraphs); sampling runs eagerly between replays. On CPU
+graph on its first use and replayed (decode_step.StepGraphs); sampling runs eagerly between replays. The
+graphs, the cache and mask they read and the fused weight copies form a workspace kept per language model
+between calls (`workspace`, decode_step.Workspace; the same size as one call's buffers, sized by the
+largest rows x columns seen): each call refreshes its weights in place and replays the graphs captured by
+earlier calls, so in training (rows and columns fixed by the config) each (bucket, span) is captured once
+per run; `release_workspace` frees it (mrpo.decoding does after each call with sharded weights). On CPU
 the dynamic form runs eagerly. Why eager: measured on the tiny Qwen2.5-VL (16 rows, 1 thread, CPU time
 per step, load ~10), the dynamic eager step costs 0.99 ms, the static eager one 1.07 ms (it attends the
 masked columns too) and the static one under torch.compile (dynamic=False) 0.82 ms, but compiling took
@@ -45,12 +54,11 @@ from __future__ import annotations
 
 import contextlib
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-
-import weakref
 
 from mrpo.models.decode_step import (FAMILY_TEXT_MODELS, DecodeBuffers, StepWeights, Workspace, decode_step,
                                      language_model, lora_unsupported, span_of)

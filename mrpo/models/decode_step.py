@@ -30,7 +30,9 @@ runs inside engine.generation(), where sharded weights are gathered); peft LoRA 
 call (W + scaling * B @ A, computed in fp32; the teacher-forced forward adds the branch instead, equal to
 ~1e-6). Memory held for the length of a call, besides the KV cache: the fused q/k/v copy (7B Qwen2.5-VL
 bf16: 28 x 4608 x 3584 x 2 B = 0.9 GB); off CUDA also the gate/up copy (7.6 GB at 7B, which is why CUDA
-keeps gate and up as two matmuls); with LoRA, a merged copy of every adapted weight.
+keeps gate and up as two matmuls); with LoRA, a merged copy of every adapted weight. On CUDA (graphs)
+these copies and the KV cache live in a `Workspace` kept between calls: each call builds its copies
+again (transiently) and copies them into the workspace's tensors, whose addresses the graphs captured.
 """
 from __future__ import annotations
 

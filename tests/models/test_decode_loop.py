@@ -244,13 +244,10 @@ def test_row_seeds_make_a_prompt_independent_of_its_batch(sampling_eos, prompts)
 class GraphStandIn:
     """A CPU 'CUDA graph': records the step and re-runs it into the same output tensor at replay, and
     checks, as a real graph needs, that every tensor the step reads is at the address it had at capture."""
-    made: list = []
-
     def __init__(self, fn, tensors):
         self.fn, self.tensors = fn, tensors
         self.ptrs = [t.data_ptr() for t in tensors()]
         self.out = fn()
-        GraphStandIn.made.append(self)
 
     def replay(self):
         assert [t.data_ptr() for t in self.tensors()] == self.ptrs, "a tensor the graph reads moved"
@@ -264,15 +261,20 @@ def _stand_in(monkeypatch):
         return lambda: [t for _, _, t in step_mod._weight_slots(w) if t is not None] + [
             w.cos, w.sin_signed, *buf.k, *buf.v, buf.bias, buf.tokens, buf.pos, buf.col]
 
+    made = []
+
     def call(self, rows, span, original=step_mod.StepGraphs.__call__):
-        self.capture = lambda fn, pool: (lambda g: (g, g.out))(GraphStandIn(fn, read(self)))
+        def capture(fn, pool):
+            made.append(GraphStandIn(fn, read(self)))
+            return made[-1], made[-1].out
+
+        self.capture = capture
         return original(self, rows, span)
 
-    GraphStandIn.made = []
     monkeypatch.setattr(step_mod.StepGraphs, "__call__", call)
     monkeypatch.setattr(decode_mod, "use_graphs", lambda device: True)
     monkeypatch.setattr(step_mod, "SPAN", 8)
-    return GraphStandIn.made
+    return made
 
 
 def test_graphs_captured_once_per_run_and_weights_refreshed_in_place(early_eos, prompts, monkeypatch):
