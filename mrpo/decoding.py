@@ -12,16 +12,22 @@ rollout.decode (and `python -m mrpo.infer --decode`):
   static           generate with a pre-allocated static KV cache (Backbone.decode_kwargs).
   static_compiled  static cache + torch.compile'd decode step (CUDA graphs) on CUDA; `static` elsewhere.
 
+The loop's CUDA workspace (KV buffers, fused weight copies, captured graphs; decode.workspace) is kept
+between calls with unsharded weights (graphs captured once per run) and freed after each call when the
+weights are sharded (FSDP2 / ZeRO-3 over several ranks: gathered anew each rollout).
+
 Both paths return each token's log-prob under the distribution it was drawn from (temperature, top-k,
 top-p and the vision-token suppression applied; greedy: log_softmax of the suppressed logits): the
 rollout-vs-trainer mismatch metric (mrpo.rollout.Rollout.logprob_diff_metrics) compares them with the
 trainer's first log-prob pass.
 
-Seeds: each call samples from its own generator seeded by `call_seed` (the run seed, the step and the
-prompts' ids), so a resumed run draws the same completions as an unbroken one and the draws do not
-depend on what ran before in the process. The loop's per-call generator is independent of the rank, so
-the same prompts with the same seed give the same completions on 1 or 2 ranks; across different splits of
-the prompts over ranks the call seeds differ (a seed per call, not per prompt).
+Seeds: the loop seeds each ROW (`group_row_seeds`: call_seed of the run seed, the step, the prompt's id
+and the sample's index within its group; decode.row_uniforms), so a prompt's G completions are the same
+whichever rank or call it lands in and whatever other prompts share the call, a resumed run draws the
+completions an unbroken one drew, and nothing that ran before in the process matters. The hf path is
+seeded per CALL (`call_seed` of the run seed, the step and the prompts' ids, seeding the global RNG around
+generate, whose noise is drawn for the whole batch): the same call gives the same completions, but the
+same prompt in another split of the prompts over ranks draws differently.
 """
 from __future__ import annotations
 
@@ -62,6 +68,18 @@ def call_seed(*parts) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+def group_row_seeds(seed: tuple, prompt_ids: list, rows: list[int]) -> list[int]:
+    """One seed per output row: call_seed(*seed, id of the row's prompt, k) where k counts the earlier rows
+    of the same prompt id (0..G-1 for a group; a prompt id repeated in one call continues the count)."""
+    seen: dict = {}
+    out = []
+    for r in rows:
+        pid = prompt_ids[r]
+        k = seen[pid] = seen.get(pid, -1) + 1
+        out.append(call_seed(*seed, pid, k))
+    return out
+
+
 def weights_gathered(engine) -> bool:
     """Whether engine.generation() gathers the whole model once (no collective inside a forward):
     distributed.gather_for_generation (default true); an engine without a config gathers nothing to
@@ -84,12 +102,14 @@ def fallback_reason(backbone, decode: str, *, gathered: bool = True, **options) 
 
 def generate(backbone, prompts: dict, rows: list[int], *, decode: str = "loop", max_new_tokens: int,
              do_sample: bool = True, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-             seed: int | None = None, gathered: bool = True, synced_gpus: bool = False) -> Generation:
+             seed: int | None = None, row_seeds: list[int] | None = None, gathered: bool = True,
+             synced_gpus: bool = False) -> Generation:
     """Completions of `rows` (for each output row, the row of `prompts` it continues) of the DISTINCT
     encoded prompts `prompts` (Backbone.encode_prompts / PromptPool.encode: P rows, left-padded, with
     their images). Run it inside engine.generation() when the model is sharded.
 
     decode: rollout.decode (module docstring); seed: the call's sampling seed (None: the global RNG);
+    row_seeds: one seed per row (group_row_seeds), used by the loop instead of `seed` (hf uses `seed`);
     gathered: weights_gathered(engine); synced_gpus: the hf path's lockstep over ranks (only needed when
     a forward runs collectives)."""
     if decode not in DECODE_CHOICES:
@@ -100,10 +120,16 @@ def generate(backbone, prompts: dict, rows: list[int], *, decode: str = "loop", 
         from mrpo.models import decode as decode_loop
 
         generator = None
-        if seed is not None:
+        if seed is not None and row_seeds is None:
             generator = torch.Generator(device=backbone.model.device).manual_seed(seed)
         out = decode_loop.decode_groups(backbone, prompts, list(rows), max_new_tokens=max_new_tokens,
-                                        generator=generator, **options)
+                                        generator=generator, row_seeds=row_seeds, **options)
+        if backbone._is_sharded(backbone.model):
+            # the loop's CUDA workspace (decode.workspace) pays off when its graphs are replayed in the next
+            # call; weights gathered anew for each rollout need not be at the addresses the graphs read, so
+            # it would be re-captured anyway: free its KV buffers and fused copies for the log-prob and
+            # train phases (unsharded weights stay put: their workspace is kept and counted in the plan)
+            decode_loop.release_workspace(backbone.model)
         return Generation(out.completion_ids, [lp.float().cpu() for lp in out.logprobs], "loop", dict(out.stats))
     if why is not None and why not in _FELL_BACK:
         _FELL_BACK.add(why)

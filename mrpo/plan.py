@@ -13,8 +13,10 @@ model.family shipped in configs/backbones/ (the output says which). Per phase, p
             (2 x layers x KV heads x head_dim x (prompt + max_new_tokens) x completions). rollout.decode=loop
             (our decode loop): one preallocated cache with its key mask, the prefill of the DISTINCT prompts
             (vision tower once per image; counted beyond the decode buffers, as it ends before they
-            exist), the step's fused weight copies and the sampling buffers; hf / static*: generate's
-            prefill of every row (rows repeat the prompt G times) and its sampling copies;
+            exist), the step's fused weight copies and the sampling buffers (on CUDA these decode buffers,
+            and the captured graphs' outputs, are a workspace kept for the whole run, so logprobs and train
+            count them too); hf / static*: generate's prefill of every row (rows repeat the prompt G times)
+            and its sampling copies;
   logprobs  old / reference log-prob passes (num_iterations > 1 / loss.beta > 0): a no-grad forward of one
             micro-batch and linear_logprobs' [chunk, V] logits buffer;
   train     forward + backward of one micro-batch (activations with or without gradient checkpointing,

@@ -328,6 +328,7 @@ def make_plan(cfg, gpus: int, gpu_mem_gib: float, shape: ModelShape, device: str
         ph.terms["parameters unsharded per unit (gather_for_generation off)"] = working
     kv_token = 2 * s.layers * s.kv_heads * s.head_dim * pd                 # K + V of one token, all layers
     prompts, prompt_len = max(1, gen_rows // cfg.rollout.group_size), cfg.data.max_prompt_length
+    held = 0   # the decode workspace that outlives the rollout (CUDA: its graphs are captured once per run)
     if cfg.rollout.decode == "loop" and not (shard > 1 and not d.gather_for_generation):
         # mrpo.models.decode: the distinct prompts prefilled once (vision tower once per image), their K/V
         # copied into one preallocated cache of every row (+ its additive key mask), then the lean step over
@@ -352,6 +353,15 @@ def make_plan(cfg, gpus: int, gpu_mem_gib: float, shape: ModelShape, device: str
             max(0, prefill - (kv + fused + sampling))
         ph.notes.append(f"decode loop: prefill working set {prefill / GiB:.2f} GiB (vision tower once per prompt) "
                         f"before the decode buffers; finished rows are compacted within the same cache")
+        if device == "cuda":
+            # each captured step's [B, V] logits output (buckets sum to < 2 x rows, per SPAN = 256 columns)
+            graph_out = 2 * gen_rows * s.vocab * pd * -(-seq // 256)
+            ph.terms["CUDA graph outputs ([bucket, V] logits per captured step)"] = graph_out
+            if shard == 1:
+                # decode.workspace: unsharded weights stay put, so the KV cache, key mask, fused copies and
+                # graphs stay allocated between rollouts (graphs captured once per run); sharded weights are
+                # gathered anew each rollout and mrpo.decoding frees the workspace after each call
+                held = kv + fused + graph_out
     else:   # transformers' generate: every row prefilled (its prompt repeated G times)
         static = cfg.rollout.decode in ("static", "static_compiled")
         ph.terms[f"KV cache ({'static' if static else 'dynamic'}, {gen_rows} rows x {seq} tokens)"] = \
@@ -380,12 +390,16 @@ def make_plan(cfg, gpus: int, gpu_mem_gib: float, shape: ModelShape, device: str
         ph.notes.append(f"passes: {' + '.join(runs)} log-probs, {micro_batches} micro-batches each")
     else:
         ph.notes.append("not run (num_iterations = 1 and loss.beta = 0)")
+    if held:
+        ph.terms["decode workspace held between rollouts (KV cache, fused copies, CUDA graphs)"] = held
     phases["logprobs"] = ph
 
     # ---- train: forward + backward of one micro-batch, then the optimizer step
     ph = Phase(dict(base))
     if working:
         ph.terms["parameters unsharded per unit (root + 2 blocks)"] = working
+    if held:
+        ph.terms["decode workspace held between rollouts (KV cache, fused copies, CUDA graphs)"] = held
     if engine == "fsdp2":
         # no-sync accumulation keeps every trainable parameter's gradient unsharded, upcast to reduce_dtype
         red = max(DTYPE_BYTES[d.reduce_dtype] if device == "cuda" else 4, t_bytes)

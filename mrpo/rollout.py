@@ -179,8 +179,10 @@ def sample_groups(engine, backbone, pool: PromptPool, prompts: list[dict], rollo
     """G = rollout.group_size sampled completions per prompt (group-major): the DISTINCT prompts are
     encoded once for the whole step and decoded into G rows each (mrpo.decoding.generate, rollout.decode)
     in the engine's generation() context (weights gathered once, no collective per token). seed: (run
-    seed, step): the call's sampling seed is derived from it and the prompts' ids (a resumed run draws the
-    same completions); None = the global RNG. The sampled tokens' log-probs are kept (sample_logprobs)."""
+    seed, step): the loop seeds each row from it, the prompt's id and the sample's index in the group (a
+    prompt's completions do not depend on its rank or its call's other prompts; a resumed run draws the same
+    completions); the hf path seeds the call from it and the prompts' ids; None = the global RNG. The
+    sampled tokens' log-probs are kept (sample_logprobs)."""
     batch = pool.encode(prompts)
     rows = [i for i in range(len(prompts)) for _ in range(rollout_cfg.group_size)]
     backbone.model.eval()
@@ -189,6 +191,7 @@ def sample_groups(engine, backbone, pool: PromptPool, prompts: list[dict], rollo
             backbone, batch, rows, decode=rollout_cfg.decode, max_new_tokens=rollout_cfg.max_new_tokens,
             temperature=rollout_cfg.temperature, top_p=rollout_cfg.top_p, top_k=rollout_cfg.top_k, do_sample=True,
             seed=None if seed is None else decoding.call_seed(*seed, *(r["id"] for r in prompts)),
+            row_seeds=None if seed is None else decoding.group_row_seeds(seed, [r["id"] for r in prompts], rows),
             gathered=decoding.weights_gathered(engine), synced_gpus=dist.is_initialized() and dist.get_world_size() > 1)
     backbone.model.train()
     return Rollout(batch, rows, [prompts[i] for i in rows], out.completion_ids, sample_logprobs=out.logprobs,

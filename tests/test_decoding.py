@@ -89,6 +89,16 @@ def test_seed_per_call(bb):
     assert decoding.call_seed(1, 2) == decoding.call_seed(1, 2) != decoding.call_seed(2, 1)
 
 
+def test_group_row_seeds():
+    """One seed per (run seed, step, prompt id, index in the group), wherever the prompt sits in the call."""
+    seeds = decoding.group_row_seeds((3, 7), ["a", "b"], [0, 0, 1, 1])
+    assert seeds == [decoding.call_seed(3, 7, p, k) for p, k in (("a", 0), ("a", 1), ("b", 0), ("b", 1))]
+    assert len(set(seeds)) == 4
+    assert decoding.group_row_seeds((3, 7), ["c", "b"], [1, 0, 1, 0])[::2] == seeds[2:]   # b's, among others
+    assert decoding.group_row_seeds((3, 8), ["a"], [0]) != seeds[:1]
+    assert decoding.group_row_seeds((3, 7), ["a", "a"], [0, 1]) == seeds[:2]               # a repeated id counts on
+
+
 def test_loop_greedy_equals_hf_and_falls_back_once(bb, monkeypatch, caplog):
     """The default path is our loop; its greedy ids are generate's. A model / option the loop cannot
     serve falls back to generate with one message naming why."""
@@ -107,6 +117,24 @@ def test_loop_greedy_equals_hf_and_falls_back_once(bb, monkeypatch, caplog):
             out = decoding.generate(bb, prompts, rows, decode="loop", max_new_tokens=NEW, do_sample=False)
             assert out.path == "hf:eager" and out.completion_ids == hf.completion_ids
     assert sum(why in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_loop_workspace_kept_unless_sharded(bb, monkeypatch, sharded):
+    """The loop's CUDA workspace (stand-in entry here) outlives a call with unsharded weights and is freed
+    after a call with sharded ones (gathered anew each rollout)."""
+    decode_loop = pytest.importorskip("mrpo.models.decode")
+    if decode_loop.unsupported_reason(bb, bb.model, do_sample=False) is not None:
+        pytest.skip("the loop does not serve this backbone")
+    monkeypatch.setattr(type(bb), "_is_sharded", staticmethod(lambda model: sharded))
+    monkeypatch.setattr(bb, "_vision_filler", lambda batch, model: None)   # no process group to ask
+    lm = decode_loop.language_model(bb.model)
+    decode_loop._WORKSPACES[lm] = "workspace"
+    try:
+        decoding.generate(bb, _prompts(bb), [0, 1], decode="loop", max_new_tokens=2, do_sample=False)
+        assert (lm in decode_loop._WORKSPACES) == (not sharded)
+    finally:
+        decode_loop._WORKSPACES.pop(lm, None)
 
 
 def test_sharded_without_gathered_weights_falls_back(bb, monkeypatch):

@@ -1,7 +1,7 @@
 """Our own decode loop for rollouts, greedy evaluation and inference (issue 28).
 
     out = decode_groups(backbone, prompts, rows=[i for i in range(P) for _ in range(G)], max_new_tokens=96,
-                        temperature=0.7, generator=torch.Generator().manual_seed(seed))
+                        temperature=0.7, row_seeds=[seed of each row])   # or generator=torch.Generator()...
     out.completion_ids[r], out.logprobs[r], out.stats
 
 How a call runs:
@@ -22,13 +22,22 @@ How a call runs:
    bucket. Padding slots of a bucket compute on stale data and write nowhere (their output row is a trash row).
 4. Sampling: suppression of backbone.suppress_token_ids, temperature, top-k, top-p (transformers' warpers'
    order and semantics), then an inverse-CDF draw: token = the first index where the row's cumulative
-   probability (fp64) exceeds u * total, with u ~ U[0, 1) drawn from the call's generator for EVERY original
-   row at every step, whether the row is live or not. A row's noise therefore does not depend on which
-   other rows are live, so the same seed gives the same completions with compaction on or off. Each token's log-prob is log_softmax of the processed
-   logits (the distribution it was drawn from); greedy: argmax, log-prob at T = 1 after suppression.
+   probability (fp64) exceeds u * total, with one u ~ U[0, 1) per ORIGINAL row and step: with row_seeds,
+   u[r, t] is entry t of a table drawn up front from a generator seeded with row r's seed (row_uniforms),
+   so a row's completion depends only on its prompt, its seed and the weights (not on the call's other
+   rows, their order, or the rank); with a generator, the call's generator draws a uniform for EVERY row
+   at every step, live or not. Either way a row's noise does not depend on which other rows are live, so
+   the same seed gives the same completions with compaction on or off. Each token's log-prob is
+   log_softmax of the processed logits (the distribution it was drawn from); greedy: argmax, log-prob at
+   T = 1 after suppression.
 
 CPU vs CUDA: on CUDA the step of each (bucket, attention span) is the static-shape form, captured as a CUDA
-graph on its first use and replayed (decode_step.StepGraphs); sampling runs eagerly between replays. On CPU
+graph on its first use and replayed (decode_step.StepGraphs); sampling runs eagerly between replays. The
+graphs, the cache and mask they read and the fused weight copies form a workspace kept per language model
+between calls (`workspace`, decode_step.Workspace; the same size as one call's buffers, sized by the
+largest rows x columns seen): each call refreshes its weights in place and replays the graphs captured by
+earlier calls, so in training (rows and columns fixed by the config) each (bucket, span) is captured once
+per run; `release_workspace` frees it (mrpo.decoding does after each call with sharded weights). On CPU
 the dynamic form runs eagerly. Why eager: measured on the tiny Qwen2.5-VL (16 rows, 1 thread, CPU time
 per step, load ~10), the dynamic eager step costs 0.99 ms, the static eager one 1.07 ms (it attends the
 masked columns too) and the static one under torch.compile (dynamic=False) 0.82 ms, but compiling took
@@ -45,16 +54,17 @@ from __future__ import annotations
 
 import contextlib
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from mrpo.models.decode_step import (FAMILY_TEXT_MODELS, DecodeBuffers, StepGraphs, StepWeights, decode_step,
+from mrpo.models.decode_step import (FAMILY_TEXT_MODELS, DecodeBuffers, StepWeights, Workspace, decode_step,
                                      language_model, lora_unsupported, span_of)
 
 # options unsupported_reason understands (the decode_groups keywords, and generate's that it may be asked about)
-_OPTIONS = {"max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "generator", "compaction", "static",
+_OPTIONS = {"max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "generator", "row_seeds", "compaction", "static",
             "num_beams", "repetition_penalty", "synced_gpus", "min_new_tokens"}
 
 
@@ -151,21 +161,34 @@ def bucket_size(live: int, rows: int) -> int:
     return min(size, rows)
 
 
+def row_uniforms(row_seeds: list[int], steps: int, device) -> torch.Tensor:
+    """[rows + 1, steps] fp64 uniforms in [0, 1): row r from a CPU torch.Generator seeded with row_seeds[r]
+    (one draw of `steps` numbers per row: a row's noise depends only on its seed and the step); the last
+    row is the trash row of bucket padding."""
+    table = torch.zeros(len(row_seeds) + 1, steps, dtype=torch.float64)
+    for r, seed in enumerate(row_seeds):
+        table[r].uniform_(generator=torch.Generator().manual_seed(seed))
+    return table.to(device)
+
+
 class Sampler:
     """Picks one token per slot from logits [B, V] and returns (tokens [B], log-probs [B] fp32).
-    slot_rows [B]: the original row of each slot (`rows` = a trash row for bucket padding)."""
+    slot_rows [B]: the original row of each slot (`rows` = a trash row for bucket padding). The uniforms
+    come from `row_seeds` (a table drawn up front, see row_uniforms) or else from `generator` step by step."""
 
-    def __init__(self, vocab: int, rows: int, device, suppress: list[int], do_sample: bool, temperature: float,
-                 top_p: float, top_k: int, generator: torch.Generator | None):
+    def __init__(self, vocab: int, rows: int, steps: int, device, suppress: list[int], do_sample: bool,
+                 temperature: float, top_p: float, top_k: int, generator: torch.Generator | None,
+                 row_seeds: list[int] | None = None):
         ids = [i for i in suppress if 0 <= i < vocab]        # ids outside the vocabulary are ignored, as by generate
         self.suppress = torch.tensor(ids, dtype=torch.long, device=device) if ids else None
         self.do_sample, self.temperature, self.top_p = do_sample, temperature, top_p
         self.top_k = min(top_k, vocab) if top_k and top_k > 0 else 0
         self.generator, self.rows = generator, rows
+        self.table = row_uniforms(row_seeds, steps, device) if row_seeds is not None and do_sample else None
         noise_device = generator.device if generator is not None else device
         self.noise = torch.zeros(rows + 1, 1, dtype=torch.float64, device=noise_device)   # row `rows`: trash row
 
-    def __call__(self, logits: torch.Tensor, slot_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, logits: torch.Tensor, slot_rows: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         x = logits.float()                                   # in place below: the step's fresh output
         if self.suppress is not None:
             x.index_fill_(1, self.suppress, float("-inf"))
@@ -186,8 +209,11 @@ class Sampler:
         # inverse-CDF draw with one uniform per ORIGINAL row and step, drawn whether the row is live or not:
         # a row's draw does not depend on the others (compaction). One uniform per row instead of a Gumbel
         # per token: CPU random numbers cost ~10 ns each, a [rows, V] draw would cost more than the step.
-        self.noise[: self.rows].uniform_(generator=self.generator)
-        u = self.noise.index_select(0, slot_rows.to(self.noise.device)).to(x.device)     # [B, 1] fp64
+        if self.table is not None:
+            u = self.table[:, step : step + 1].index_select(0, slot_rows)                 # [B, 1] fp64
+        else:
+            self.noise[: self.rows].uniform_(generator=self.generator)
+            u = self.noise.index_select(0, slot_rows.to(self.noise.device)).to(x.device)
         cdf = logp.double().exp_().cumsum_(-1)                                            # fp64: no drift
         tok = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)[:, 0].clamp_max_(x.shape[-1] - 1)
         return tok, logp.gather(1, tok[:, None])[:, 0]
@@ -222,14 +248,17 @@ def _prefill(backbone, model, prompts: dict) -> tuple[torch.Tensor, list, torch.
 @torch.no_grad()
 def decode_groups(backbone, prompts: dict, rows: list[int], *, max_new_tokens: int, do_sample: bool = True,
                   temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                  generator: torch.Generator | None = None, compaction: bool = True, model=None,
-                  static: bool | None = None) -> DecodeOutput:
+                  generator: torch.Generator | None = None, row_seeds: list[int] | None = None,
+                  compaction: bool = True, model=None, static: bool | None = None) -> DecodeOutput:
     """prompts: the DISTINCT encoded prompts (Backbone.encode_prompts / PromptPool.encode output, P rows,
     left-padded, with their image tensors); rows: for each output row the prompt row it continues
     (a rollout passes [i for i in range(P) for _ in range(G)]; greedy evaluation passes list(range(P))).
     Each distinct prompt is prefilled once (vision tower once per image) and its KV copied into its rows.
     Uses backbone.eos_token_ids and backbone.suppress_token_ids. model: defaults to backbone.model (the
     caller runs it inside engine.generation(), where sharded weights are gathered).
+    generator / row_seeds (at most one; neither: the global RNG): the sampling noise from one generator
+    for the call, or from one seed per output row (a row's completion then depends only on its prompt,
+    its seed and the weights, not on the other rows of the call; see row_uniforms).
     static: None = the static-shape step as CUDA graphs on CUDA, the dynamic step elsewhere; True / False
     force the static (eagerly off CUDA) / dynamic form. Raises ValueError when unsupported_reason is set."""
     model = backbone.model if model is None else model
@@ -237,6 +266,10 @@ def decode_groups(backbone, prompts: dict, rows: list[int], *, max_new_tokens: i
     if why is not None:
         raise ValueError(f"decode_groups cannot serve this call: {why}")
     R, T = len(rows), max_new_tokens
+    if generator is not None and row_seeds is not None:
+        raise ValueError("decode_groups: pass generator or row_seeds, not both")
+    if row_seeds is not None and len(row_seeds) != R:
+        raise ValueError(f"decode_groups: {len(row_seeds)} row_seeds for {R} rows")
     P = prompts["input_ids"].shape[0]
     if any(not 0 <= r < P for r in rows):
         raise ValueError(f"decode_groups: rows must index the {P} prompts, got {sorted(set(rows))}")
@@ -257,16 +290,24 @@ def decode_groups(backbone, prompts: dict, rows: list[int], *, max_new_tokens: i
     logits0, kv, start = _prefill(backbone, model, prompts)
     mask = prompts["attention_mask"]
     device, Lp = mask.device, mask.shape[1]
-    w.rope_tables(model, int(start.max()) + T, mrope=backbone.is_qwen)
     # columns rounded up to 16: aligned mask rows for CUDA's memory-efficient SDPA; extra columns stay masked
-    buf = DecodeBuffers(w, R, -(-(Lp + T) // 16) * 16, device, w.embed.dtype)
+    columns, positions = -(-(Lp + T) // 16) * 16, int(start.max()) + T
+    static = device.type == "cuda" if static is None else static
+    graphs = None
+    if static and use_graphs(device):                       # the run's workspace: graphs captured once per run
+        ws = workspace(model, w, R, columns, positions, backbone.is_qwen, device)
+        w, buf, graphs = ws.w, ws.buf, ws.graphs
+        captures0 = graphs.captures
+    else:
+        w.rope_tables(model, positions, mrope=backbone.is_qwen)
+        buf = DecodeBuffers(w, R, columns, device, w.embed.dtype)
     idx = torch.tensor(rows, dtype=torch.long, device=device)
     for (k, v), kc, vc in zip(kv, buf.k, buf.v):                              # each prompt's K/V into its rows
-        kc[:, :, :Lp] = k.index_select(0, idx)
-        vc[:, :, :Lp] = v.index_select(0, idx)
+        kc[:R, :, :Lp] = k.index_select(0, idx)                                  # a workspace may hold more rows
+        vc[:R, :, :Lp] = v.index_select(0, idx)
     del kv
-    buf.bias[:, :Lp].masked_fill_(mask.index_select(0, idx).bool(), 0.0)    # left padding stays -inf
-    buf.pos.copy_(start.index_select(0, idx))
+    buf.bias[:R, :Lp].masked_fill_(mask.index_select(0, idx).bool(), 0.0)    # left padding stays -inf
+    buf.pos[:R] = start.index_select(0, idx)
     logits = logits0.index_select(0, idx)
     if on_cuda:
         torch.cuda.synchronize(device)                                         # times, not queued work
@@ -274,10 +315,9 @@ def decode_groups(backbone, prompts: dict, rows: list[int], *, max_new_tokens: i
 
     t0 = time.perf_counter()
     vocab = w.lm_head.shape[0]
-    sampler = Sampler(vocab, R, device, backbone.suppress_token_ids, do_sample, temperature, top_p, top_k, generator)
+    sampler = Sampler(vocab, R, T, device, backbone.suppress_token_ids, do_sample, temperature, top_p, top_k,
+                      generator, row_seeds)
     eos = torch.tensor(sorted(set(backbone.eos_token_ids)), dtype=torch.long, device=device)
-    static = device.type == "cuda" if static is None else static
-    graphs = StepGraphs(w, buf) if static and use_graphs(device) else None
     out_tok = torch.full((R + 1, T), backbone.pad_token_id, dtype=torch.long, device=device)   # row R: trash
     out_lp = torch.zeros(R + 1, T, dtype=torch.float32, device=device)
     slot_rows = torch.arange(R, device=device)
@@ -297,7 +337,7 @@ def decode_groups(backbone, prompts: dict, rows: list[int], *, max_new_tokens: i
                     logits = decode_step(w, buf, B, col, static=static, span=span)
                 buf.pos[:B] += 1
                 steps += 1
-            tok, lp = sampler(logits, slot_rows)
+            tok, lp = sampler(logits, slot_rows, t)
             out_tok[:, t].index_copy_(0, slot_rows, tok)
             out_lp[:, t].index_copy_(0, slot_rows, lp)
             if t == T - 1:
@@ -315,7 +355,7 @@ def decode_groups(backbone, prompts: dict, rows: list[int], *, max_new_tokens: i
                 done = torch.cat([done.new_zeros(live), done.new_ones(B - live)])
                 stats["compactions"] += 1
                 stats["buckets"].append(B)
-    stats.update(decode_steps=steps, graph_captures=graphs.captures if graphs is not None else 0)
+    stats.update(decode_steps=steps, graph_captures=graphs.captures - captures0 if graphs is not None else 0)
     eos_set = set(backbone.eos_token_ids)
     ids_out, lps = [], []
     for r, row in enumerate(out_tok[:R, : steps + 1].tolist()):
@@ -324,3 +364,30 @@ def decode_groups(backbone, prompts: dict, rows: list[int], *, max_new_tokens: i
         lps.append(out_lp[r, :n])
     stats["decode_s"] = time.perf_counter() - t0
     return DecodeOutput(ids_out, lps, stats)
+
+
+_WORKSPACES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # language model -> Workspace
+
+
+def workspace(model, w: StepWeights, rows: int, columns: int, positions: int, mrope: bool, device) -> Workspace:
+    """The model's decode workspace (decode_step.Workspace), refreshed with this call's weights `w`; built
+    (or rebuilt, freeing the old one first, at the larger of each size) when the call does not fit it. In
+    training the rows (prompts x G) and columns (max_prompt_length + max_new_tokens) are fixed by the
+    config, so one workspace, and one capture per (bucket, span), serves the run."""
+    key = language_model(model)
+    ws = _WORKSPACES.get(key)
+    if ws is not None and ws.fits(w, rows, columns, positions, device, w.embed.dtype):
+        ws.refresh(w)
+        return ws
+    if ws is not None:
+        rows, columns, positions = max(rows, ws.rows), max(columns, ws.length), max(positions, ws.positions)
+        release_workspace(model)
+        ws = None                                          # the old buffers go before the new ones exist
+    _WORKSPACES[key] = ws = Workspace(w, model, rows, columns, max(positions, columns), mrope, device, w.embed.dtype)
+    return ws
+
+
+def release_workspace(model) -> None:
+    """Free the model's decode workspace (KV buffers, fused weight copies, captured CUDA graphs); the next
+    CUDA decode call builds it again and re-captures. `model`: the policy model or a Backbone."""
+    _WORKSPACES.pop(language_model(model if isinstance(model, torch.nn.Module) else model.model), None)

@@ -30,10 +30,13 @@ runs inside engine.generation(), where sharded weights are gathered); peft LoRA 
 call (W + scaling * B @ A, computed in fp32; the teacher-forced forward adds the branch instead, equal to
 ~1e-6). Memory held for the length of a call, besides the KV cache: the fused q/k/v copy (7B Qwen2.5-VL
 bf16: 28 x 4608 x 3584 x 2 B = 0.9 GB); off CUDA also the gate/up copy (7.6 GB at 7B, which is why CUDA
-keeps gate and up as two matmuls); with LoRA, a merged copy of every adapted weight.
+keeps gate and up as two matmuls); with LoRA, a merged copy of every adapted weight. On CUDA (graphs)
+these copies and the KV cache live in a `Workspace` kept between calls: each call builds its copies
+again (transiently) and copies them into the workspace's tensors, whose addresses the graphs captured.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -202,6 +205,10 @@ class DecodeBuffers:
         self.pos = torch.zeros(rows, dtype=torch.long, device=device)      # its rotary position
         self.col = torch.zeros(1, dtype=torch.long, device=device)         # its cache column (static step)
 
+    def reset(self) -> None:
+        """A new call in reused buffers: every column masked again (stale K/V under a -inf mask is unread)."""
+        self.bias.fill_(float("-inf"))
+
     def compact(self, keep: torch.Tensor) -> None:
         """Move the slots `keep` (ascending) to the front, in order: copies within the buffers."""
         n = keep.numel()
@@ -293,10 +300,12 @@ class StepGraphs:
         self.capture = capture or capture_cuda_graph
         self.graphs: dict[tuple[int, int], tuple] = {}
         self.pool = None          # one memory pool shared by the buckets' graphs (they never run at once)
+        self.captures = 0         # graphs captured so far (a Workspace's graphs live over many calls)
 
-    @property
-    def captures(self) -> int:
-        return len(self.graphs)
+    def reset(self) -> None:
+        """Drop every graph (a tensor they read has moved): the next use of each pair captures anew."""
+        self.graphs.clear()
+        self.pool = None
 
     def __call__(self, rows: int, span: int) -> torch.Tensor:
         entry = self.graphs.get((rows, span))
@@ -306,6 +315,62 @@ class StepGraphs:
         logits = decode_step(self.w, self.buf, rows, static=True, span=span)   # warm-up = this step's real run
         graph, out = self.capture(lambda: decode_step(self.w, self.buf, rows, static=True, span=span), self.pool)
         self.graphs[(rows, span)] = (graph, out)
+        self.captures += 1
         if hasattr(graph, "pool"):
             self.pool = graph.pool()
         return logits
+
+
+def _weight_slots(w: StepWeights):
+    """(holder, attribute name, tensor or None) of every weight the step reads (not the RoPE tables)."""
+    for lw in w.layers:
+        for f in dataclasses.fields(lw):
+            yield lw, f.name, getattr(lw, f.name)
+    for name in ("embed", "norm", "lm_head"):
+        yield w, name, getattr(w, name)
+
+
+class Workspace:
+    """What the CUDA graphs read, kept between decode calls so that each (bucket, span) is captured once
+    per run and replayed in every later call (mrpo.models.decode keeps one per language model on CUDA):
+    the DecodeBuffers (rows x columns), the RoPE tables (positions), the step's weights and StepGraphs.
+    A graph replays fixed addresses, so every call refreshes the weights IN PLACE (`refresh`): the copies
+    the step made (fused q/k/v, Qwen3's q/k norms, fused biases, LoRA-merged weights) are copy_'d into the
+    workspace's own tensors; the model's own parameters are read where they are, which is the same address
+    after an in-place optimizer step; if one moved (re-gathered elsewhere by FSDP2 / ZeRO-3, a parameter
+    replaced) the graphs are dropped and re-captured (stats' graph_captures shows it). Memory: the same as
+    one call's buffers and fused copies, held until `decode.release_workspace` (or the model is freed)."""
+
+    def __init__(self, w: StepWeights, model, rows: int, length: int, positions: int, mrope: bool, device, dtype):
+        self.rows, self.length, self.positions, self.device, self.dtype = rows, length, positions, device, dtype
+        w.rope_tables(model, positions, mrope=mrope)
+        self.w, self.buf = w, DecodeBuffers(w, rows, length, device, dtype)
+        self.graphs = StepGraphs(w, self.buf)
+        self.layout = self._layout(w)
+
+    @staticmethod
+    def _layout(w: StepWeights) -> tuple:
+        return w.heads, w.kv_heads, w.head_dim, tuple(name for _, name, t in _weight_slots(w) if t is not None)
+
+    def fits(self, w: StepWeights, rows: int, length: int, positions: int, device, dtype) -> bool:
+        """Whether a call of `rows` x `length` columns reaching `positions` rotary positions fits."""
+        return (rows <= self.rows and length <= self.length and positions <= self.positions
+                and torch.device(device) == torch.device(self.device) and dtype == self.dtype
+                and self._layout(w) == self.layout)
+
+    def refresh(self, fresh: StepWeights) -> None:
+        """Take this call's weights (StepWeights.from_model of the current model) without moving a tensor
+        the graphs read: copies into the workspace's own tensors; a model tensor that moved resets the graphs."""
+        moved = False
+        for (holder, name, old), (_, _, new) in zip(_weight_slots(self.w), _weight_slots(fresh)):
+            if new is None or new is old:
+                continue
+            own = not isinstance(old, torch.nn.Parameter) and not isinstance(new, torch.nn.Parameter)
+            if own and old.shape == new.shape and old.dtype == new.dtype:
+                old.copy_(new)
+            elif new.data_ptr() != old.data_ptr() or new.shape != old.shape:
+                setattr(holder, name, new)
+                moved = True
+        if moved:
+            self.graphs.reset()
+        self.buf.reset()

@@ -216,6 +216,117 @@ def test_graph_capture_and_replay_with_a_cpu_stand_in(early_eos, prompts, monkey
     assert graphs.stats["graph_captures"] == len(captured) > len(set(graphs.stats["buckets"])) > 1
     assert len(captured) + len(replays) == graphs.stats["decode_steps"]
     assert eager.stats["graph_captures"] == 0
+    decode_mod.release_workspace(early_eos)
+
+
+def test_row_seeds_make_a_prompt_independent_of_its_batch(sampling_eos, prompts):
+    """With one seed per row, prompt 2's G completions (and log-probs) are the same decoded alone (its own
+    padding) as inside a batch with the other prompts in a shuffled row order (other rows finishing first,
+    compaction): a row's noise depends only on its seed and the step."""
+    bb = sampling_eos
+    seed_of = lambda p, k: 1000 + 10 * p + k
+    a, b = make_example(0, "train", 0, image_size=56)[1], make_example(0, "train", 1, image_size=56)[1]
+    alone = decode_groups(bb, bb.encode_prompts(["Compare the two images."], [[a, b]]), [0, 0, 0],
+                          max_new_tokens=NEW, temperature=0.7, row_seeds=[seed_of(2, k) for k in range(3)])
+    rows = [2, 0, 1, 2, 0, 1, 2, 0]
+    seen = {}
+    seeds = [seed_of(r, seen.setdefault(r, []).append(1) or len(seen[r]) - 1) for r in rows]
+    batch = decode_groups(bb, prompts, rows, max_new_tokens=NEW, temperature=0.7, row_seeds=seeds)
+    mine = [i for i, r in enumerate(rows) if r == 2]
+    assert [batch.completion_ids[i] for i in mine] == alone.completion_ids
+    assert len({tuple(c) for c in alone.completion_ids}) > 1                   # the seeds differ, so do the rows
+    for i, lp in zip(mine, alone.logprobs):
+        torch.testing.assert_close(batch.logprobs[i], lp, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="not both"):
+        decode_groups(bb, prompts, [0], max_new_tokens=2, row_seeds=[1], generator=torch.Generator())
+
+
+class GraphStandIn:
+    """A CPU 'CUDA graph': records the step and re-runs it into the same output tensor at replay, and
+    checks, as a real graph needs, that every tensor the step reads is at the address it had at capture."""
+    def __init__(self, fn, tensors):
+        self.fn, self.tensors = fn, tensors
+        self.ptrs = [t.data_ptr() for t in tensors()]
+        self.out = fn()
+
+    def replay(self):
+        assert [t.data_ptr() for t in self.tensors()] == self.ptrs, "a tensor the graph reads moved"
+        self.out.copy_(self.fn())
+
+
+def _stand_in(monkeypatch):
+    """Graphs on CPU through GraphStandIn; returns the list of stand-ins made."""
+    def read(graphs):   # every tensor the static step reads
+        w, buf = graphs.w, graphs.buf
+        return lambda: [t for _, _, t in step_mod._weight_slots(w) if t is not None] + [
+            w.cos, w.sin_signed, *buf.k, *buf.v, buf.bias, buf.tokens, buf.pos, buf.col]
+
+    made = []
+
+    def call(self, rows, span, original=step_mod.StepGraphs.__call__):
+        def capture(fn, pool):
+            made.append(GraphStandIn(fn, read(self)))
+            return made[-1], made[-1].out
+
+        self.capture = capture
+        return original(self, rows, span)
+
+    monkeypatch.setattr(step_mod.StepGraphs, "__call__", call)
+    monkeypatch.setattr(decode_mod, "use_graphs", lambda device: True)
+    monkeypatch.setattr(step_mod, "SPAN", 8)
+    return made
+
+
+def test_graphs_captured_once_per_run_and_weights_refreshed_in_place(early_eos, prompts, monkeypatch):
+    """The workspace outlives a call: a second call (other prompts, weights changed in place as by an
+    optimizer step) replays the first call's graphs at the same addresses and captures only new (bucket,
+    span) pairs; its ids and log-probs equal a fresh call's and the eager step's; a repeat captures
+    nothing; more rows rebuild it larger; a parameter that moved drops the graphs."""
+    import copy
+
+    made = _stand_in(monkeypatch)
+    bb = dataclasses.replace(early_eos, model=copy.deepcopy(early_eos.model).eval())
+    lm = step_mod.language_model(bb.model)
+    greedy = dict(max_new_tokens=NEW, do_sample=False, static=True)
+    rows = [i for i in range(3) for _ in range(3)]
+    first = decode_groups(bb, prompts, rows, **greedy)
+    ws = decode_mod._WORKSPACES[lm]
+    assert first.stats["graph_captures"] == len(ws.graphs.graphs) == len(made) >= 2
+    pairs = set(ws.graphs.graphs)
+    with torch.no_grad():                                   # an optimizer step: in place, same addresses
+        for i, p in enumerate(lm.parameters()):
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.02)
+    a = make_example(0, "train", 2, image_size=56)[1]
+    other = bb.encode_prompts(["Any fracture?", "Describe the image."], [[], [a]])
+    rows2 = [1, 0, 1, 0, 1]
+    second = decode_groups(bb, other, rows2, **greedy)
+    assert decode_mod._WORKSPACES[lm] is ws and second.stats["graph_captures"] == len(set(ws.graphs.graphs) - pairs)
+    fresh_bb = dataclasses.replace(bb, model=copy.deepcopy(bb.model))        # its own (new) workspace
+    fresh = decode_groups(fresh_bb, other, rows2, **greedy)
+    eager = decode_groups(bb, other, rows2, max_new_tokens=NEW, do_sample=False, static=False)
+    assert second.completion_ids == fresh.completion_ids == eager.completion_ids
+    assert second.completion_ids != decode_groups(early_eos, other, rows2, max_new_tokens=NEW,
+                                                  do_sample=False, static=False).completion_ids   # weights moved on
+    for x, y, z in zip(second.logprobs, fresh.logprobs, eager.logprobs):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
+        torch.testing.assert_close(x, z, atol=1e-5, rtol=0)
+    again = decode_groups(bb, other, rows2, **greedy)
+    assert again.stats["graph_captures"] == 0 and again.completion_ids == second.completion_ids
+    big_rows = [i for i in range(3) for _ in range(5)]
+    big = decode_groups(bb, prompts, big_rows, **greedy)
+    assert decode_mod._WORKSPACES[lm] is not ws and decode_mod._WORKSPACES[lm].rows == 15
+    assert big.stats["graph_captures"] >= 1
+    assert big.completion_ids == decode_groups(bb, prompts, big_rows, max_new_tokens=NEW, do_sample=False,
+                                               static=False).completion_ids
+    with torch.no_grad():                                   # a parameter re-allocated elsewhere (FSDP2 re-gather)
+        lm.norm.weight = torch.nn.Parameter(lm.norm.weight * 1.5)
+    moved = decode_groups(bb, other, rows2, **greedy)
+    assert moved.stats["graph_captures"] >= 1
+    assert moved.completion_ids == decode_groups(bb, other, rows2, max_new_tokens=NEW, do_sample=False,
+                                                 static=False).completion_ids
+    decode_mod.release_workspace(bb)
+    decode_mod.release_workspace(fresh_bb.model)
+    assert lm not in decode_mod._WORKSPACES
 
 
 def test_each_distinct_prompt_prefilled_once(bb, prompts):

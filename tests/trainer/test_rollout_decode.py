@@ -1,5 +1,5 @@
-"""Rollouts through mrpo.decoding: the distinct prompts decoded into G rows each, a seed per call (a resumed
-run draws the same completions), and the trainer's rollout-vs-trainer log-prob metric from the first
+"""Rollouts through mrpo.decoding: the distinct prompts decoded into G rows each, a seed per row (a resumed
+run draws the same completions; a prompt's completions do not depend on the call's other prompts), and the trainer's rollout-vs-trainer log-prob metric from the first
 log-prob pass (num_iterations = 1: the loss forward; > 1: the old log-probs), on both decode paths."""
 import math
 
@@ -32,7 +32,7 @@ def test_logprob_diff_metric_from_the_first_pass(shared_data, tmp_path, decode, 
     assert 1e-4 < mean <= peak < 0.1, (mean, peak)
 
 
-def test_rollout_decodes_distinct_prompts_with_a_seed_per_call(shared_data, tmp_path):
+def test_rollout_decodes_distinct_prompts_with_a_seed_per_row(shared_data, tmp_path):
     trainer = build_trainer(shared_data, tmp_path / "run")
     try:
         records = trainer.pool.records[:2]
@@ -46,5 +46,13 @@ def test_rollout_decodes_distinct_prompts_with_a_seed_per_call(shared_data, tmp_
         assert again.completion_ids == first.completion_ids
         other = sample_groups(trainer.engine, trainer.backbone, trainer.pool, records, cfg, seed=(7, 4))
         assert other.completion_ids != first.completion_ids
+        # a prompt's G completions do not depend on the call's other prompts (another split over ranks)
+        G = cfg.group_size
+        alone = sample_groups(trainer.engine, trainer.backbone, trainer.pool, records[1:], cfg, seed=(7, 3))
+        swapped = sample_groups(trainer.engine, trainer.backbone, trainer.pool, records[::-1], cfg, seed=(7, 3))
+        assert alone.completion_ids == swapped.completion_ids[:G] == first.completion_ids[G:]
+        assert swapped.completion_ids[G:] == first.completion_ids[:G]
+        for a, b in zip(alone.sample_logprobs, first.sample_logprobs[G:]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     finally:
         trainer.close()
