@@ -9,6 +9,10 @@ or after a 503 with Retry-After, is shared: it pauses the client's RateGate, so 
 rank waits it out together; other waits are the one request's own. Every POST first passes the gate
 (and its optional requests-per-minute cap). Each POST, and each 2xx reply's `usage`, is counted in
 `usage` (mrpo.judges.base.Usage).
+A 400 that names a sampling parameter this model does not take (OpenAI's `unsupported_value` /
+`unsupported_parameter` with `param`, e.g. GPT-5-family models refuse any `temperature` but their
+default 1, and the judge's default is 0) is not a failure: the parameter is dropped for the rest of the
+run (one warning naming it and the model) and the request is sent again at once, not counted as a retry.
 Not retried: other 4xx (the same request would fail again). 401/403/404 raise RuntimeError (a wrong key,
 model or URL is a configuration error). The API key is read from the environment variable *named*
 api_key_env at each request (no Authorization header when unset); it is never stored, logged or put in
@@ -18,8 +22,10 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import os
 import random
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -40,6 +46,32 @@ class _Retryable(Exception):
 
 class _NotRetried(_Retryable):
     pass
+
+
+class _UnsupportedParam(Exception):
+    """HTTP 400 naming one request parameter the model does not accept (OpenAI's error `param`)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+# The optional sampling parameters a model may refuse; what is dropped is only ever one of these.
+DROPPABLE_PARAMS = ("temperature", "top_p", "seed", "response_format")
+
+
+def _unsupported_param(detail: str) -> str | None:
+    """The `param` of an OpenAI-style 400 error body refusing a value or parameter, if droppable."""
+    try:
+        error = json.loads(detail).get("error") or {}
+    except (ValueError, AttributeError):
+        return None
+    if not isinstance(error, dict):
+        return None
+    param, code = error.get("param"), str(error.get("code") or "")
+    if param in DROPPABLE_PARAMS and code in ("unsupported_value", "unsupported_parameter"):
+        return param
+    return None
 
 
 def _network_cause(err: BaseException) -> str:
@@ -69,6 +101,8 @@ class ChatCompletionClient:
         self.gate = gate if gate is not None else RateGate(sleep=sleep)
         self.usage = usage if usage is not None else Usage()
         self.max_wait_s = self.timeout_s if max_wait_s is None else float(max_wait_s)
+        self.dropped: set[str] = set()   # parameters the model refused (400 unsupported_*): no longer sent
+        self._dropped_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"ChatCompletionClient(model={self.model!r}, url={self.url!r}, api_key_env={self.api_key_env!r})"
@@ -86,7 +120,10 @@ class ChatCompletionClient:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as resp:
                 raw = resp.read()
         except urllib.error.HTTPError as e:
-            detail = e.read()[:200].decode("utf-8", "replace")
+            body = e.read()[:4096].decode("utf-8", "replace")
+            detail = body[:200]
+            if e.code == 400 and (param := _unsupported_param(body)) is not None:
+                raise _UnsupportedParam(param, f"HTTP 400: {detail!r}") from None
             if e.code in (401, 403, 404):
                 raise RuntimeError(f"{self.name}: POST {self.url} -> HTTP {e.code} ({detail!r}); check "
                                    f"judge.base_url, judge.model={self.model!r} and the key in "
@@ -124,7 +161,6 @@ class ChatCompletionClient:
         failed attempt (mrpo.judges.base.FAILURE_CAUSES) and its message.
         Returns None when every attempt failed or the request was rejected; 401/403/404 raise RuntimeError.
         """
-        body = json.dumps({"model": self.model, "messages": messages, **params}).encode("utf-8")
         attempts = self.max_retries + 1
         last: _Retryable | None = None
         for attempt in range(attempts):
@@ -134,7 +170,7 @@ class ChatCompletionClient:
                 self._wait_before_retry(attempt, last)
             last = None
             try:
-                return parse(self._post(body))
+                return parse(self._post_without_refused(messages, params))
             except _NotRetried as e:
                 if on_error is not None:
                     on_error(f"rejected, not retried: {e}")
@@ -150,6 +186,26 @@ class ChatCompletionClient:
         if on_give_up is not None:
             on_give_up(cause, error)
         return None
+
+    def _post_without_refused(self, messages: list[dict], params: dict) -> str:
+        """_post of {model, messages, **params} less the parameters the model refused; a refusal of one
+        more (HTTP 400 unsupported_*, see the module docstring) drops it and sends again at once (at most
+        once per parameter, so this ends)."""
+        while True:
+            sent = {k: v for k, v in params.items() if k not in self.dropped}
+            body = json.dumps({"model": self.model, "messages": messages, **sent}).encode("utf-8")
+            try:
+                return self._post(body)
+            except _UnsupportedParam as e:
+                if e.param not in sent:   # refused although not sent: nothing to drop, a real rejection
+                    raise _NotRetried(str(e), "rejected") from None
+                with self._dropped_lock:
+                    first = e.param not in self.dropped
+                    self.dropped.add(e.param)
+                if first:
+                    logging.getLogger("mrpo").warning(
+                        "%s: model %r refuses %s=%r (%s); sending its requests without %s from now on (the "
+                        "model's default)", self.name, self.model, e.param, params[e.param], e, e.param)
 
     def _wait_before_retry(self, attempt: int, error: "_Retryable | None") -> None:
         """Retry `attempt` (>= 1) waits the server's Retry-After (capped at max_wait_s) when the last

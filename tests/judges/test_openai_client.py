@@ -120,6 +120,38 @@ def test_400_not_retried(serve):
     assert len(srv.bodies) == 1 and len(events) == 1 and events[0].startswith("rejected, not retried: HTTP 400")
 
 
+_GPT5_TEMPERATURE = (400, json.dumps({"error": {
+    "message": "Unsupported value: 'temperature' does not support 0 with this model. Only the default (1) value "
+               "is supported.", "type": "invalid_request_error", "param": "temperature",
+    "code": "unsupported_value"}}).encode())   # what OpenAI's GPT-5 family answers to temperature=0
+
+
+def test_a_refused_sampling_parameter_is_dropped_for_the_run(serve, caplog):
+    """GPT-5-family models take no temperature but 1 (the judge's default is 0): the refusal is not a failure;
+    the request goes again at once without it (no retry counted, no backoff), and so do all later ones,
+    with one warning naming the parameter and the model."""
+    srv = serve(_GPT5_TEMPERATURE)
+    sleeps, (events, cb) = [], _events()
+    client = _client(srv, sleeps)
+    msgs = [{"role": "user", "content": "hi"}]
+    with caplog.at_level("WARNING", logger="mrpo"):
+        assert client.complete(msgs, str.upper, temperature=0.0, response_format={"type": "json_object"}, **cb) == "OK"
+        assert client.complete(msgs, str.upper, temperature=0.0, response_format={"type": "json_object"}) == "OK"
+    assert [b.get("temperature", "absent") for b in srv.bodies] == [0.0, "absent", "absent"]
+    assert all(b["response_format"] == {"type": "json_object"} for b in srv.bodies)   # only the refused one goes
+    assert events == [] and sleeps == [] and client.dropped == {"temperature"}
+    assert [r.getMessage() for r in caplog.records if "refuses temperature" in r.getMessage()] == [
+        caplog.records[0].getMessage()] and "'m-1'" in caplog.records[0].getMessage()
+
+
+def test_a_refusal_of_a_parameter_not_sent_is_a_rejection(serve):
+    """The same 400 for a parameter this request did not send cannot be fixed by dropping it: rejected, once."""
+    srv = serve(_GPT5_TEMPERATURE)
+    events, cb = _events()
+    assert _client(srv).complete([], str.upper, **cb) is None
+    assert len(srv.bodies) == 1 and events[0].startswith("rejected, not retried: HTTP 400")
+
+
 @pytest.mark.parametrize("code", [401, 403, 404])
 def test_config_errors_raise_naming_env_var_not_key(serve, code):
     srv = serve((code, b'{"error": "nope"}'))
