@@ -13,7 +13,6 @@ over seeds, Holm adjustment over the secondary endpoints, and the registered dec
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib.util
 import json
 import math
@@ -117,13 +116,9 @@ CSV_FIELDS = ["method", "seed", "condition", "steps", "accuracy", "early", "mid"
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            r = dict(r, **{f"far_bin{b}": v for b, v in enumerate(r.get("far_bins") or [])})
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    """compare_methods' CSV with the study's columns (FAR by first-failure bin spread over far_bin<b>)."""
+    cm.write_csv([dict(r, **{f"far_bin{b}": v for b, v in enumerate(r.get("far_bins") or [])}) for r in rows],
+                 path, CSV_FIELDS)
 
 
 # ----------------------------------------------------------------------------- analysis

@@ -34,6 +34,8 @@ import json
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from mrpo.metrics_log import strict_json
+
 STAGES = ("early", "mid", "late")
 FAR_BIN_EDGES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 FAR_BIN_CENTERS = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -419,20 +421,9 @@ def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
-def _json_safe(x):
-    """NaN -> None, recursively (strict JSON for other tools)."""
-    if isinstance(x, float) and x != x:
-        return None
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    return x
-
-
 def _write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_json_safe(data), indent=2, allow_nan=False))
+    path.write_text(json.dumps(strict_json(data), indent=2, allow_nan=False))
 
 
 def evaluate_generations(records: Sequence[dict], texts: Sequence[str], judge, reasoning_tag: str = "think",
