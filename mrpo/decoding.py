@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -44,11 +43,10 @@ from transformers.generation import (
     TopPLogitsWarper,
 )
 
-log = logging.getLogger("mrpo")
+from mrpo.models.hf_generate import warn_once
 
 DECODE_CHOICES = ("loop", "hf", "eager", "static", "static_compiled")
 HF_PATH = {"hf": "eager", "eager": "eager", "static": "static", "static_compiled": "static_compiled"}
-_FELL_BACK: set[str] = set()   # fallback reasons already reported (one message per reason per process)
 
 
 @dataclass
@@ -131,9 +129,8 @@ def generate(backbone, prompts: dict, rows: list[int], *, decode: str = "loop", 
             # train phases (unsharded weights stay put: their workspace is kept and counted in the plan)
             decode_loop.release_workspace(backbone.model)
         return Generation(out.completion_ids, [lp.float().cpu() for lp in out.logprobs], "loop", dict(out.stats))
-    if why is not None and why not in _FELL_BACK:
-        _FELL_BACK.add(why)
-        log.warning("rollout.decode=loop: %s; generating with transformers' generate instead (rollout.decode=hf)", why)
+    if why is not None:   # one message per reason per process
+        warn_once(f"rollout.decode=loop: {why}; generating with transformers' generate instead (rollout.decode=hf)")
     hf = HF_PATH.get(decode, "eager")
     rows = list(rows)
     batch = prompts if rows == list(range(len(next(iter(prompts.values()))))) else backbone.select_rows(prompts, rows)

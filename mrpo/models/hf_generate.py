@@ -70,7 +70,7 @@ STATIC_CACHE_ROUND = 128   # static KV cache lengths are rounded up to a multipl
 _WARNED: set[str] = set()
 
 
-def _warn_once(message: str) -> None:
+def warn_once(message: str) -> None:
     """logging warning, once per distinct message per process."""
     if message not in _WARNED:
         _WARNED.add(message)
@@ -106,7 +106,7 @@ class HFGenerate:
         if decode not in ("static", "static_compiled"):
             raise ValueError(f"rollout.decode={decode!r}: expected eager, static or static_compiled")
         if not getattr(self.model, "_can_compile_fullgraph", False):
-            _warn_once(f"rollout.decode={decode}: the {self.family} model class ({type(self.model).__name__}) "
+            warn_once(f"rollout.decode={decode}: the {self.family} model class ({type(self.model).__name__}) "
                        f"does not support transformers' static KV cache; falling back to eager decoding")
             return {}
         n = STATIC_CACHE_ROUND
